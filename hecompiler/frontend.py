@@ -1,0 +1,600 @@
+"""ONNX frontend: an ``onnx.ModelProto`` (or file) to a graph IR.
+
+What it does, in order:
+
+1. loads the file and runs ``onnx.checker`` (a malformed model is refused
+   with the checker's reason and the file name);
+2. checks the default-domain opset is one we support (13 to 21);
+3. fixes the input shapes: a symbolic batch dimension becomes 1 (or what
+   ``input_shapes`` says), any other symbolic dimension is an error that
+   tells the user to pass ``--input-shape``;
+4. runs ONNX shape inference on the fixed model, to cross-check our types;
+5. walks the nodes in order.  A node whose inputs are all known at compile
+   time (initializers, ``Constant`` outputs, ``Shape`` of a static tensor, and
+   anything computed from those) is evaluated right here with
+   ``onnx.reference`` - so Dirac-parameterised weights written as graph ops
+   and the Shape/Gather/Concat chains torch emits for ``F.pad`` and ``view``
+   fold to constants.  Every other node is *lifted* to IR ops by one lifter
+   function per ONNX op type.  An op without a lifter is refused with one line
+   naming the node, op, opset, and what is supported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import FrontendError, UnsupportedError, VerificationError
+from .ir import Graph, TensorType, Value, dtype_of
+
+MIN_OPSET, MAX_OPSET = 13, 21
+
+_ONNX_TO_DTYPE = {
+    onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.DOUBLE: "f64", onnx.TensorProto.FLOAT16: "f16",
+    onnx.TensorProto.INT64: "i64", onnx.TensorProto.INT32: "i32", onnx.TensorProto.INT16: "i16",
+    onnx.TensorProto.INT8: "i8", onnx.TensorProto.UINT8: "u8", onnx.TensorProto.BOOL: "bool",
+}
+
+# ops that must never be evaluated at compile time even with known inputs
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"}
+
+
+# --------------------------------------------------------------------------- context
+
+@dataclass
+class _Ctx:
+    graph: Graph
+    opset: int
+    known: dict[str, np.ndarray] = field(default_factory=dict)  # compile-time tensors
+    values: dict[str, Value] = field(default_factory=dict)  # run-time IR values
+    node: onnx.NodeProto | None = None
+
+    # ---- naming the current node in errors
+    @property
+    def where(self) -> str:
+        n = self.node
+        return f"node {n.name or n.output[0]!r} ({n.op_type}, opset {self.opset})"
+
+    def fail(self, msg: str) -> FrontendError:
+        return UnsupportedError(f"{self.where}: {msg}")
+
+    # ---- operands
+    def has(self, i: int) -> bool:
+        return i < len(self.node.input) and self.node.input[i] != ""
+
+    def is_known(self, name: str) -> bool:
+        return name in self.known
+
+    def const(self, i: int, what: str) -> np.ndarray:
+        """Input ``i`` as a compile-time array (error if it is a run-time value)."""
+        name = self.node.input[i]
+        if name not in self.known:
+            raise self.fail(f"{what} (input {i}, {name!r}) must be known at compile time")
+        return self.known[name]
+
+    def value(self, i: int) -> Value:
+        """Input ``i`` as an IR value (constants are materialised once)."""
+        name = self.node.input[i]
+        if name in self.values:
+            return self.values[name]
+        if name in self.known:
+            arr = self.known[name]
+            try:
+                dtype_of(arr)
+            except TypeError:
+                raise self.fail(f"input {name!r} has unsupported dtype {arr.dtype}") from None
+            v = self.graph.add_constant(arr, name)
+            self.values[name] = v
+            return v
+        raise FrontendError(f"{self.where}: input {name!r} is not defined by any earlier node")
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    # ---- results
+    def emit(self, op: str, inputs: Sequence[Value], attrs: Mapping | None = None, out: int | None = 0,
+             suffix: str = "") -> Value:
+        """Emit one IR node; if ``out`` is an index, its result is bound to
+        that ONNX output name."""
+        n = self.node
+        names = None
+        if out is not None:
+            target = n.output[out]
+            names = [target if target not in self.graph._names else self.graph.fresh_name(target)]
+        else:
+            names = [self.graph.fresh_name((n.output[0] or n.op_type) + suffix)]
+        try:
+            node = self.graph.add_node(op, list(inputs), attrs, out_names=names, name=n.name)
+        except VerificationError as e:
+            raise FrontendError(f"{self.where}: {str(e).split(': ', 1)[-1]}") from None
+        if out is not None:
+            self.values[n.output[out]] = node.output
+        return node.output
+
+    def bind(self, out: int, v: Value) -> None:
+        self.values[self.node.output[out]] = v
+
+    def no_extra_outputs(self, keep: int, used: set[str]) -> None:
+        for name in self.node.output[keep:]:
+            if name and name in used:
+                raise self.fail(f"output {name!r} is used but only the first {keep} output(s) are supported")
+
+
+# --------------------------------------------------------------------------- lifters
+
+LIFTERS: dict[str, Callable[[_Ctx], None]] = {}
+
+
+def lifter(*op_types: str):
+    def deco(fn):
+        for t in op_types:
+            LIFTERS[t] = fn
+        return fn
+    return deco
+
+
+def _spatial_pads(ctx: _Ctx, in_hw: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                  dilations: Sequence[int]) -> list[int]:
+    auto = ctx.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        pads = list(ctx.attr("pads", [0] * (2 * len(in_hw))))
+        return pads
+    if auto == "VALID":
+        return [0] * (2 * len(in_hw))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        lo, hi = [], []
+        for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            lo.append(small if auto == "SAME_UPPER" else big)
+            hi.append(big if auto == "SAME_UPPER" else small)
+        return lo + hi
+    raise ctx.fail(f"auto_pad={auto!r} is not supported")
+
+
+@lifter("Conv")
+def _lift_conv(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    if x.type.rank != 4:
+        raise ctx.fail(f"only 2-D convolutions (4-D NCHW input) are supported, input is {x.type}")
+    w = ctx.value(1)
+    if w.type.rank != 4:
+        raise ctx.fail(f"weight must be 4-D, got {w.type}")
+    k = list(ctx.attr("kernel_shape", w.type.shape[2:]))
+    if tuple(k) != w.type.shape[2:]:
+        raise ctx.fail(f"kernel_shape {k} disagrees with the weight shape {list(w.type.shape)}")
+    strides = list(ctx.attr("strides", [1, 1]))
+    dil = list(ctx.attr("dilations", [1, 1]))
+    pads = _spatial_pads(ctx, x.type.shape[2:], k, strides, dil)
+    ins = [x, w] + ([ctx.value(2)] if ctx.has(2) else [])
+    ctx.emit("Conv", ins, {"strides": strides, "pads": pads, "dilations": dil, "group": ctx.attr("group", 1)})
+
+
+@lifter("BatchNormalization")
+def _lift_bn(ctx: _Ctx) -> None:
+    if ctx.attr("training_mode", 0):
+        raise ctx.fail("training_mode=1 is not supported (export the model in eval mode)")
+    ins = [ctx.value(i) for i in range(5)]
+    ctx.emit("BatchNormalization", ins, {"epsilon": ctx.attr("epsilon", 1e-5)})
+
+
+@lifter("Relu", "Identity")
+def _lift_unary(ctx: _Ctx) -> None:
+    ctx.emit(ctx.node.op_type, [ctx.value(0)])
+
+
+@lifter("Dropout")
+def _lift_dropout(ctx: _Ctx) -> None:
+    if ctx.has(2) and bool(np.asarray(ctx.const(2, "training_mode"))):
+        raise ctx.fail("training_mode=True is not supported (export the model in eval mode)")
+    ctx.emit("Dropout", [ctx.value(0)])
+
+
+@lifter("Clip")
+def _lift_clip(ctx: _Ctx) -> None:
+    lo = float(ctx.const(1, "min")) if ctx.has(1) else -np.inf
+    hi = float(ctx.const(2, "max")) if ctx.has(2) else np.inf
+    ctx.emit("Clip", [ctx.value(0)], {"min": lo, "max": hi})
+
+
+@lifter("Add", "Sub", "Mul", "Div")
+def _lift_binary(ctx: _Ctx) -> None:
+    a, b = ctx.value(0), ctx.value(1)
+    ctx.emit(ctx.node.op_type, [a, b])
+
+
+@lifter("Pow")
+def _lift_pow(ctx: _Ctx) -> None:
+    a = ctx.value(0)
+    name = ctx.node.input[1]
+    if name in ctx.known and ctx.known[name].dtype != a.type.np_dtype:
+        # ONNX allows an exponent of another type; the IR wants one dtype
+        b = ctx.graph.add_constant(ctx.known[name].astype(a.type.np_dtype), name)
+    else:
+        b = ctx.value(1)
+    ctx.emit("Pow", [a, b])
+
+
+@lifter("Sum")
+def _lift_sum(ctx: _Ctx) -> None:
+    n = len(ctx.node.input)
+    if n == 1:
+        ctx.emit("Identity", [ctx.value(0)])
+        return
+    acc = ctx.value(0)
+    for i in range(1, n):
+        acc = ctx.emit("Add", [acc, ctx.value(i)], out=0 if i == n - 1 else None, suffix=f".sum{i}")
+
+
+@lifter("MatMul")
+def _lift_matmul(ctx: _Ctx) -> None:
+    ctx.emit("MatMul", [ctx.value(0), ctx.value(1)])
+
+
+@lifter("Gemm")
+def _lift_gemm(ctx: _Ctx) -> None:
+    ins = [ctx.value(0), ctx.value(1)] + ([ctx.value(2)] if ctx.has(2) else [])
+    ctx.emit("Gemm", ins, {"alpha": ctx.attr("alpha", 1.0), "beta": ctx.attr("beta", 1.0),
+                           "transA": ctx.attr("transA", 0), "transB": ctx.attr("transB", 0)})
+
+
+@lifter("Flatten")
+def _lift_flatten(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    axis = ctx.attr("axis", 1)
+    if axis < 0:
+        axis += x.type.rank
+    ctx.emit("Flatten", [x], {"axis": axis})
+
+
+def _reshape_to(ctx: _Ctx, x: Value, shape: Sequence[int]) -> None:
+    ctx.emit("Reshape", [x], {"shape": [int(d) for d in shape]})
+
+
+@lifter("Reshape")
+def _lift_reshape(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    target = [int(d) for d in ctx.const(1, "shape")]
+    allowzero = ctx.attr("allowzero", 0)
+    out = []
+    for i, d in enumerate(target):
+        if d == 0 and not allowzero:
+            if i >= x.type.rank:
+                raise ctx.fail(f"shape {target} copies dim {i} that the input {x.type} does not have")
+            d = x.type.shape[i]
+        out.append(d)
+    if out.count(-1) > 1:
+        raise ctx.fail(f"shape {target} has more than one -1")
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        if known == 0 or x.type.size % known:
+            raise ctx.fail(f"cannot reshape {x.type} to {target}")
+        out[out.index(-1)] = x.type.size // known
+    _reshape_to(ctx, x, out)
+
+
+def _axes(ctx: _Ctx, rank: int, input_index: int, required: bool = True) -> list[int] | None:
+    axes = ctx.attr("axes")
+    if axes is None and ctx.has(input_index):
+        axes = [int(a) for a in ctx.const(input_index, "axes")]
+    if axes is None:
+        if required:
+            raise ctx.fail("axes are required")
+        return None
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+@lifter("Squeeze")
+def _lift_squeeze(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    axes = _axes(ctx, x.type.rank, 1, required=False)
+    if axes is None:
+        axes = [i for i, d in enumerate(x.type.shape) if d == 1]
+    for a in axes:
+        if x.type.shape[a] != 1:
+            raise ctx.fail(f"cannot squeeze axis {a} of size {x.type.shape[a]}")
+    _reshape_to(ctx, x, [d for i, d in enumerate(x.type.shape) if i not in axes])
+
+
+@lifter("Unsqueeze")
+def _lift_unsqueeze(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    raw = ctx.attr("axes")
+    if raw is None:
+        raw = [int(a) for a in ctx.const(1, "axes")]
+    out_rank = x.type.rank + len(raw)
+    axes = sorted(a + out_rank if a < 0 else a for a in raw)
+    shape = list(x.type.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    _reshape_to(ctx, x, shape)
+
+
+@lifter("Transpose")
+def _lift_transpose(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    perm = ctx.attr("perm", list(range(x.type.rank))[::-1])
+    ctx.emit("Transpose", [x], {"perm": list(perm)})
+
+
+@lifter("Pad")
+def _lift_pad(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    mode = ctx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise ctx.fail(f"mode={mode!r} is not supported (only 'constant')")
+    r = x.type.rank
+    pads = [int(p) for p in ctx.const(1, "pads")]
+    value = float(np.asarray(ctx.const(2, "constant_value")).reshape(-1)[0]) if ctx.has(2) else 0.0
+    if ctx.has(3):  # opset 18+: axes
+        axes = [int(a) + r if a < 0 else int(a) for a in ctx.const(3, "axes")]
+        full = [0] * (2 * r)
+        for j, a in enumerate(axes):
+            full[a], full[a + r] = pads[j], pads[j + len(axes)]
+        pads = full
+    if len(pads) != 2 * r:
+        raise ctx.fail(f"pads has {len(pads)} values, input rank {r} needs {2 * r}")
+    if min(pads) < 0:
+        raise ctx.fail(f"negative pads (cropping) {pads} are not supported")
+    ctx.emit("Pad", [x], {"pads": pads, "value": value})
+
+
+def _pool_attrs(ctx: _Ctx, x: Value) -> dict:
+    if x.type.rank != 4:
+        raise ctx.fail(f"only 2-D pooling (4-D NCHW input) is supported, input is {x.type}")
+    k = list(ctx.attr("kernel_shape"))
+    s = list(ctx.attr("strides", [1, 1]))
+    d = list(ctx.attr("dilations", [1, 1]))
+    if d != [1, 1]:
+        raise ctx.fail(f"dilations={d} is not supported for pooling")
+    if ctx.attr("storage_order", 0):
+        raise ctx.fail("storage_order=1 is not supported")
+    pads = _spatial_pads(ctx, x.type.shape[2:], k, s, d)
+    return {"kernel_shape": k, "strides": s, "pads": pads, "ceil_mode": ctx.attr("ceil_mode", 0)}
+
+
+@lifter("MaxPool")
+def _lift_maxpool(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    ctx.emit("MaxPool", [x], _pool_attrs(ctx, x))
+
+
+@lifter("AveragePool")
+def _lift_avgpool(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    a = _pool_attrs(ctx, x)
+    a["count_include_pad"] = ctx.attr("count_include_pad", 0)
+    ctx.emit("AveragePool", [x], a)
+
+
+@lifter("GlobalAveragePool")
+def _lift_gap(ctx: _Ctx) -> None:
+    ctx.emit("GlobalAveragePool", [ctx.value(0)])
+
+
+@lifter("Concat")
+def _lift_concat(ctx: _Ctx) -> None:
+    ins = [ctx.value(i) for i in range(len(ctx.node.input))]
+    axis = ctx.attr("axis")
+    if axis < 0:
+        axis += ins[0].type.rank
+    ctx.emit("Concat", ins, {"axis": axis})
+
+
+@lifter("ReduceSum")
+def _lift_reducesum(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    axes = _axes(ctx, x.type.rank, 1, required=False)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):
+            ctx.emit("Identity", [x])
+            return
+        axes = list(range(x.type.rank))
+    ctx.emit("ReduceSum", [x], {"axes": axes, "keepdims": ctx.attr("keepdims", 1)})
+
+
+@lifter("Cast")
+def _lift_cast(ctx: _Ctx) -> None:
+    x = ctx.value(0)
+    to = _ONNX_TO_DTYPE.get(ctx.attr("to"))
+    if to != x.type.dtype:
+        raise ctx.fail(f"casting a run-time tensor {x.type} to {to or ctx.attr('to')} is not supported")
+    ctx.emit("Identity", [x])
+
+
+# --------------------------------------------------------------------------- driver
+
+def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "<model>"
+    path = os.fspath(model_or_path)
+    if not os.path.exists(path):
+        raise FrontendError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except Exception as e:
+        raise FrontendError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    return model, path
+
+
+def _opset(model: onnx.ModelProto, src: str) -> int:
+    ver = None
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            ver = imp.version
+    if ver is None:
+        raise UnsupportedError(f"{src}: the model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= ver <= MAX_OPSET:
+        raise UnsupportedError(f"{src}: opset {ver} is not supported (supported: {MIN_OPSET} to {MAX_OPSET}); "
+                               f"re-export with opset_version={min(max(ver, MIN_OPSET), MAX_OPSET)}")
+    return ver
+
+
+def _fixed_input_types(model: onnx.ModelProto, src: str,
+                       input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, TensorType]:
+    inits = {i.name for i in model.graph.initializer}
+    given = dict(input_shapes or {})
+    types: dict[str, TensorType] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise UnsupportedError(f"{src}: input {inp.name!r} is not a tensor")
+        dtype = _ONNX_TO_DTYPE.get(tt.elem_type)
+        if dtype is None or not dtype.startswith("f"):
+            raise UnsupportedError(f"{src}: input {inp.name!r} has element type "
+                                   f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; only float inputs can be encrypted")
+        if inp.name in given:
+            shape = tuple(int(d) for d in given.pop(inp.name))
+            if tt.HasField("shape"):
+                dims = tt.shape.dim
+                if len(dims) != len(shape):
+                    raise FrontendError(f"{src}: --input-shape for {inp.name!r} has rank {len(shape)}, "
+                                        f"the model says rank {len(dims)}")
+                for i, (d, s) in enumerate(zip(dims, shape)):
+                    if d.HasField("dim_value") and d.dim_value != s:
+                        raise FrontendError(f"{src}: --input-shape for {inp.name!r} dim {i} is {s}, "
+                                            f"the model fixes it to {d.dim_value}")
+        else:
+            if not tt.HasField("shape"):
+                raise FrontendError(f"{src}: input {inp.name!r} has no shape; give --input-shape {inp.name}=N,C,H,W")
+            shape = []
+            for i, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(d.dim_value)
+                elif i == 0:
+                    shape.append(1)  # symbolic batch: we compile for one image
+                else:
+                    sym = d.dim_param or "?"
+                    raise FrontendError(f"{src}: input {inp.name!r} dim {i} is dynamic ({sym!r}); HE programs "
+                                        f"need static shapes: give --input-shape {inp.name}=" +
+                                        ",".join(str(x.dim_value or (1 if j == 0 else 'N'))
+                                                 for j, x in enumerate(tt.shape.dim)))
+            shape = tuple(shape)
+        if shape and shape[0] != 1:
+            raise UnsupportedError(f"{src}: input {inp.name!r} has batch size {shape[0]}; compile for batch 1")
+        types[inp.name] = TensorType(shape, dtype)
+    if given:
+        raise FrontendError(f"{src}: --input-shape names unknown input(s) {sorted(given)}; model inputs: {sorted(types)}")
+    if not types:
+        raise FrontendError(f"{src}: the model has no run-time inputs")
+    return types
+
+
+def _with_fixed_inputs(model: onnx.ModelProto, types: Mapping[str, TensorType]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        if inp.name in types:
+            dims = inp.type.tensor_type.shape.dim
+            del dims[:]
+            for d in types[inp.name].shape:
+                dims.add().dim_value = d
+    return m
+
+
+def _inferred_types(model: onnx.ModelProto, src: str) -> dict[str, TensorType]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise FrontendError(f"{src}: ONNX shape inference failed: {str(e).strip().splitlines()[-1][:300]}") from None
+    out: dict[str, TensorType] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or tt.elem_type not in _ONNX_TO_DTYPE:
+            continue
+        dims = tt.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = TensorType(tuple(d.dim_value for d in dims), _ONNX_TO_DTYPE[tt.elem_type])
+    return out
+
+
+def _evaluate(ctx: _Ctx, node: onnx.NodeProto) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {}
+    for name in node.input:
+        if name:
+            feeds[name] = ctx.known[name] if name in ctx.known else \
+                np.zeros(ctx.values[name].type.shape, ctx.values[name].type.np_dtype)  # only for Shape/Size
+    try:
+        return ReferenceEvaluator(node, opsets={"": ctx.opset}).run(None, feeds)
+    except Exception as e:
+        raise FrontendError(f"{ctx.where}: failed to evaluate at compile time: "
+                            f"{type(e).__name__}: {str(e).strip()[:300]}") from None
+
+
+def load_onnx(model_or_path, input_shapes: Mapping[str, Sequence[int]] | None = None,
+              name: str | None = None) -> Graph:
+    """Import an ONNX model (path or ModelProto) as a verified graph IR."""
+    model, src = _load(model_or_path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise FrontendError(f"{src}: invalid ONNX model: {(msg[0] if msg else type(e).__name__)[:300]}") from None
+    opset = _opset(model, src)
+    in_types = _fixed_input_types(model, src, input_shapes)
+    fixed = _with_fixed_inputs(model, in_types)
+    onnx_types = _inferred_types(fixed, src)
+
+    gname = name or model.graph.name or "main"
+    g = Graph(gname)
+    ctx = _Ctx(g, opset)
+    for init in model.graph.initializer:
+        ctx.known[init.name] = numpy_helper.to_array(init)
+    for iname, t in in_types.items():
+        ctx.values[iname] = g.add_input(iname, t)
+
+    used: set[str] = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        ctx.node = node
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedError(f"{ctx.where}: custom domain {node.domain!r} is not supported")
+        ins = [i for i in node.input if i]
+        all_known = all(i in ctx.known for i in ins)
+        static_shape_query = node.op_type in ("Shape", "Size") and ins and ins[0] in ctx.values
+        if (all_known or static_shape_query) and node.op_type not in _NONDETERMINISTIC:
+            for oname, arr in zip(node.output, _evaluate(ctx, node)):
+                if oname:
+                    ctx.known[oname] = np.asarray(arr)
+            continue
+        lift = LIFTERS.get(node.op_type)
+        if lift is None:
+            raise UnsupportedError(
+                f"{ctx.where}: op {node.op_type} on run-time tensors is not supported; supported: "
+                f"{', '.join(sorted(LIFTERS))} (any op whose inputs are known at compile time is folded)")
+        lift(ctx)
+        ctx.no_extra_outputs(1, used)
+        for oname in node.output[:1]:
+            v = ctx.values.get(oname)
+            if v is not None and oname in onnx_types and onnx_types[oname] != v.type:
+                raise FrontendError(f"{ctx.where}: output {oname!r} is {v.type} here but ONNX shape inference "
+                                    f"says {onnx_types[oname]}")
+    ctx.node = None
+    outs = []
+    for o in model.graph.output:
+        if o.name in ctx.values:
+            outs.append(ctx.values[o.name])
+        elif o.name in ctx.known:
+            raise UnsupportedError(f"{src}: output {o.name!r} does not depend on the input (it is a constant)")
+        else:
+            raise FrontendError(f"{src}: output {o.name!r} is not produced by any node")
+    g.outputs = outs
+    from .verify import verify
+
+    verify(g, "after ONNX import")
+    return g
