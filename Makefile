@@ -15,8 +15,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+DEMO_MODEL := models/tiny_resnet.onnx
 demo: $(STAMP)
-	$(BIN)/python -m hecompiler.demo
+	@mkdir -p out
+	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.ir --dump-after all --dump-dir out/dump
+	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.dot -q
+	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.canonical.onnx -q
+	@echo "demo: IR in out/tiny_resnet.ir, DOT in out/tiny_resnet.dot, per-pass snapshots in out/dump/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -61,6 +61,14 @@ def _load_plugin(spec: str) -> None:
         raise HecError(f"--plugin {spec}: failed to import: {type(e).__name__}: {e}") from None
 
 
+def _check_output_dir(path: str | None) -> None:
+    """Fail before doing any work when the output cannot be written."""
+    if path:
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d):
+            raise HecError(f"-o {path}: directory {d} does not exist")
+
+
 def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hecompile", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +113,7 @@ def cmd_compile(argv: Sequence[str]) -> int:
             emit = "ir"
     if emit == "onnx" and not args.output:
         raise HecError("--emit onnx needs -o FILE.onnx")
+    _check_output_dir(args.output)
 
     graph = load_onnx(args.model, dict(args.input_shape))
     spec = DEFAULT_PIPELINE if args.passes is None else args.passes

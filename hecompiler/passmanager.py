@@ -155,18 +155,23 @@ def _convert_option(pname: str, f: dataclasses.Field, v: Any) -> Any:
     return v
 
 
-_SPEC_RE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(\{([^{}]*)\})?\s*(,|$)")
+_SPEC_RE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(\{([^{}]*)\})?\s*")
 
 
 def parse_pipeline(spec: str) -> list[Pass]:
-    """Parse ``"a,b{k=v,k2=v2}"`` into pass instances."""
+    """Parse ``"a,b{k=v,k2=v2}"`` into pass instances ("" is the empty pipeline)."""
     passes: list[Pass] = []
     pos = 0
-    spec = spec.strip()
-    while pos < len(spec):
+
+    def fail(at: int, what: str) -> ParseError:
+        return ParseError(f"pipeline spec: {what} at column {at + 1}\n  {spec}\n  {' ' * at}^")
+
+    if not spec.strip():
+        return passes
+    while True:
         m = _SPEC_RE.match(spec, pos)
         if not m:
-            raise ParseError(f"pipeline spec: cannot parse at column {pos + 1}\n  {spec}\n  {' ' * pos}^")
+            raise fail(pos + len(spec[pos:]) - len(spec[pos:].lstrip()), "expected a pass name")
         opts = {}
         if m.group(3) is not None and m.group(3).strip():
             for item in m.group(3).split(","):
@@ -176,7 +181,11 @@ def parse_pipeline(spec: str) -> list[Pass]:
                 opts[k.strip()] = v.strip()
         passes.append(get_pass(m.group(1), **opts))
         pos = m.end()
-    return passes
+        if pos == len(spec):
+            return passes
+        if spec[pos] != ",":
+            raise fail(pos, f"cannot parse {spec[pos]!r} (passes are separated by ',')")
+        pos += 1
 
 
 # --------------------------------------------------------------------------- running

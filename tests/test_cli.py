@@ -1,0 +1,107 @@
+"""The hecompile command line: outputs, listing, errors, exit codes, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import hecompiler as hc
+from hecompiler.cli import main
+from conftest import ort_run, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny.onnx"
+    onnx.save(models.MODELS["tiny_resnet"](), path)
+    return path
+
+
+def test_emit_ir_dot_onnx(tiny, tmp_path, capsys):
+    assert main([str(tiny), "-o", str(tmp_path / "t.ir")]) == 0
+    err = capsys.readouterr().err
+    assert "fold-bn" in err and "BatchNormalization -" in err and "wrote" in err
+    g = hc.parse_graph((tmp_path / "t.ir").read_text())
+    assert "BatchNormalization" not in g.op_counts()
+    assert main([str(tiny), "-o", str(tmp_path / "t.dot"), "-q"]) == 0
+    assert (tmp_path / "t.dot").read_text().startswith("digraph")
+    assert main([str(tiny), "-o", str(tmp_path / "t.onnx"), "-q"]) == 0
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    assert rel_err(ort_run(onnx.load(tmp_path / "t.onnx"), x)[0], ort_run(onnx.load(tiny), x)[0]) < 1e-4
+
+
+def test_ir_to_stdout_and_custom_pipeline(tiny, capsys):
+    assert main([str(tiny), "--passes", "", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graph ") and "BatchNormalization(" in out
+
+
+def test_passes_listing(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "fold-bn" in out and "exact" in out and "default pipeline:" in out
+
+
+def test_user_plugin_pass_from_a_file(tiny, tmp_path, capsys):
+    plugin = tmp_path / "myplugin.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "import hecompiler as hc\n"
+        "@hc.register_pass\n"
+        "@dataclass(frozen=True)\n"
+        "class CountConvs(hc.Pass):\n"
+        "    name = 'count-convs'\n"
+        "    summary = 'count the convolutions'\n"
+        "    exact = True\n"
+        "    def run(self, graph, ctx):\n"
+        "        n = sum(x.op == 'Conv' for x in graph.nodes)\n"
+        "        return hc.PassResult(False, [f'{n} convolutions'])\n")
+    assert main(["passes", "--plugin", str(plugin)]) == 0
+    assert "count-convs" in capsys.readouterr().out
+    assert main([str(tiny), "--plugin", str(plugin), "--passes", "fold-bn,count-convs", "-o",
+                 str(tmp_path / "x.ir")]) == 0
+    assert "6 convolutions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "missing.onnx: no such file"),
+    (["{tiny}", "-o", "{tmp}/out.xyz"], "cannot tell the output kind from '.xyz'"),
+    (["{tiny}", "--emit", "onnx"], "--emit onnx needs -o"),
+    (["{tiny}", "--passes", "nope", "-o", "{tmp}/out.ir"], "unknown pass 'nope'"),
+    (["{tiny}", "--input-shape", "nope=1,1,8,8", "-o", "{tmp}/out.ir"], "unknown input"),
+    (["{tiny}", "-o", "{tmp}/no/such/dir/out.ir"], "does not exist"),
+    (["{tiny}", "--plugin", "{tmp}/nothere.py"], "nothere.py: no such file"),
+])
+def test_errors_exit_nonzero_with_one_line_and_no_file(tiny, tmp_path, capsys, args, message):
+    args = [a.format(tiny=tiny, tmp=tmp_path) for a in args]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hecompile: error: ") and message in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_failed_run_keeps_the_old_output(tiny, tmp_path, capsys):
+    out = tmp_path / "keep.ir"
+    out.write_text("old")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    assert main([str(bad), "-o", str(out)]) == 1
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "keep.ir"]
+
+
+def test_console_script_help_and_exit_code(tiny, tmp_path):
+    exe = Path(sys.executable).with_name("hecompile")
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Compile an ONNX CNN" in r.stdout and "--input-shape" in r.stdout
+    r = subprocess.run([str(exe), str(tmp_path / "none.onnx")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
