@@ -8,7 +8,8 @@ Exact canonical passes (run by default, see ``DEFAULT_PIPELINE``):
 - ``fold-pad``        a zero Pad before a Conv/AveragePool -> the op's own pads
 - ``fold-bn``         BatchNormalization after Conv/Gemm -> new weights and bias
 - ``fuse-gemm``       (Flatten ->) MatMul by a constant (+ Add bias) -> Gemm
+- ``fuse-poly``       Mul/Add/Pow polynomials in one tensor -> one Poly node
 - ``dce``             remove nodes and constants nothing uses
 """
 
-from . import dce, fold_bn, fold_constants, fold_pad, fuse_gemm, remove_identity, stack_sum  # noqa: F401
+from . import dce, fold_bn, fold_constants, fold_pad, fuse_gemm, fuse_poly, remove_identity, stack_sum  # noqa: F401
