@@ -1,0 +1,416 @@
+"""The HE program: the second, lower IR, executed by the backends.
+
+Values are ciphertexts in SSA form (``%12``), each with a planned *level*
+(number of rescales it can still take; fresh ciphertexts are at the top
+level ``L``, 0 is the last) and an exact planned *scale* (a float that the
+backends reproduce bit for bit).  Instructions:
+
+==============  ==========================================  ==================
+op              meaning                                     level / scale
+==============  ==========================================  ==================
+rotate x, k     slots move left by k (cyclic)                unchanged
+add x, y        x + y (same level and scale)                 unchanged
+sub x, y        x - y                                        unchanged
+negate x        -x                                           unchanged
+add_plain x, p  x + p (p encoded at x's level and scale)     unchanged
+mul_plain x, p  x * p (p encoded at x's level, scale sp)     scale * sp
+mul x, y        x * y, then relinearise                      scale_x * scale_y
+rescale x       divide by the level's last prime q_l         level-1, scale/q_l
+mod_switch x, l drop primes down to level l                  level l
+refresh x       client-aided re-encryption (see backends)    top level, scale D
+==============  ==========================================  ==================
+
+Plaintext operands are never stored expanded: a :class:`PlainRef` names how
+the backend generates the slot vector when it needs it (a diagonal of a
+linear op, a linear op's bias, a constant filled into a layout, or a scalar)
+and the scale to encode it at.  Linear ops keep their compact weights.
+
+The program prints as text and parses back (:func:`print_program`,
+:func:`parse_program`, grammar ``heprog.lark``); :func:`verify_program`
+checks levels, scales, key coverage and definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from lark import Lark, Token, Tree, UnexpectedInput
+
+from .errors import HecError, LoweringError, ParseError
+from .layout import Layout
+
+FORMAT_VERSION = 1
+
+OPS = ("rotate", "add", "sub", "negate", "add_plain", "mul_plain", "mul", "rescale", "mod_switch", "refresh")
+
+
+class ProgramError(HecError):
+    """An HE program violates an invariant (levels, scales, keys, definitions)."""
+
+
+@dataclass(frozen=True)
+class PlainRef:
+    """How to make a plaintext: ``kind`` and its arguments, and the encode scale.
+
+    kinds:
+      ``diag``   args (lin, j, i, d, rot): diagonal d of block (out ct j, in ct i)
+                 of linear op ``lin``, rotated right by ``rot`` slots
+      ``bias``   args (lin, j): the bias of linear op ``lin`` packed in its output
+                 layout, ciphertext j
+      ``fill``   args (layout, j, const): weight ``const`` (a scalar or a
+                 per-channel vector) placed on the real slots of ``layout``,
+                 ciphertext j; zeros elsewhere
+      ``scalar`` args (value,): the same value in every slot
+    """
+
+    kind: str
+    args: tuple
+    scale: float
+
+
+@dataclass
+class Instr:
+    op: str
+    out: int
+    args: tuple[int, ...]
+    step: int = 0  # rotate
+    to_level: int = -1  # mod_switch
+    plain: PlainRef | None = None  # add_plain / mul_plain
+    # planned result metadata
+    level: int = 0
+    scale: float = 0.0
+    note: str = ""  # which graph node this implements
+
+
+@dataclass
+class LinearOp:
+    """A linear map on tensors, with compact parameters, between two layouts.
+
+    kind ``conv``: weight, bias names; strides, pads, dilations, group.
+    kind ``pool``: avg pooling: kernel, strides, pads, count_include_pad.
+    kind ``matrix``: weight name of a dense [out, in] matrix over flattened
+    tensors (Gemm, GAP, anything small), bias name.
+    kind ``affine``: per-channel scale (weight) and bias (standalone BN).
+    kind ``identity``: moves each element from ``in_layout`` to ``out_layout``
+    (a layout conversion, or a mask when both are the same).
+    The op computes ``mult * (M x) + bias_mult * bias``: ``mult`` absorbs
+    pending scalars of the input, both absorb later output rescaling.
+    """
+
+    kind: str
+    in_layout: int
+    out_layout: int
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    params: dict[str, Any] = field(default_factory=dict)
+    mult: float = 1.0
+    bias_mult: float = 1.0
+    note: str = ""
+
+
+@dataclass
+class IOSpec:
+    name: str
+    shape: tuple[int, ...]  # graph tensor shape
+    layout: int
+    values: list[int]  # ciphertext value ids
+    alpha: float = 1.0  # outputs: the client multiplies decrypted values by this
+
+
+@dataclass
+class Params:
+    poly_degree: int
+    coeff_bits: tuple[int, ...]  # SEAL order: q_0 .. q_L, then the special prime
+    scale_bits: int
+    security: str = "tc128"  # or "none" (explicitly asked for)
+
+    @property
+    def slots(self) -> int:
+        return self.poly_degree // 2
+
+    @property
+    def top_level(self) -> int:
+        """Level of a fresh ciphertext: number of rescales it can take."""
+        return len(self.coeff_bits) - 2
+
+    @property
+    def scale(self) -> float:
+        return float(2 ** self.scale_bits)
+
+    def to_dict(self) -> dict:
+        return {"poly_degree": self.poly_degree, "coeff_bits": list(self.coeff_bits),
+                "scale_bits": self.scale_bits, "security": self.security}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Params":
+        return Params(int(d["poly_degree"]), tuple(int(b) for b in d["coeff_bits"]), int(d["scale_bits"]),
+                      str(d.get("security", "tc128")))
+
+
+@dataclass
+class HEProgram:
+    params: Params
+    primes: tuple[int, ...]  # the actual primes q_0..q_L (without the special prime)
+    layouts: list[Layout] = field(default_factory=list)
+    linears: list[LinearOp] = field(default_factory=list)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: list[IOSpec] = field(default_factory=list)
+    outputs: list[IOSpec] = field(default_factory=list)
+    instrs: list[Instr] = field(default_factory=list)
+    n_values: int = 0
+
+    def new_value(self) -> int:
+        self.n_values += 1
+        return self.n_values - 1
+
+    @property
+    def galois_steps(self) -> list[int]:
+        s = self.params.slots
+        return sorted({i.step % s for i in self.instrs if i.op == "rotate" and i.step % s})
+
+    @property
+    def needs_relin(self) -> bool:
+        return any(i.op == "mul" for i in self.instrs)
+
+    def op_counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for i in self.instrs:
+            c[i.op] = c.get(i.op, 0) + 1
+        return dict(sorted(c.items()))
+
+    def last_uses(self) -> dict[int, int]:
+        """Value id -> index of the last instruction reading it (outputs: len)."""
+        last: dict[int, int] = {}
+        for k, ins in enumerate(self.instrs):
+            for a in ins.args:
+                last[a] = k
+        for o in self.outputs:
+            for v in o.values:
+                last[v] = len(self.instrs)
+        return last
+
+    def levels_used(self) -> int:
+        """Rescales on the longest path (counting refreshed segments together)."""
+        depth: dict[int, int] = {v: 0 for io in self.inputs for v in io.values}
+        for ins in self.instrs:
+            d = max((depth[a] for a in ins.args), default=0)
+            depth[ins.out] = d + (1 if ins.op == "rescale" else 0)
+        return max(depth.values(), default=0)
+
+
+# --------------------------------------------------------------------------- verifier
+
+def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> None:
+    """Check definitions, levels, exact scales and rotation keys; raise ProgramError."""
+    p = prog.params
+    top = p.top_level
+    if len(prog.primes) != top + 1:
+        raise ProgramError(f"program has {len(prog.primes)} primes for top level {top}")
+    meta: dict[int, tuple[int, float]] = {}
+    delta = p.scale
+    for io in prog.inputs:
+        if not 0 <= io.layout < len(prog.layouts):
+            raise ProgramError(f"input {io.name}: unknown layout #{io.layout}")
+        if len(io.values) != prog.layouts[io.layout].n_ct:
+            raise ProgramError(f"input {io.name}: {len(io.values)} ciphertexts for layout with "
+                               f"{prog.layouts[io.layout].n_ct}")
+        for v in io.values:
+            meta[v] = (top, delta)
+    keys = set(prog.galois_steps) if galois_steps is None else {k % p.slots for k in galois_steps}
+    for k, ins in enumerate(prog.instrs):
+        where = f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
+        for a in ins.args:
+            if a not in meta:
+                raise ProgramError(f"{where}: operand %{a} is not defined before use")
+        if ins.out in meta:
+            raise ProgramError(f"{where}: %{ins.out} is defined twice")
+        lv = [meta[a][0] for a in ins.args]
+        sc = [meta[a][1] for a in ins.args]
+        if ins.op in ("add", "sub", "mul"):
+            if lv[0] != lv[1]:
+                raise ProgramError(f"{where}: operand levels differ ({lv[0]} vs {lv[1]})")
+            if ins.op != "mul" and sc[0] != sc[1]:
+                raise ProgramError(f"{where}: scale mismatch ({sc[0]!r} vs {sc[1]!r})")
+        if ins.op == "rotate":
+            level, scale = lv[0], sc[0]
+            if ins.step % p.slots and ins.step % p.slots not in keys:
+                raise ProgramError(f"{where}: no Galois key for rotation by {ins.step}")
+        elif ins.op in ("add", "sub", "negate"):
+            level, scale = lv[0], sc[0]
+        elif ins.op == "add_plain":
+            level, scale = lv[0], sc[0]
+            if ins.plain is None or ins.plain.scale != scale:
+                raise ProgramError(f"{where}: plaintext scale must equal the ciphertext scale {scale!r}")
+        elif ins.op == "mul_plain":
+            level, scale = lv[0], sc[0] * ins.plain.scale
+        elif ins.op == "mul":
+            level, scale = lv[0], sc[0] * sc[1]
+        elif ins.op == "rescale":
+            if lv[0] < 1:
+                raise ProgramError(f"{where}: cannot rescale at level {lv[0]} (out of levels)")
+            level, scale = lv[0] - 1, sc[0] / prog.primes[lv[0]]
+        elif ins.op == "mod_switch":
+            if not 0 <= ins.to_level <= lv[0]:
+                raise ProgramError(f"{where}: cannot switch from level {lv[0]} to {ins.to_level}")
+            level, scale = ins.to_level, sc[0]
+        elif ins.op == "refresh":
+            level, scale = top, delta
+        else:
+            raise ProgramError(f"{where}: unknown op {ins.op!r}")
+        if level < 0:
+            raise ProgramError(f"{where}: level {level} < 0")
+        # the scale must stay well inside the modulus: scale * 2^margin < Q_level
+        bits = math.log2(scale) if scale > 0 else -1
+        qbits = sum(math.log2(q) for q in prog.primes[: level + 1])
+        if bits < 10 or bits > qbits - 1:
+            raise ProgramError(f"{where}: scale 2^{bits:.1f} out of bounds at level {level} "
+                               f"(modulus 2^{qbits:.0f})")
+        if ins.level != level or ins.scale != scale:
+            raise ProgramError(f"{where}: planned level/scale {ins.level}/{ins.scale!r} but the op gives "
+                               f"{level}/{scale!r}")
+        meta[ins.out] = (level, scale)
+    for io in prog.outputs:
+        for v in io.values:
+            if v not in meta:
+                raise ProgramError(f"output {io.name}: %{v} is not defined")
+        if len({meta[v] for v in io.values}) > 1:
+            raise ProgramError(f"output {io.name}: its ciphertexts differ in level or scale")
+
+
+# --------------------------------------------------------------------------- text form
+
+def _fmt_num(x: float) -> str:
+    return repr(float(x))
+
+
+def _fmt_plain(p: PlainRef) -> str:
+    args = ", ".join(_fmt_num(a) if isinstance(a, float) else json.dumps(a) if isinstance(a, str) else str(a)
+                     for a in p.args)
+    return f"{p.kind}({args}) @ {_fmt_num(p.scale)}"
+
+
+def _fmt_params(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def print_program(prog: HEProgram) -> str:
+    p = prog.params
+    out = [f"heprogram v{FORMAT_VERSION} {{",
+           f"  params {_fmt_params(p.to_dict())}",
+           f"  primes [{', '.join(str(q) for q in prog.primes)}]"]
+    for k, lay in enumerate(prog.layouts):
+        out.append(f"  layout #{k} {_fmt_params(lay.to_dict())}")
+    for k, lin in enumerate(prog.linears):
+        d = {"kind": lin.kind, "in": lin.in_layout, "out": lin.out_layout, "in_shape": list(lin.in_shape),
+             "out_shape": list(lin.out_shape), "params": lin.params, "mult": lin.mult,
+             "bias_mult": lin.bias_mult, "note": lin.note}
+        out.append(f"  linear #{k} {_fmt_params(d)}")
+    for io in prog.inputs:
+        vals = ", ".join(f"%{v}" for v in io.values)
+        out.append(f"  input {json.dumps(io.name)} {list(io.shape)} layout #{io.layout} = {vals}")
+    for ins in prog.instrs:
+        args = ", ".join(f"%{a}" for a in ins.args)
+        extra = ""
+        if ins.op == "rotate":
+            extra = f", {ins.step}"
+        elif ins.op == "mod_switch":
+            extra = f", {ins.to_level}"
+        elif ins.plain is not None:
+            extra = ", " + _fmt_plain(ins.plain)
+        note = f"  # {ins.note}" if ins.note else ""
+        out.append(f"  %{ins.out} = {ins.op} {args}{extra} : L{ins.level} S{_fmt_num(ins.scale)}{note}")
+    for io in prog.outputs:
+        vals = ", ".join(f"%{v}" for v in io.values)
+        out.append(f"  output {json.dumps(io.name)} {list(io.shape)} layout #{io.layout} alpha "
+                   f"{_fmt_num(io.alpha)} = {vals}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("hecompiler").joinpath("heprog.lark").read_text()
+    return Lark(grammar, parser="lalr", propagate_positions=True)
+
+
+def _num(tok) -> float | int:
+    s = str(tok)
+    return float(s) if any(c in s for c in ".eEn") else int(s)
+
+
+def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, source: str = "<heprog>") -> HEProgram:
+    """Parse the text form (weights are not part of the text; pass them in)."""
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        ctx = e.get_context(text, span=60).rstrip("\n")
+        raise ParseError(f"{source}:{e.line}:{e.column}: unexpected input\n{ctx}") from None
+    prog: HEProgram | None = None
+    params = primes = None
+    maxval = -1
+    try:
+        for st in tree.children:
+            kind = st.data
+            c = st.children
+            if kind == "params":
+                params = Params.from_dict(json.loads(str(c[0])))
+            elif kind == "primes":
+                primes = tuple(int(t) for t in c)
+                prog = HEProgram(params, primes, weights=dict(weights or {}))
+            elif kind == "layout":
+                prog.layouts.append(Layout.from_dict(json.loads(str(c[1]))))
+            elif kind == "linear":
+                d = json.loads(str(c[1]))
+                prog.linears.append(LinearOp(d["kind"], d["in"], d["out"], tuple(d["in_shape"]),
+                                             tuple(d["out_shape"]), d["params"], float(d["mult"]),
+                                             float(d["bias_mult"]), d["note"]))
+            elif kind in ("input", "output"):
+                name = json.loads(str(c[0]))
+                shape = tuple(int(t) for t in c[1].children)
+                lay = int(str(c[2])[1:])
+                rest = c[3:]
+                alpha = 1.0
+                if kind == "output":
+                    alpha = float(_num(rest[0]))
+                    rest = rest[1:]
+                vals = [int(str(t)[1:]) for t in rest]
+                maxval = max([maxval] + vals)
+                (prog.inputs if kind == "input" else prog.outputs).append(IOSpec(name, shape, lay, vals, alpha))
+            elif kind == "instr":
+                out = int(str(c[0])[1:])
+                op = str(c[1])
+                args, step, to_level, plain = [], 0, -1, None
+                level = scale = None
+                for x in c[2:]:
+                    if isinstance(x, Token) and x.type == "VAL":
+                        args.append(int(str(x)[1:]))
+                    elif isinstance(x, Token) and x.type == "INTNUM":
+                        if op == "rotate":
+                            step = int(x)
+                        else:
+                            to_level = int(x)
+                    elif isinstance(x, Tree) and x.data == "plain":
+                        pk = str(x.children[0])
+                        pargs = tuple(json.loads(str(a)) if str(a).startswith('"') else _num(a)
+                                      for a in x.children[1:-1])
+                        plain = PlainRef(pk, pargs, float(_num(x.children[-1])))
+                    elif isinstance(x, Tree) and x.data == "meta":
+                        level = int(str(x.children[0])[1:])
+                        scale = float(str(x.children[1])[1:])
+                note = ""
+                if isinstance(c[-1], Token) and c[-1].type == "COMMENT_NOTE":
+                    note = str(c[-1])[1:].strip()
+                maxval = max([maxval, out] + args)
+                prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, scale, note))
+    except (KeyError, ValueError, TypeError, AttributeError, LoweringError) as e:
+        raise ParseError(f"{source}: malformed program: {type(e).__name__}: {e}") from None
+    if prog is None:
+        raise ParseError(f"{source}: no params/primes header")
+    prog.n_values = maxval + 1
+    return prog

@@ -1,0 +1,187 @@
+"""Slot layouts: which tensor element sits in which slot of which ciphertext.
+
+A tensor of shape (C, H, W) (batch 1; a vector of F features is (F, 1, 1)) is
+packed into ``n_ct`` ciphertexts of ``slots`` slots each.  Think of the
+ciphertexts laid end to end as one long *virtual slot space*; element
+(c, h, w) sits at virtual position::
+
+    P(c, h, w) = pos[c] + h * hs + w * ws,   ciphertext P // slots, slot P % slots
+
+All other slots hold exact zeros.  This family covers the layouts the planner
+chooses between (HElayers calls them tile tensors; Lee et al. call the dense
+strided case multiplexed packing):
+
+* ``compact``: channels one after another, each a row-major H x W block
+  (``hs = W, ws = 1``);
+* ``gapped``: after a stride-s convolution the output keeps the input's grid,
+  so ``hs`` and ``ws`` grow by s and the holes stay empty;
+* ``multiplexed``: like gapped, but the holes are filled with other channels,
+  s*s channels sharing one footprint, so density stays as high as compact.
+
+Gapped and multiplexed layouts keep every convolution a matrix whose
+diagonals do not depend on (h, w), which is what makes it cheap in
+rotations.  A channel footprint never straddles two ciphertexts when it fits
+in one (footprints are placed per ciphertext), so most ops see a block
+matrix with few non-zero blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .errors import LoweringError
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, int, int]  # C, H, W
+    slots: int
+    n_ct: int
+    pos: tuple[int, ...]  # virtual position of element (c, 0, 0)
+    hs: int
+    ws: int
+    kind: str = "compact"  # compact | gapped | multiplexed | vector | custom
+    gap: int = 1  # spatial interleave factor (1 for compact)
+    grid: tuple[int, int] = (0, 0)  # footprint (H0, W0) of one channel group, for derived layouts
+    per_fp: int = 1  # channels sharing one footprint
+
+    # ------------------------------------------------------------------ builders
+    @staticmethod
+    def compact(shape, slots: int) -> "Layout":
+        c, h, w = shape
+        return Layout.from_grid(shape, slots, grid=(h, w), gap=1, per_footprint=1, kind="compact")
+
+    @staticmethod
+    def from_grid(shape, slots: int, grid: tuple[int, int], gap: int, per_footprint: int,
+                  kind: str) -> "Layout":
+        """Channels on footprints of ``grid`` = (H0, W0) base positions with
+        interleave ``gap``: channel c uses footprint c // per_footprint and
+        sub-position c % per_footprint of the gap x gap cell."""
+        c, h, w = shape
+        h0, w0 = grid
+        if h * gap > h0 or w * gap > w0:
+            raise LoweringError(f"layout: {h}x{w} with gap {gap} does not fit grid {h0}x{w0}")
+        if not 1 <= per_footprint <= gap * gap:
+            raise LoweringError(f"layout: {per_footprint} channels per footprint with gap {gap}")
+        fsize = h0 * w0
+        n_fp = -(-c // per_footprint)
+        if fsize <= slots:
+            per_ct = slots // fsize
+            fp_base = [(f // per_ct) * slots + (f % per_ct) * fsize for f in range(n_fp)]
+        else:  # a footprint spans several ciphertexts: lay them end to end
+            fp_base = [f * fsize for f in range(n_fp)]
+        pos = []
+        for ch in range(c):
+            f, k = divmod(ch, per_footprint)
+            a, b = divmod(k, gap)
+            pos.append(fp_base[f] + a * w0 + b)
+        last = max(pos) + (h - 1) * gap * w0 + (w - 1) * gap
+        n_ct = last // slots + 1
+        return Layout((c, h, w), slots, n_ct, tuple(pos), gap * w0, gap, kind, gap, (h0, w0), per_footprint)
+
+    def strided(self, shape, stride: int, multiplex: bool = True) -> "Layout":
+        """The layout a stride-``stride`` conv/pool from this layout writes to
+        when its diagonals must not depend on (h, w): same grid, gap times
+        ``stride``; holes filled with further channels when ``multiplex``."""
+        if self.grid == (0, 0):
+            raise LoweringError(f"layout {self.describe()} has no grid to derive a strided layout from")
+        gap = self.gap * stride
+        c, h, w = shape
+        h0, w0 = self.grid
+        if h * gap > h0 or w * gap > w0:
+            gap = self.gap  # output larger than the grid allows: keep spacing (e.g. pads grow it)
+        per_fp = min(gap * gap, c) if multiplex else 1
+        kind = "compact" if gap == 1 else ("multiplexed" if per_fp > 1 else "gapped")
+        return Layout.from_grid(shape, self.slots, (max(h0, h * gap), max(w0, w * gap)), gap, per_fp, kind)
+
+    @staticmethod
+    def vector(n: int, slots: int) -> "Layout":
+        """A flat vector of n features in consecutive slots."""
+        return Layout((n, 1, 1), slots, -(-n // slots), tuple(range(n)), 0, 0, "vector", 1, (1, 1), 1)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def size(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """Virtual position of every element, in (c, h, w) row-major order."""
+        c, h, w = self.shape
+        pos = np.asarray(self.pos, dtype=np.int64)[:, None, None]
+        hh = (np.arange(h, dtype=np.int64) * self.hs)[None, :, None]
+        ww = (np.arange(w, dtype=np.int64) * self.ws)[None, None, :]
+        return (pos + hh + ww).reshape(-1)
+
+    def check(self) -> None:
+        p = self.positions
+        if len(np.unique(p)) != len(p):
+            raise LoweringError(f"layout {self.describe()}: two elements share a slot")
+        if p.min() < 0 or p.max() >= self.n_ct * self.slots:
+            raise LoweringError(f"layout {self.describe()}: positions out of range")
+
+    @property
+    def density(self) -> float:
+        return self.size / (self.n_ct * self.slots)
+
+    @property
+    def channel_straddles(self) -> bool:
+        """Whether some channel's elements span two ciphertexts."""
+        c, h, w = self.shape
+        first = np.asarray(self.pos) // self.slots
+        last = (np.asarray(self.pos) + (h - 1) * self.hs + (w - 1) * self.ws) // self.slots
+        return bool(np.any(first != last))
+
+    def describe(self) -> str:
+        c, h, w = self.shape
+        g = f" gap {self.gap}" if self.gap > 1 else ""
+        return f"{self.kind}{g} {c}x{h}x{w} in {self.n_ct} ct ({100 * self.density:.0f}% full)"
+
+    # ------------------------------------------------------------------ packing
+    def pack(self, tensor: np.ndarray) -> np.ndarray:
+        """(C, H, W)-shaped data (any shape with that many elements) to an
+        ``[n_ct, slots]`` array of slot values."""
+        flat = np.asarray(tensor, dtype=np.float64).reshape(-1)
+        if flat.size != self.size:
+            raise LoweringError(f"layout {self.describe()}: cannot pack {flat.size} values")
+        out = np.zeros(self.n_ct * self.slots)
+        out[self.positions] = flat
+        return out.reshape(self.n_ct, self.slots)
+
+    def unpack(self, cts: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`pack`: ``[n_ct, slots]`` to a (C, H, W) array."""
+        return np.asarray(cts).reshape(-1)[self.positions].reshape(self.shape)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "slots": self.slots, "n_ct": self.n_ct, "pos": list(self.pos),
+                "hs": self.hs, "ws": self.ws, "kind": self.kind, "gap": self.gap, "grid": list(self.grid),
+                "per_fp": self.per_fp}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Layout":
+        lay = Layout(tuple(int(x) for x in d["shape"]), int(d["slots"]), int(d["n_ct"]),
+                     tuple(int(x) for x in d["pos"]), int(d["hs"]), int(d["ws"]), str(d["kind"]), int(d["gap"]),
+                     tuple(int(x) for x in d["grid"]), int(d["per_fp"]))
+        lay.check()
+        return lay
+
+
+def chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The (C, H, W) view of a batch-1 tensor shape."""
+    if not shape or shape[0] != 1:
+        raise LoweringError(f"tensor shape {list(shape)}: HE lowering needs batch size 1")
+    rest = shape[1:]
+    if len(rest) == 3:
+        return tuple(rest)
+    if len(rest) == 1:
+        return (rest[0], 1, 1)
+    if len(rest) == 2:
+        return (rest[0], rest[1], 1)
+    if len(rest) == 0:
+        return (1, 1, 1)
+    raise LoweringError(f"tensor shape {list(shape)}: rank {len(shape)} is not supported by HE lowering")

@@ -1,0 +1,290 @@
+"""Linear ops on packed slots: matrices, diagonals, and baby-step/giant-step plans.
+
+A :class:`~hecompiler.heprog.LinearOp` maps a tensor in layout A to a tensor
+in layout B.  In slot space it is a block matrix: block (j, i) maps input
+ciphertext i to output ciphertext j, and the diagonal method writes each
+block as ``sum_d diag_d * rot(x_i, d)``.  With baby-step/giant-step
+(``d = g + b``)::
+
+    y_j = sum_g rot( sum_i sum_b rot(diag_{j,i,g+b}, -g) * rot(x_i, b), g )
+
+so the baby rotations ``rot(x_i, b)`` are shared by every output ciphertext
+and each output needs one rotation per giant step.
+
+This module computes, from compact weights only:
+
+* :func:`diag_keys` - which (j, i, d) diagonals are non-zero.  For
+  convolutions and pooling between compatible layouts (the output grid is the
+  input grid times the stride, see :mod:`hecompiler.layout`) this enumerates
+  (out channel, in channel, tap) only, never the spatial positions, so the
+  compile time of a 224x224 ResNet-50 stays small;
+* :func:`diagonals` - their values, built when a program is loaded (the
+  ``.hec`` file stores compact weights, not expanded plaintexts);
+* :func:`plan_bsgs` - the baby/giant split that minimises rotations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import LoweringError
+from .heprog import LinearOp
+from .layout import Layout
+
+
+# --------------------------------------------------------------------------- tensor-space matrices
+
+def _conv_entries(lin: LinearOp, w: np.ndarray, co_range=None):
+    """(rows, cols, vals) of a convolution / pooling in (c, h, w) flat order."""
+    p = lin.params
+    C, H, W = lin.in_shape
+    M, OH, OW = lin.out_shape
+    s0, s1 = p["strides"]
+    pt, pl = p["pads"][0], p["pads"][1]
+    d0, d1 = p.get("dilations", (1, 1))
+    group = p.get("group", 1)
+    _, cg, kh, kw = w.shape
+    co = np.arange(M) if co_range is None else np.arange(*co_range)
+    cil = np.arange(cg)
+    ci = (co[:, None] // (M // group)) * cg + cil[None, :]  # [co, cil]
+    oh, ow = np.arange(OH), np.arange(OW)
+    ih = oh[None, :] * s0 + (np.arange(kh) * d0)[:, None] - pt  # [kh, oh]
+    iw = ow[None, :] * s1 + (np.arange(kw) * d1)[:, None] - pl  # [kw, ow]
+    vh = (ih >= 0) & (ih < H)
+    vw = (iw >= 0) & (iw < W)
+    # full index grid [co, cil, kh, kw, oh, ow]
+    sh = (len(co), cg, kh, kw, OH, OW)
+    valid = np.broadcast_to(vh[None, None, :, None, :, None] & vw[None, None, None, :, None, :], sh)
+    rows = np.broadcast_to((co[:, None, None, None, None, None] * OH + oh[None, None, None, None, :, None]) * OW
+                           + ow[None, None, None, None, None, :], sh)
+    cols = np.broadcast_to((ci[:, :, None, None, None, None] * H + ih[None, None, :, None, :, None]) * W
+                           + iw[None, None, None, :, None, :], sh)
+    vals = np.broadcast_to(w[co][:, :, :, :, None, None], sh)
+    m = valid & (vals != 0)
+    return rows[m], cols[m], vals[m]
+
+
+def _pool_weights(lin: LinearOp) -> tuple[np.ndarray, np.ndarray | None]:
+    """Average pooling as a depthwise conv; the divisor per output position."""
+    p = lin.params
+    C, H, W = lin.in_shape
+    _, OH, OW = lin.out_shape
+    kh, kw = p["kernel"]
+    w = np.ones((C, 1, kh, kw))
+    if p.get("count_include_pad", 0):
+        # window cells inside input or explicit pads
+        lo_h = np.arange(OH) * p["strides"][0] - p["pads"][0]
+        lo_w = np.arange(OW) * p["strides"][1] - p["pads"][1]
+        ch = np.clip(lo_h + kh, None, H + p["pads"][2]) - np.maximum(lo_h, -p["pads"][0])
+        cw = np.clip(lo_w + kw, None, W + p["pads"][3]) - np.maximum(lo_w, -p["pads"][1])
+    else:
+        lo_h = np.arange(OH) * p["strides"][0] - p["pads"][0]
+        lo_w = np.arange(OW) * p["strides"][1] - p["pads"][1]
+        ch = np.minimum(lo_h + kh, H) - np.maximum(lo_h, 0)
+        cw = np.minimum(lo_w + kw, W) - np.maximum(lo_w, 0)
+    return w, np.outer(ch, cw).astype(np.float64)
+
+
+def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray]) -> sp.csr_matrix:
+    """The op as a sparse [out_size, in_size] matrix over (c, h, w) flat tensors
+    (including ``mult``, excluding the bias)."""
+    out_size = int(np.prod(lin.out_shape))
+    in_size = int(np.prod(lin.in_shape))
+    if lin.kind == "conv":
+        rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64))
+    elif lin.kind == "pool":
+        w, cnt = _pool_weights(lin)
+        pl = LinearOp("conv", 0, 0, lin.in_shape, lin.out_shape,
+                      {"strides": lin.params["strides"], "pads": lin.params["pads"], "group": lin.in_shape[0]})
+        rows, cols, vals = _conv_entries(pl, w)
+        vals = vals / cnt.reshape(-1)[rows % (lin.out_shape[1] * lin.out_shape[2])]
+    elif lin.kind == "matrix":
+        m = np.asarray(weights[lin.params["weight"]], np.float64)
+        r, c = np.nonzero(m)
+        rows, cols, vals = r, c, m[r, c]
+    elif lin.kind == "identity":
+        idx = np.arange(in_size)
+        rows, cols, vals = idx, idx, np.ones(in_size)
+    elif lin.kind == "affine":
+        scale = np.asarray(weights[lin.params["weight"]], np.float64).reshape(-1)
+        C, H, W = lin.in_shape
+        idx = np.arange(C * H * W)
+        rows, cols, vals = idx, idx, scale[idx // (H * W)]
+    else:
+        raise LoweringError(f"linear op kind {lin.kind!r} is unknown")
+    return sp.csr_matrix((np.asarray(vals, np.float64) * lin.mult, (rows, cols)), shape=(out_size, in_size))
+
+
+def bias_vector(lin: LinearOp, weights: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The bias as a flat (c, h, w) vector, or None."""
+    name = lin.params.get("bias")
+    if not name:
+        return None
+    b = np.asarray(weights[name], np.float64).reshape(-1) * lin.bias_mult
+    C, H, W = lin.out_shape
+    if b.size == C:
+        return np.repeat(b, H * W)
+    if b.size == C * H * W:
+        return b
+    raise LoweringError(f"linear op bias {name!r} has {b.size} values for output {lin.out_shape}")
+
+
+# --------------------------------------------------------------------------- diagonals
+
+def _structured_ok(lin: LinearOp, lin_in: Layout, lout: Layout) -> bool:
+    if lin.kind not in ("conv", "pool", "affine") or lin.in_shape[1:] != (1, 1) and lin_in.hs == 0:
+        return False
+    s0, s1 = lin.params.get("strides", (1, 1))
+    if lin_in.channel_straddles or lout.channel_straddles:
+        return False
+    _, OH, OW = lin.out_shape
+    return (OH == 1 or lout.hs == s0 * lin_in.hs) and (OW == 1 or lout.ws == s1 * lin_in.ws)
+
+
+def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
+    """Diagonal keys of a conv/pool/affine op from (co, ci, tap) only."""
+    S = lin_in.slots
+    C, H, W = lin.in_shape
+    M, OH, OW = lin.out_shape
+    p = lin.params
+    if lin.kind == "affine":
+        w = np.asarray(weights[p["weight"]], np.float64).reshape(-1, 1, 1, 1)
+        group, s, pads, dil = C, (1, 1), (0, 0, 0, 0), (1, 1)
+    elif lin.kind == "pool":
+        w, _ = _pool_weights(lin)
+        group, s, pads, dil = C, p["strides"], p["pads"], (1, 1)
+    else:
+        w = np.asarray(weights[p["weight"]], np.float64)
+        group, s, pads, dil = p.get("group", 1), p["strides"], p["pads"], p.get("dilations", (1, 1))
+    _, cg, kh, kw = w.shape
+    # taps that are valid for at least one output position
+    th = [k for k in range(kh) if any(0 <= o * s[0] + k * dil[0] - pads[0] < H for o in range(OH))]
+    tw = [k for k in range(kw) if any(0 <= o * s[1] + k * dil[1] - pads[1] < W for o in range(OW))]
+    pos_in = np.asarray(lin_in.pos, np.int64)
+    pos_out = np.asarray(lout.pos, np.int64)
+    co = np.arange(M)
+    ci = (co[:, None] // (M // group)) * cg + np.arange(cg)[None, :]  # [M, cg]
+    keys: dict[tuple[int, int], set] = {}
+    for a in th:
+        for b in tw:
+            nz = w[:, :, a, b] != 0  # [M, cg]
+            if not nz.any():
+                continue
+            off = (a * dil[0] - pads[0]) * lin_in.hs + (b * dil[1] - pads[1]) * lin_in.ws
+            pi = pos_in[ci] + off  # virtual position of the (oh=0, ow=0) input
+            po = pos_out[co][:, None]
+            d = (pi - po) % S
+            j = np.broadcast_to(po // S, pi.shape)
+            i = pos_in[ci] // S
+            for jj, ii, dd in zip(j[nz], i[nz], d[nz]):
+                keys.setdefault((int(jj), int(ii)), set()).add(int(dd))
+    return {k: np.array(sorted(v), np.int64) for k, v in sorted(keys.items())}
+
+
+def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout):
+    m = tensor_matrix(lin, weights).tocoo()
+    S = lin_in.slots
+    po = lout.positions[m.row]
+    pi = lin_in.positions[m.col]
+    return po // S, pi // S, (pi - po) % S, po % S, m.data
+
+
+def diag_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
+    """Non-zero diagonals per block: {(j, i): sorted array of d}."""
+    if _structured_ok(lin, lin_in, lout):
+        return _structured_keys(lin, weights, lin_in, lout)
+    j, i, d, _, _ = _slot_entries(lin, weights, lin_in, lout)
+    S = lin_in.slots
+    key = (j * (lin_in.n_ct + 1) + i) * S + d
+    uk = np.unique(key)
+    out: dict[tuple[int, int], list] = {}
+    for k in uk:
+        blk, dd = divmod(int(k), S)
+        jj, ii = divmod(blk, lin_in.n_ct + 1)
+        out.setdefault((jj, ii), []).append(dd)
+    return {k: np.array(v, np.int64) for k, v in sorted(out.items())}
+
+
+def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int, int], np.ndarray]:
+    """Values of every non-zero diagonal: {(j, i, d): vector of ``slots`` floats}
+    where ``y_j[k] += diag[k] * x_i[(k + d) % slots]``."""
+    S = lin_in.slots
+    j, i, d, slot, vals = _slot_entries(lin, weights, lin_in, lout)
+    key = (j * (lin_in.n_ct + 1) + i) * S + d
+    uk, inv = np.unique(key, return_inverse=True)
+    dense = np.zeros((len(uk), S))
+    np.add.at(dense, (inv, slot), vals)
+    out = {}
+    for r, k in enumerate(uk):
+        blk, dd = divmod(int(k), S)
+        jj, ii = divmod(blk, lin_in.n_ct + 1)
+        out[(jj, ii, dd)] = dense[r]
+    return out
+
+
+# --------------------------------------------------------------------------- baby-step / giant-step
+
+@dataclass
+class BsgsPlan:
+    n1: int
+    baby: dict[int, list[int]]  # input ct -> baby steps used (0 first if used)
+    giant: dict[int, dict[int, list[tuple[int, int, int]]]]  # out j -> g -> [(i, b, d)]
+
+    @property
+    def rotations(self) -> int:
+        return sum(len([b for b in bs if b]) for bs in self.baby.values()) + \
+            sum(len([g for g in gs if g]) for gs in self.giant.values())
+
+    @property
+    def n_diagonals(self) -> int:
+        return sum(len(t) for gs in self.giant.values() for t in gs.values())
+
+    def steps(self) -> set[int]:
+        s = {b for bs in self.baby.values() for b in bs if b}
+        s |= {g for gs in self.giant.values() for g in gs if g}
+        return s
+
+
+def _centered(d: np.ndarray, n1: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split d = g + b with b the residue of d mod n1 closest to 0 (as a
+    rotation step in (-S/2, S/2]) and g = d - b (mod S)."""
+    ds = np.where(d > S // 2, d - S, d)  # signed
+    b = ((ds + n1 // 2) % n1) - n1 // 2
+    g = (ds - b) % S
+    return b, g
+
+
+def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: float = 0.0,
+              existing_steps: set[int] | None = None) -> BsgsPlan:
+    """Choose the baby-step size n1 (a power of two) minimising rotations
+    (plus ``key_cost`` per new Galois key)."""
+    existing = existing_steps or set()
+    best = None
+    n1 = 1
+    while n1 <= slots:
+        baby: dict[int, set] = {}
+        giant: dict[int, set] = {}
+        for (j, i), ds in keys.items():
+            b, g = _centered(ds, n1, slots)
+            baby.setdefault(i, set()).update((b % slots).tolist())
+            giant.setdefault(j, set()).update(g.tolist())
+        rot = sum(len(v - {0}) for v in baby.values()) + sum(len(v - {0}) for v in giant.values())
+        steps = set().union(*baby.values(), *giant.values()) - {0}
+        cost = rot + key_cost * len(steps - existing)
+        if best is None or cost < best[0]:
+            best = (cost, n1)
+        n1 *= 2
+    n1 = best[1]
+    baby_l: dict[int, set] = {}
+    giant_l: dict[int, dict[int, list]] = {}
+    for (j, i), ds in keys.items():
+        b, g = _centered(ds, n1, slots)
+        for dd, bb, gg in zip(ds.tolist(), (b % slots).tolist(), g.tolist()):
+            baby_l.setdefault(i, set()).add(bb)
+            giant_l.setdefault(j, {}).setdefault(gg, []).append((i, bb, dd))
+    baby_sorted = {i: sorted(v) for i, v in sorted(baby_l.items())}
+    giant_sorted = {j: {g: sorted(t) for g, t in sorted(gs.items())} for j, gs in sorted(giant_l.items())}
+    return BsgsPlan(n1, baby_sorted, giant_sorted)

@@ -1,0 +1,693 @@
+"""HE lowering: a canonical graph IR to an :class:`~hecompiler.heprog.HEProgram`.
+
+Walks the graph in order and keeps, for every graph value, an encrypted
+:class:`Tensor`: its ciphertexts, layout, level, scale, and a *pending
+scalar* ``alpha`` (the real tensor is ``alpha * decrypt(cts)``).  Pending
+scalars are how depth stays minimal:
+
+* a scalar multiply or divide only changes ``alpha`` (no level);
+* a linear op absorbs the ``alpha`` of its input into its weights;
+* a polynomial substitutes ``alpha`` into its coefficients, and a degree-2
+  ``A t^2 + B t + C`` is evaluated as ``A * ((t + B/2A)^2 + C'/A)``: one
+  ciphertext product, one level, with ``A`` left pending;
+* a residual ``Add`` makes both sides agree on ``alpha``, level and scale by
+  adjusting the linear op that produced one side (its weights and the scale
+  of its plaintexts are still free), and only multiplies when neither side
+  can be adjusted;
+* at an output the client multiplies by what is still pending.
+
+Levels run down from the top (fresh) level; an op that needs more levels
+than its input has gets a ``refresh`` of that input first (greedy; optimal
+placement across skips is a later pass).  Scales are planned exactly: every
+rescale's result is the value the backends set, every add sees equal scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import LoweringError
+from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
+from .ir import Graph, Node, Value
+from .layout import Layout, chw
+from .linear import diag_keys, plan_bsgs
+
+#: relative difference within which a rescaled scale is snapped to its target
+SNAP = 1e-9
+
+
+@dataclass
+class Emission:
+    """The instructions of one linear op, kept so a later Add can still
+    change the op's multiplier and output scale."""
+
+    lin: int
+    start: int
+    end: int
+    level_in: int
+    scale_in: float
+
+
+@dataclass
+class Tensor:
+    cts: list[int]
+    layout: int
+    level: int
+    scale: float
+    alpha: float = 1.0
+    emission: Emission | None = None
+    dirty: bool = False  # slots outside the layout may hold garbage
+
+
+@dataclass
+class LoweringOptions:
+    #: weight of one new Galois key, in rotations, when choosing BSGS splits
+    key_cost: float = 0.0
+    #: multiplex strided layouts (fill holes with channels); False keeps them gapped
+    multiplex: bool = True
+
+
+@dataclass
+class LayerStat:
+    node: str
+    op: str
+    layout_in: str
+    layout_out: str
+    rotations: int = 0
+    diagonals: int = 0
+    bound: float = 0.0  # 2 * sqrt(#diagonals)
+    level_in: int = 0
+    level_out: int = 0
+    refreshes: int = 0
+
+
+class Lowering:
+    def __init__(self, graph: Graph, params: Params, primes: tuple[int, ...],
+                 options: LoweringOptions | None = None):
+        self.g = graph
+        self.opts = options or LoweringOptions()
+        self.prog = HEProgram(params, tuple(primes))
+        self.t: dict[int, Tensor] = {}
+        self.meta: dict[int, tuple[int, float]] = {}
+        self.layers: list[LayerStat] = []
+        self.node: Node | None = None
+        self.refresh_points: list[str] = []
+
+    # ================================================================== instruction emission
+    @property
+    def top(self) -> int:
+        return self.prog.params.top_level
+
+    @property
+    def delta(self) -> float:
+        return self.prog.params.scale
+
+    def _emit(self, op: str, args: tuple[int, ...], *, step: int = 0, to_level: int = -1,
+              plain: PlainRef | None = None, scale: float | None = None) -> int:
+        lv = [self.meta[a][0] for a in args]
+        sc = [self.meta[a][1] for a in args]
+        if op in ("rotate", "add", "sub", "negate", "add_plain"):
+            level, s = lv[0], sc[0]
+        elif op == "mul_plain":
+            level, s = lv[0], sc[0] * plain.scale
+        elif op == "mul":
+            level, s = lv[0], sc[0] * sc[1]
+        elif op == "rescale":
+            level, s = lv[0] - 1, sc[0] / self.prog.primes[lv[0]]
+            if scale is not None:
+                if abs(s - scale) > SNAP * scale:
+                    raise AssertionError(f"rescale snap too far: {s} vs {scale}")
+                s = scale
+        elif op == "mod_switch":
+            level, s = to_level, sc[0]
+        elif op == "refresh":
+            level, s = self.top, self.delta
+        else:  # pragma: no cover
+            raise AssertionError(op)
+        out = self.prog.new_value()
+        note = self.node.outputs[0].name if self.node is not None else ""
+        self.prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, s, note))
+        self.meta[out] = (level, s)
+        return out
+
+    def rotate(self, v: int, k: int) -> int:
+        k %= self.prog.params.slots
+        return v if k == 0 else self._emit("rotate", (v,), step=k)
+
+    def add(self, a: int, b: int) -> int:
+        return self._emit("add", (a, b))
+
+    def mod_switch(self, v: int, level: int) -> int:
+        return v if self.meta[v][0] == level else self._emit("mod_switch", (v,), to_level=level)
+
+    # ================================================================== tensors and layouts
+    def layout_id(self, lay: Layout) -> int:
+        for k, existing in enumerate(self.prog.layouts):
+            if existing == lay:
+                return k
+        lay.check()
+        self.prog.layouts.append(lay)
+        return len(self.prog.layouts) - 1
+
+    def layout(self, t: Tensor) -> Layout:
+        return self.prog.layouts[t.layout]
+
+    def tensor(self, v: Value) -> Tensor:
+        t = self.t.get(id(v))
+        if t is None:
+            raise LoweringError(f"{self._where()}: operand %{v.name} is not an encrypted tensor "
+                                f"(constant operands are only supported where noted)")
+        return t
+
+    def _where(self) -> str:
+        return f"node {self.node.label}" if self.node is not None else "program"
+
+    def weight(self, v: Value, suffix: str = "") -> str:
+        name = v.name + suffix
+        if name not in self.prog.weights:
+            self.prog.weights[name] = np.asarray(v.data)
+        return name
+
+    def add_weight(self, name: str, data: np.ndarray) -> str:
+        base, k = name, 0
+        while name in self.prog.weights:
+            k += 1
+            name = f"{base}.{k}"
+        self.prog.weights[name] = np.asarray(data)
+        return name
+
+    # ================================================================== levels
+    def refresh(self, t: Tensor) -> Tensor:
+        cts = [self._emit("refresh", (c,)) for c in t.cts]
+        self.refresh_points.append(self.node.outputs[0].name if self.node else "?")
+        return Tensor(cts, t.layout, self.top, self.delta, t.alpha, None, t.dirty)
+
+    def need(self, v: Value, levels: int) -> Tensor:
+        """The tensor of ``v`` with at least ``levels`` levels left (refreshing it
+        if needed; the refreshed version replaces it for later users too)."""
+        t = self.tensor(v)
+        if levels > self.top:
+            raise LoweringError(f"{self._where()}: needs {levels} levels but the modulus chain has "
+                                f"{self.top}; choose a larger ring or more primes")
+        if t.level < levels:
+            t = self.refresh(t)
+            self.t[id(v)] = t
+        return t
+
+    def to_level(self, t: Tensor, level: int) -> Tensor:
+        if t.level == level:
+            return t
+        return Tensor([self.mod_switch(c, level) for c in t.cts], t.layout, level, t.scale, t.alpha, None, t.dirty)
+
+    # ================================================================== linear ops
+    def choose_out_layout(self, node: Node, lin_in: Layout, out_shape, stride: int) -> Layout:
+        """Layout for a conv/pool result: the layout of the tensor it will be
+        added to when known, else the input grid with gap times stride."""
+        partner = self._add_partner(node.output)
+        if partner is not None and partner.shape == out_shape:
+            return partner
+        if lin_in.grid == (0, 0):
+            return Layout.compact(out_shape, lin_in.slots)
+        cands = [lin_in.strided(out_shape, stride, self.opts.multiplex)]
+        return cands[0]
+
+    def _add_partner(self, v: Value) -> Layout | None:
+        """Layout of the already-lowered other operand of the Add that
+        consumes ``v`` alone, if any."""
+        if len(v.uses) != 1 or v in self.g.outputs:
+            return None
+        user, idx = v.uses[0]
+        if user.op not in ("Add", "Sub"):
+            return None
+        other = user.inputs[1 - idx]
+        t = self.t.get(id(other))
+        return self.layout(t) if t is not None else None
+
+    def linear(self, lin: LinearOp, x_val: Value, out_scale: float | None = None) -> Tensor:
+        x = self.need(x_val, 1)  # garbage in unused slots is fine: no diagonal reads it
+        lin.mult *= x.alpha
+        lin_in = self.layout(x)
+        lin.in_layout = x.layout
+        lout = self.prog.layouts[lin.out_layout]
+        self.prog.linears.append(lin)
+        lid = len(self.prog.linears) - 1
+        keys = diag_keys(lin, self.prog.weights, lin_in, lout)
+        if not keys:
+            raise LoweringError(f"{self._where()}: the linear op is identically zero")
+        plan = plan_bsgs(keys, lin_in.slots, self.opts.key_cost, set(self.prog.galois_steps))
+        level = x.level
+        target = self.delta if out_scale is None else out_scale
+        q = self.prog.primes[level]
+        s_pt = target * q / x.scale
+        start = len(self.prog.instrs)
+        baby = {(i, b): self.rotate(x.cts[i], b) for i, bs in plan.baby.items() for b in bs}
+        outs = []
+        for j in range(lout.n_ct):
+            if j not in plan.giant:
+                raise LoweringError(f"{self._where()}: output ciphertext {j} of layout {lout.describe()} "
+                                    f"receives nothing")
+            total = None
+            for g, terms in plan.giant[j].items():
+                acc = None
+                for (i, b, d) in terms:
+                    ref = PlainRef("diag", (lid, j, i, d, -g % lin_in.slots), s_pt)
+                    m = self._emit("mul_plain", (baby[(i, b)],), plain=ref)
+                    acc = m if acc is None else self.add(acc, m)
+                acc = self.rotate(acc, g)
+                total = acc if total is None else self.add(total, acc)
+            r = self._emit("rescale", (total,), scale=target)
+            if lin.params.get("bias"):
+                r = self._emit("add_plain", (r,), plain=PlainRef("bias", (lid, j), target))
+            outs.append(r)
+        stat = LayerStat(self.node.outputs[0].name, self.node.op, lin_in.describe(), lout.describe(),
+                         plan.rotations, plan.n_diagonals, 2 * math.sqrt(plan.n_diagonals), level, level - 1)
+        self.layers.append(stat)
+        em = Emission(lid, start, len(self.prog.instrs), level, x.scale)
+        return Tensor(outs, lin.out_layout, level - 1, target, 1.0, em)
+
+    def _replan(self, em: Emission, new_scale: float, mult: float = 1.0) -> None:
+        """Change a linear emission's output scale (plaintext scales) and
+        multiplier, then recompute the planned metadata of its instructions."""
+        lin = self.prog.linears[em.lin]
+        lin.mult *= mult
+        lin.bias_mult *= mult
+        q = self.prog.primes[em.level_in]
+        s_pt = new_scale * q / em.scale_in
+        for k in range(em.start, em.end):
+            ins = self.prog.instrs[k]
+            lv = [self.meta[a][0] for a in ins.args]
+            sc = [self.meta[a][1] for a in ins.args]
+            if ins.op == "mul_plain":
+                ins.plain = replace(ins.plain, scale=s_pt)
+                ins.scale = sc[0] * s_pt
+            elif ins.op == "rescale":
+                s = sc[0] / self.prog.primes[lv[0]]
+                assert abs(s - new_scale) <= SNAP * new_scale
+                ins.scale = new_scale
+            elif ins.op == "add_plain":
+                ins.plain = replace(ins.plain, scale=sc[0])
+                ins.scale = sc[0]
+            else:
+                ins.scale = sc[0]
+            self.meta[ins.out] = (ins.level, ins.scale)
+
+    # ================================================================== alignment
+    def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:
+        return t.emission is not None and len(v.uses) == 1 and v.uses[0][0] is user and v not in self.g.outputs
+
+    def align(self, va: Value, vb: Value) -> tuple[Tensor, Tensor]:
+        """Bring two operands of an add to the same layout, alpha, level and scale."""
+        ta, tb = self.tensor(va), self.tensor(vb)
+        if ta.layout != tb.layout:
+            if self.layout(ta).positions.tolist() != self.layout(tb).positions.tolist():
+                raise LoweringError(f"{self._where()}: operands have different layouts "
+                                    f"({self.layout(ta).describe()} vs {self.layout(tb).describe()}); "
+                                    f"layout conversion is not implemented yet")
+        adj_a = self._adjustable(va, ta, self.node)
+        adj_b = self._adjustable(vb, tb, self.node)
+        # choose which side follows the other: an adjustable one, preferring the lower level
+        if adj_a and (not adj_b or ta.level <= tb.level):
+            follow, lead, fv = ta, tb, va
+        elif adj_b:
+            follow, lead, fv = tb, ta, vb
+        else:
+            follow = None
+        if follow is not None:
+            # retarget the follower's linear op first (weights and output scale), then align levels
+            self._replan(follow.emission, lead.scale, follow.alpha / lead.alpha)
+            follow = Tensor(follow.cts, follow.layout, follow.level, lead.scale, lead.alpha, None, follow.dirty)
+            lv = min(follow.level, lead.level)
+            follow, lead = self.to_level(follow, lv), self.to_level(lead, lv)
+            return (follow, lead) if fv is va else (lead, follow)
+        # neither adjustable: multiply the side with more levels by alpha ratio at a chosen scale
+        hi, lo = (ta, tb) if ta.level >= tb.level else (tb, ta)
+        if hi.level < 1:
+            hi = self.refresh(hi)
+        ratio = hi.alpha / lo.alpha
+        lvl = hi.level
+        target_level = min(lvl - 1, lo.level)
+        lo = self.to_level(lo, target_level)
+        hi = self.to_level(hi, target_level + 1)
+        q = self.prog.primes[hi.level]
+        s_pt = lo.scale * q / hi.scale
+        cts = []
+        for c in hi.cts:
+            m = self._emit("mul_plain", (c,), plain=PlainRef("scalar", (float(ratio),), s_pt))
+            cts.append(self._emit("rescale", (m,), scale=lo.scale))
+        hi = Tensor(cts, hi.layout, target_level, lo.scale, lo.alpha, None, hi.dirty)
+        return (hi, lo) if ta.level >= tb.level else (lo, hi)
+
+    # ================================================================== polynomials
+    def poly(self, x_val: Value, coeffs) -> Tensor:
+        c = np.trim_zeros(np.asarray(coeffs, np.float64), "b")
+        deg = len(c) - 1
+        if deg < 1:
+            raise LoweringError(f"{self._where()}: polynomial is constant; the result does not depend on the input")
+        depth = _poly_depth(deg)
+        x = self.need(x_val, depth)
+        a = x.alpha
+        cs = c * a ** np.arange(deg + 1)  # coefficients in the ciphertext's own variable
+        lead = cs[-1]
+        lay = x.layout
+        if x.dirty:
+            raise LoweringError(f"{self._where()}: polynomial of a tensor with garbage slots (after a "
+                                f"rotate-and-sum) is not supported yet")
+        if deg == 1:
+            cts = [self._fill_add(ct, cs[0] / lead, lay, j, x.scale) for j, ct in enumerate(x.cts)]
+            return Tensor(cts, lay, x.level, x.scale, lead)
+        if deg == 2:
+            k = cs[1] / (2 * lead)
+            c0 = cs[0] / lead - k * k
+            out = []
+            for j, ct in enumerate(x.cts):
+                u = self._fill_add(ct, k, lay, j, x.scale)
+                sq = self._emit("mul", (u, u))
+                r = self._emit("rescale", (sq,))
+                out.append(self._fill_add(r, c0, lay, j, self.meta[r][1]))
+            lvl, sc = self.meta[out[0]]
+            return Tensor(out, lay, lvl, sc, lead)
+        # degree >= 3: powers by repeated squaring-style products (depth ceil(log2 i)),
+        # then sum of scalar multiples aligned to the leading power's level and scale
+        out = []
+        for j, ct in enumerate(x.cts):
+            pw = {1: ct}
+            for i in range(2, deg + 1):
+                hi = 1 << (i - 1).bit_length() - 1
+                a_, b_ = pw[hi], pw[i - hi]
+                la, lb = self.meta[a_][0], self.meta[b_][0]
+                lv = min(la, lb)
+                prod = self._emit("mul", (self.mod_switch(a_, lv), self.mod_switch(b_, lv)))
+                pw[i] = self._emit("rescale", (prod,))
+            lvl_t = min(self.meta[pw[deg]][0],
+                        min((self.meta[pw[i]][0] - 1 for i in range(1, deg) if cs[i] != 0), default=self.top))
+            s_t = self.meta[pw[deg]][1]
+            acc = self.mod_switch(pw[deg], lvl_t)
+            for i in range(1, deg):
+                if cs[i] == 0:
+                    continue
+                src = self.mod_switch(pw[i], lvl_t + 1)
+                q = self.prog.primes[lvl_t + 1]
+                s_pt = s_t * q / self.meta[src][1]
+                m = self._emit("mul_plain", (src,), plain=PlainRef("scalar", (float(cs[i] / lead),), s_pt))
+                acc = self.add(acc, self._emit("rescale", (m,), scale=s_t))
+            out.append(self._fill_add(acc, cs[0] / lead, lay, j, s_t))
+        lvl, sc = self.meta[out[0]]
+        return Tensor(out, lay, lvl, sc, lead)
+
+    def _fill_add(self, ct: int, value, lay: int, j: int, scale: float) -> int:
+        """ct + value on the real slots of layout ``lay`` (value: scalar or per-channel name)."""
+        if isinstance(value, (float, np.floating, int)) and value == 0:
+            return ct
+        if isinstance(value, (float, np.floating, int)):
+            value = float(value)
+        return self._emit("add_plain", (ct,), plain=PlainRef("fill", (lay, j, value), scale))
+
+    # ================================================================== driver
+    def run(self) -> HEProgram:
+        g = self.g
+        params = self.prog.params
+        for v in g.inputs:
+            shape = chw(v.type.shape)
+            lay = self.layout_id(Layout.compact(shape, params.slots))
+            cts = [self.prog.new_value() for _ in range(self.prog.layouts[lay].n_ct)]
+            for c in cts:
+                self.meta[c] = (self.top, self.delta)
+            self.prog.inputs.append(IOSpec(v.name, tuple(v.type.shape), lay, cts))
+            self.t[id(v)] = Tensor(cts, lay, self.top, self.delta)
+        for node in g.nodes:
+            self.node = node
+            fn = getattr(self, "lower_" + node.op, None)
+            if fn is None:
+                raise LoweringError(_unsupported(node))
+            res = fn(node)
+            if res is not None:
+                self.t[id(node.output)] = res
+        self.node = None
+        for v in g.outputs:
+            t = self.tensor(v)
+            self.prog.outputs.append(IOSpec(v.name, tuple(v.type.shape), t.layout, list(t.cts), float(t.alpha)))
+        return self.prog
+
+    # ------------------------------------------------------------------ per-op rules
+    def _const_operand(self, node: Node) -> tuple[Value, Value] | None:
+        a, b = node.inputs
+        if a.is_constant and not b.is_constant:
+            return b, a
+        if b.is_constant and not a.is_constant:
+            return a, b
+        return None
+
+    def lower_Conv(self, node: Node) -> Tensor:
+        x = node.inputs[0]
+        w = node.inputs[1]
+        if not w.is_constant:
+            raise LoweringError(f"{self._where()}: Conv weights must be constants (encrypted weights are "
+                                f"not supported)")
+        t = self.tensor(x)
+        in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
+        lout = self.choose_out_layout(node, self.layout(t), out_shape, node.attrs["strides"][0]
+                                      if node.attrs["strides"][0] == node.attrs["strides"][1] else 1)
+        params = {"weight": self.weight(w), "strides": list(node.attrs["strides"]), "pads": list(node.attrs["pads"]),
+                  "dilations": list(node.attrs["dilations"]), "group": node.attrs["group"]}
+        if len(node.inputs) > 2:
+            params["bias"] = self.weight(node.inputs[2])
+        lin = LinearOp("conv", t.layout, self.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
+        return self.linear(lin, x)
+
+    def lower_AveragePool(self, node: Node) -> Tensor:
+        x = node.inputs[0]
+        t = self.tensor(x)
+        a = node.attrs
+        in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
+        stride = a["strides"][0] if a["strides"][0] == a["strides"][1] else 1
+        lout = self.choose_out_layout(node, self.layout(t), out_shape, stride)
+        params = {"kernel": list(a["kernel_shape"]), "strides": list(a["strides"]), "pads": list(a["pads"]),
+                  "count_include_pad": a["count_include_pad"]}
+        lin = LinearOp("pool", t.layout, self.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
+        return self.linear(lin, x)
+
+    def lower_BatchNormalization(self, node: Node) -> Tensor:
+        x = node.inputs[0]
+        if not all(v.is_constant for v in node.inputs[1:]):
+            raise LoweringError(f"{self._where()}: BatchNormalization parameters must be constants")
+        scale, beta, mean, var = (v.data.astype(np.float64) for v in node.inputs[1:])
+        s = scale / np.sqrt(var + node.attrs["epsilon"])
+        t = self.tensor(x)
+        shape = chw(x.type.shape)
+        params = {"weight": self.add_weight(node.output.name + ".scale", s),
+                  "bias": self.add_weight(node.output.name + ".shift", beta - mean * s)}
+        lin = LinearOp("affine", t.layout, t.layout, shape, shape, params, note=node.output.name)
+        return self.linear(lin, x)
+
+    def lower_Gemm(self, node: Node) -> Tensor:
+        a = node.attrs
+        x, w = node.inputs[0], node.inputs[1]
+        if not w.is_constant or (len(node.inputs) > 2 and not node.inputs[2].is_constant):
+            raise LoweringError(f"{self._where()}: Gemm B and C must be constants")
+        if a["transA"] or x.type.shape[0] != 1:
+            raise LoweringError(f"{self._where()}: Gemm needs A of shape [1, K] without transA")
+        wm = w.data.astype(np.float64)
+        wm = (wm if a["transB"] else wm.T) * a["alpha"]  # [N, K]
+        t = self.tensor(x)
+        n = wm.shape[0]
+        params = {"weight": self.add_weight(node.output.name + ".matrix", wm)}
+        if len(node.inputs) > 2:
+            c = np.broadcast_to(node.inputs[2].data.astype(np.float64) * a["beta"], (1, n)).reshape(-1)
+            params["bias"] = self.add_weight(node.output.name + ".bias", c)
+        lout = self.layout_id(Layout.vector(n, self.prog.params.slots))
+        lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
+        return self.linear(lin, x)
+
+    def lower_MatMul(self, node: Node) -> Tensor:
+        x, w = node.inputs
+        if not w.is_constant or w.type.rank != 2 or x.type.rank != 2:
+            raise LoweringError(f"{self._where()}: only [1, K] @ constant [K, N] MatMul is supported")
+        n = w.type.shape[1]
+        t = self.tensor(x)
+        params = {"weight": self.add_weight(node.output.name + ".matrix", w.data.astype(np.float64).T)}
+        lout = self.layout_id(Layout.vector(n, self.prog.params.slots))
+        lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
+        return self.linear(lin, x)
+
+    def lower_GlobalAveragePool(self, node: Node) -> Tensor:
+        x = node.inputs[0]
+        t = self.tensor(x)
+        lay = self.layout(t)
+        C, H, W = chw(x.type.shape)
+        if lay.channel_straddles or lay.hs == 0 and H > 1:
+            raise LoweringError(f"{self._where()}: GlobalAveragePool on layout {lay.describe()} is not supported")
+        cts = list(t.cts)
+        rots = 0
+        for count, stride in ((W, lay.ws), (H, lay.hs)):
+            if count > 1:
+                cts = [self._sum_window(c, count, stride) for c in cts]
+                rots += _sum_rotations(count) * len(cts)
+        out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "sum", lay.gap, (0, 0), lay.per_fp)
+        lid = self.layout_id(out)
+        self.layers.append(LayerStat(node.outputs[0].name, node.op, lay.describe(), out.describe(), rots, 0, 0,
+                                     t.level, t.level))
+        return Tensor(cts, lid, t.level, t.scale, t.alpha / (H * W), None, True)
+
+    def _sum_window(self, ct: int, count: int, stride: int) -> int:
+        """Slot k gets sum_{i<count} x[k + i*stride] (rotate-and-sum, ~2 log2 count rotations)."""
+        if count == 1:
+            return ct
+        half = 1 << (count.bit_length() - 1)
+        if half == count:
+            acc = ct
+            n = 1
+            while n < count:
+                acc = self.add(acc, self.rotate(acc, n * stride))
+                n *= 2
+            return acc
+        head = self._sum_window(ct, half, stride)
+        tail = self._sum_window(self.rotate(ct, half * stride), count - half, stride)
+        return self.add(head, tail)
+
+    def _reinterpret(self, node: Node) -> Tensor:
+        x = node.inputs[0]
+        t = self.tensor(x)
+        lay = self.layout(t)
+        new_shape = chw(node.output.type.shape)
+        if new_shape == lay.shape:
+            return t
+        if new_shape[1:] == (1, 1):
+            pos = tuple(int(p) for p in lay.positions)
+            out = Layout(new_shape, lay.slots, lay.n_ct, pos, 0, 0, "flat", 1, (0, 0), 1)
+            return replace(t, layout=self.layout_id(out), emission=t.emission)
+        raise LoweringError(f"{self._where()}: reshape from {lay.shape} to {new_shape} is not supported yet")
+
+    lower_Flatten = _reinterpret
+    lower_Reshape = _reinterpret
+
+    def lower_Identity(self, node: Node) -> Tensor:
+        return self.tensor(node.inputs[0])
+
+    lower_Dropout = lower_Identity
+
+    def lower_Add(self, node: Node, negate_b: bool = False) -> Tensor:
+        co = self._const_operand(node)
+        if co is not None:
+            xv, cv = co
+            t = self.tensor(xv)
+            k = cv.data.astype(np.float64)
+            sign = 1.0
+            if negate_b and node.inputs[0] is cv:  # c - x
+                sign = -1.0
+                t = replace(t, alpha=-t.alpha, emission=None)
+            elif negate_b:
+                k = -k
+            name = self._channel_const(k, xv, node, scale=1.0 / t.alpha)
+            cts = [self._fill_add(c, name, t.layout, j, t.scale) for j, c in enumerate(t.cts)]
+            return Tensor(cts, t.layout, t.level, t.scale, t.alpha, None, t.dirty)
+        a, b = node.inputs
+        if a is b:
+            if negate_b:
+                raise LoweringError(f"{self._where()}: x - x is identically zero")
+            t = self.tensor(a)
+            return replace(t, alpha=2.0 * t.alpha, emission=None)
+        ta, tb = self.align(a, b)
+        op = "sub" if negate_b else "add"
+        cts = [self._emit(op, (x, y)) for x, y in zip(ta.cts, tb.cts)]
+        return Tensor(cts, ta.layout, ta.level, ta.scale, ta.alpha, None, ta.dirty or tb.dirty)
+
+    def lower_Sub(self, node: Node) -> Tensor:
+        return self.lower_Add(node, negate_b=True)
+
+    def _channel_const(self, k: np.ndarray, xv: Value, node: Node, scale: float = 1.0):
+        """A constant operand as a fill value: a float, or a per-channel weight name."""
+        C, H, W = chw(xv.type.shape)
+        k = np.broadcast_to(k, xv.type.shape).reshape(C, H * W)
+        if np.all(k == k.reshape(-1)[0]):
+            return float(k.reshape(-1)[0] * scale)
+        if np.all(k == k[:, :1]):
+            return self.add_weight(node.output.name + ".const", k[:, 0] * scale)
+        return self.add_weight(node.output.name + ".const", k.reshape(-1) * scale)
+
+    def lower_Mul(self, node: Node) -> Tensor:
+        co = self._const_operand(node)
+        if co is not None:
+            xv, cv = co
+            t = self.tensor(xv)
+            k = cv.data.astype(np.float64)
+            if k.size == 1:
+                if float(k.reshape(-1)[0]) == 0.0:
+                    raise LoweringError(f"{self._where()}: multiplication by zero (result does not depend "
+                                        f"on the input)")
+                return replace(t, alpha=t.alpha * float(k.reshape(-1)[0]))
+            t = self.need(xv, 1)
+            name = self._channel_const(k, xv, node)
+            q = self.prog.primes[t.level]
+            cts = []
+            for j, c in enumerate(t.cts):
+                m = self._emit("mul_plain", (c,), plain=PlainRef("fill", (t.layout, j, name), q))
+                cts.append(self._emit("rescale", (m,), scale=t.scale))
+            return Tensor(cts, t.layout, t.level - 1, t.scale, t.alpha, None, t.dirty)
+        a, b = node.inputs
+        if a is b:
+            return self.poly(a, [0.0, 0.0, 1.0])
+        ta, tb = self.need(a, 1), self.need(b, 1)
+        if ta.layout != tb.layout:
+            raise LoweringError(f"{self._where()}: operands have different layouts")
+        lv = min(ta.level, tb.level)
+        ta, tb = self.to_level(ta, lv), self.to_level(tb, lv)
+        cts = []
+        for x, y in zip(ta.cts, tb.cts):
+            cts.append(self._emit("rescale", (self._emit("mul", (x, y)),)))
+        lvl, sc = self.meta[cts[0]]
+        return Tensor(cts, ta.layout, lvl, sc, ta.alpha * tb.alpha, None, ta.dirty or tb.dirty)
+
+    def lower_Div(self, node: Node) -> Tensor:
+        x, c = node.inputs
+        if not c.is_constant or c.data.size != 1 or x.is_constant:
+            raise LoweringError(f"{self._where()}: only division by a scalar constant is supported")
+        k = float(c.data.reshape(-1)[0])
+        if k == 0:
+            raise LoweringError(f"{self._where()}: division by zero")
+        t = self.tensor(x)
+        return replace(t, alpha=t.alpha / k)
+
+    def lower_Poly(self, node: Node) -> Tensor:
+        return self.poly(node.inputs[0], node.attrs["coeffs"])
+
+    def lower_Pow(self, node: Node) -> Tensor:
+        x, e = node.inputs
+        if not e.is_constant or e.data.size != 1 or float(e.data.reshape(-1)[0]) != int(e.data.reshape(-1)[0]) \
+                or not 1 <= int(e.data.reshape(-1)[0]) <= 64:
+            raise LoweringError(f"{self._where()}: only integer powers 1..64 by a constant are supported")
+        k = int(e.data.reshape(-1)[0])
+        return self.poly(x, [0.0] * k + [1.0])
+
+
+def _poly_depth(deg: int) -> int:
+    return 1 if deg <= 2 else max(1, (deg - 1).bit_length()) + 1
+
+
+def _sum_rotations(count: int) -> int:
+    if count <= 1:
+        return 0
+    half = 1 << (count.bit_length() - 1)
+    if half == count:
+        return count.bit_length() - 1
+    return _sum_rotations(half) + 1 + _sum_rotations(count - half)
+
+
+_NOT_HE = {
+    "Relu": "ReLU is not a polynomial: replace it by a polynomial approximation (a relu-to-poly pass arrives "
+            "with calibration support) or train the model with a polynomial activation",
+    "Clip": "Clip/ReLU6 is not a polynomial: replace it by a polynomial approximation",
+    "MaxPool": "MaxPool is not linear: replace it by AveragePool (approximating) or a polynomial max",
+}
+
+
+def _unsupported(node: Node) -> str:
+    why = _NOT_HE.get(node.op, "this op has no HE lowering yet")
+    return f"node {node.label}: cannot run {node.op} under encryption: {why}"
+
+
+def lower(graph: Graph, params: Params, primes, options: LoweringOptions | None = None) -> tuple[HEProgram, Lowering]:
+    low = Lowering(graph, params, primes, options)
+    return low.run(), low
