@@ -13,19 +13,24 @@ from typing import Sequence
 from . import __version__
 from .errors import HecError
 
-_EMIT_BY_EXT = {".ir": "ir", ".txt": "ir", ".dot": "dot", ".gv": "dot", ".onnx": "onnx"}
+_EMIT_BY_EXT = {".hec": "hec", ".ir": "ir", ".txt": "ir", ".dot": "dot", ".gv": "dot", ".onnx": "onnx"}
 
 _DESCRIPTION = """\
 Compile an ONNX CNN for CKKS homomorphic encryption.
 
+  hecompile MODEL.onnx -o OUT.hec      compile to an HE program (+ cost report)
+  hecompile run OUT.hec --input X.npy  encrypt, run, decrypt (--backend sim|seal)
+  hecompile inspect OUT.hec            what is in a compiled program
   hecompile MODEL.onnx -o OUT.ir       import, canonicalise, write textual IR
   hecompile MODEL.onnx -o OUT.dot      ... write a DOT picture of the graph
   hecompile MODEL.onnx -o OUT.onnx     ... write the rewritten graph as ONNX
   hecompile passes                     list the available rewrite passes
+  hecompile keygen|encrypt|eval|refresh|decrypt ...
+                                       client and server steps as separate commands
 
 The output kind follows the extension of -o (or --emit).  Without -o, text
-output (ir, dot) goes to standard output.  A pass report goes to standard
-error.  A failed run exits non-zero and writes no output file.
+output (ir, dot) goes to standard output.  Reports go to standard error.
+A failed run exits non-zero and writes no output file.
 """
 
 
@@ -73,8 +78,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hecompile", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the ONNX model to compile")
-    p.add_argument("-o", "--output", help="output file (kind from its extension: .ir .dot .onnx)")
-    p.add_argument("--emit", choices=["ir", "dot", "onnx"], help="output kind (overrides the extension)")
+    p.add_argument("-o", "--output", help="output file (kind from its extension: .hec .ir .dot .onnx)")
+    p.add_argument("--emit", choices=["hec", "ir", "dot", "onnx"], help="output kind (overrides the extension)")
     p.add_argument("--passes", default=None, metavar="SPEC",
                    help="pipeline to run instead of the default, e.g. 'fold-bn,dce' or 'my-pass{k=1}'; "
                         "'' runs none. See 'hecompile passes'.")
@@ -85,7 +90,23 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="fix the shape of an input whose dimensions are symbolic (batch defaults to 1)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE (dotted name or .py file) first, to register your own passes")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not print the pass report")
+    g = p.add_argument_group("HE compilation (.hec output)")
+    g.add_argument("--ring", default="8192,16384,32768", metavar="N[,N...]",
+                   help="ring degrees the planner may choose from (default: %(default)s)")
+    g.add_argument("--levels", type=int, default=None, metavar="L",
+                   help="data levels (primes) in the modulus chain (default: planner tries several)")
+    g.add_argument("--scale-bits", type=int, default=None, metavar="B", help="bits of the CKKS scale / data primes")
+    g.add_argument("--max-memory", default="8G", metavar="SIZE",
+                   help="memory budget for running the program, e.g. 4G or 512M (default: %(default)s)")
+    g.add_argument("--max-refreshes", type=int, default=None, metavar="N",
+                   help="refuse plans with more client-aided refreshes than N (0: non-interactive)")
+    g.add_argument("--refresh-rtt-ms", type=float, default=20.0, metavar="MS",
+                   help="client round trip assumed for one refresh, in the cost model (default: %(default)s)")
+    g.add_argument("--security", choices=["128", "none"], default="128",
+                   help="'none' lifts the 128-bit limit on the modulus (INSECURE; the report says so)")
+    g.add_argument("--sample", metavar="X.npy", help="input for the fidelity check (default: seeded N(0,1))")
+    g.add_argument("--no-check", action="store_true", help="skip the simulator fidelity check")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the reports")
     p.add_argument("--version", action="version", version=f"hecompile {__version__}")
     return p
 
@@ -115,6 +136,8 @@ def cmd_compile(argv: Sequence[str]) -> int:
         raise HecError("--emit onnx needs -o FILE.onnx")
     _check_output_dir(args.output)
 
+    if emit == "hec":
+        return _compile_hec(args)
     graph = load_onnx(args.model, dict(args.input_shape))
     spec = DEFAULT_PIPELINE if args.passes is None else args.passes
     pm = PassManager(spec, dump_after=args.dump_after, dump_dir=args.dump_dir if args.dump_after else None)
@@ -133,6 +156,300 @@ def cmd_compile(argv: Sequence[str]) -> int:
             sys.stdout.write(text)
     if args.output and not args.quiet:
         sys.stderr.write(f"wrote {args.output}\n")
+    return 0
+
+
+def _size_arg(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().rstrip("IB")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise HecError(f"--max-memory {text!r}: give a size like 4G, 512M or a byte count") from None
+
+
+def _compile_hec(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .compiler import CompileOptions, compile_model
+    from .costmodel import CostModel, RefreshCost
+    from .hecfile import save_hec
+    from .passmanager import DEFAULT_PIPELINE
+    from .planner import PlanOptions
+
+    if not args.output:
+        raise HecError("compiling to .hec needs -o FILE.hec")
+    try:
+        rings = tuple(int(r) for r in args.ring.split(","))
+    except ValueError:
+        raise HecError(f"--ring {args.ring!r}: give ring degrees like 8192,16384") from None
+    sample = None
+    if args.sample:
+        sample = _load_npy(args.sample, "--sample")
+    popts = PlanOptions(ring_degrees=rings, security="tc128" if args.security == "128" else "none",
+                        max_memory_bytes=_size_arg(args.max_memory), max_refreshes=args.max_refreshes,
+                        scale_bits=args.scale_bits, levels=args.levels)
+    opts = CompileOptions(passes=DEFAULT_PIPELINE if args.passes is None else args.passes, plan=popts,
+                          input_shapes=dict(args.input_shape), dump_after=args.dump_after,
+                          dump_dir=args.dump_dir if args.dump_after else None, check=not args.no_check,
+                          sample=sample)
+    cost = CostModel(refresh=RefreshCost(round_trip_s=args.refresh_rtt_ms / 1000.0))
+    bar = tqdm(desc="planning", unit=" candidates", disable=args.quiet or not sys.stderr.isatty(), leave=False)
+    try:
+        result = compile_model(args.model, opts, cost, progress=lambda c: bar.update(1))
+    finally:
+        bar.close()
+    save_hec(args.output, result.prog, result.metadata)
+    if not args.quiet:
+        sys.stderr.write(result.pipeline.format())
+        sys.stderr.write(result.report_text)
+        sys.stderr.write(f"wrote {args.output}\n")
+    return 0
+
+
+def _load_npy(path: str, what: str):
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise HecError(f"{what} {path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise HecError(f"{what} {path}: not a readable .npy array ({type(e).__name__})") from None
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .fileio import atomic_write_bytes
+    from .hecfile import load_hec
+
+    p = argparse.ArgumentParser(prog="hecompile run",
+                                description="Encrypt an input, run a compiled program on it, decrypt, and "
+                                            "optionally compare with the original model.")
+    p.add_argument("program", help="the compiled .hec file")
+    p.add_argument("--input", required=True, metavar="X.npy", help="the input tensor (shape as the model's input)")
+    p.add_argument("--backend", choices=["sim", "seal"], default="seal",
+                   help="seal: real encryption (default); sim: the slot simulator")
+    p.add_argument("--reference", metavar="MODEL.onnx", help="compare with this model in onnxruntime")
+    p.add_argument("-o", "--output", metavar="Y.npy", help="write the decrypted output")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    _check_output_dir(args.output)
+    prog, meta = load_hec(args.program)
+    x = _load_npy(args.input, "--input")
+    if len(prog.inputs) != 1:
+        raise HecError(f"{args.program}: the program has {len(prog.inputs)} inputs; use the Python API")
+    io = prog.inputs[0]
+    if tuple(x.shape) != tuple(io.shape):
+        raise HecError(f"--input {args.input}: shape {list(x.shape)} but the program's input {io.name!r} is "
+                       f"{list(io.shape)}")
+    n = len(prog.instrs)
+    bar = tqdm(total=n, desc=f"{args.backend}", unit=" ops", disable=args.quiet or not sys.stderr.isatty(),
+               leave=False)
+    try:
+        if args.backend == "sim":
+            from .backends.sim import Simulator
+
+            outs, stats = Simulator(prog).run({io.name: x}, progress=bar.update)
+            summary = (f"simulated {n} instructions in {stats.wall_seconds:.2f} s; predicted SEAL time "
+                       f"{stats.predicted_seconds:.2f} s; {stats.op_counts}")
+        else:
+            from .backends.seal import run_encrypted
+
+            outs, stats = run_encrypted(prog, {io.name: x}, progress=bar.update)
+            summary = _seal_summary(stats)
+    finally:
+        bar.close()
+    name = prog.outputs[0].name
+    y = outs[name]
+    if not args.quiet:
+        sys.stderr.write(summary + "\n")
+    if args.reference:
+        ref = _reference(args.reference, x)
+        rng = float(np.ptp(ref)) or 1.0
+        err = float(np.abs(y - ref).max())
+        agree = bool(np.argmax(y) == np.argmax(ref))
+        print(f"max abs error vs {os.path.basename(args.reference)}: {err:.3e} ({err / rng:.2e} of the output "
+              f"range); argmax {'agrees' if agree else 'DIFFERS'} ({int(np.argmax(y))} vs {int(np.argmax(ref))})")
+    if args.output:
+        import io as _io
+
+        buf = _io.BytesIO()
+        np.save(buf, y)
+        atomic_write_bytes(args.output, buf.getvalue())
+    else:
+        print(np.array2string(np.asarray(y), precision=5, max_line_width=120))
+    return 0
+
+
+def _seal_summary(stats) -> str:
+    return "SEAL run (real encryption):\n" + stats.format()
+
+
+def _reference(path: str, x):
+    import onnxruntime as ort
+
+    if not os.path.exists(path):
+        raise HecError(f"--reference {path}: no such file")
+    try:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise HecError(f"--reference {path}: onnxruntime cannot load it: {str(e)[:200]}") from None
+    inp = sess.get_inputs()[0]
+    return sess.run(None, {inp.name: x.astype("float32")})[0]
+
+
+def cmd_inspect(argv: Sequence[str]) -> int:
+    from .hecfile import inspect_hec, load_hec
+    from .heprog import print_program
+
+    p = argparse.ArgumentParser(prog="hecompile inspect", description="Describe a compiled .hec program.")
+    p.add_argument("program")
+    p.add_argument("--program-text", action="store_true", help="print the whole HE program as text")
+    args = p.parse_args(argv)
+    if args.program_text:
+        prog, _ = load_hec(args.program)
+        sys.stdout.write(print_program(prog))
+    else:
+        sys.stdout.write(inspect_hec(args.program))
+    return 0
+
+
+# --------------------------------------------------------------------------- client / server steps
+
+_STEPS_HELP = """\
+Run the client and the server as separate commands (files in between):
+
+  hecompile keygen  M.hec --client-dir client --server-dir server     (client)
+  hecompile encrypt M.hec --keys client --input x.npy -o x.bundle      (client)
+  hecompile eval    M.hec --keys server --input x.bundle --state st.bundle -o y.bundle   (server)
+      if the program refreshes, eval stops and writes a request:
+  hecompile refresh M.hec --keys client --request st.bundle.request -o st.bundle.response  (client)
+  hecompile eval    M.hec --keys server --state st.bundle --response st.bundle.response -o y.bundle
+      ... repeat until eval writes y.bundle
+  hecompile decrypt M.hec --keys client --ciphertext y.bundle -o y.npy  (client)
+
+The server directory never holds the secret key.
+"""
+
+
+def _step_parser(name: str, desc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"hecompile {name}", description=desc + "\n\n" + _STEPS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("program", help="the compiled .hec file")
+    return p
+
+
+def cmd_keygen(argv: Sequence[str]) -> int:
+    from .backends.seal import client_keygen
+    from .hecfile import load_hec
+
+    p = _step_parser("keygen", "Generate keys: secret+public for the client, evaluation keys for the server.")
+    p.add_argument("--client-dir", required=True)
+    p.add_argument("--server-dir", required=True)
+    args = p.parse_args(argv)
+    prog, _ = load_hec(args.program)
+    for d in (args.client_dir, args.server_dir):
+        os.makedirs(d, exist_ok=True)
+    client_keygen(prog, args.client_dir, args.server_dir)
+    print(f"keys: {args.client_dir} (secret, keep it), {args.server_dir} (evaluation keys, "
+          f"{len(prog.galois_steps)} rotation steps)")
+    return 0
+
+
+def cmd_encrypt(argv: Sequence[str]) -> int:
+    from .backends.seal import client_encrypt
+    from .hecfile import load_hec
+
+    p = _step_parser("encrypt", "Encrypt an input with the client's keys.")
+    p.add_argument("--keys", required=True, help="the client key directory")
+    p.add_argument("--input", required=True, metavar="X.npy")
+    p.add_argument("-o", "--output", required=True, metavar="X.bundle")
+    args = p.parse_args(argv)
+    _check_output_dir(args.output)
+    prog, _ = load_hec(args.program)
+    x = _load_npy(args.input, "--input")
+    io = prog.inputs[0]
+    if tuple(x.shape) != tuple(io.shape):
+        raise HecError(f"--input {args.input}: shape {list(x.shape)} but the program's input is {list(io.shape)}")
+    client_encrypt(prog, args.keys, {io.name: x}).save(args.output)
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from .backends.seal import server_start, server_step
+    from .hecfile import load_hec
+
+    p = _step_parser("eval", "Server: evaluate the program on encrypted inputs (stops at each refresh).")
+    p.add_argument("--keys", required=True, help="the server key directory (no secret key)")
+    p.add_argument("--state", required=True, metavar="ST.bundle", help="server state file (written, then resumed)")
+    p.add_argument("--input", metavar="X.bundle", help="encrypted inputs (first call)")
+    p.add_argument("--response", metavar="R.bundle", help="the client's refresh response (later calls)")
+    p.add_argument("--request", metavar="Q.bundle", help="where to write a refresh request (default: STATE.request)")
+    p.add_argument("-o", "--output", required=True, metavar="Y.bundle", help="encrypted outputs, when done")
+    args = p.parse_args(argv)
+    if bool(args.input) == bool(args.response):
+        raise HecError("give --input for the first call, or --response to resume after a refresh")
+    _check_output_dir(args.output)
+    prog, _ = load_hec(args.program)
+    state = server_start(prog, args.keys, args.input) if args.input else args.state
+    st, req, outs = server_step(prog, args.keys, state, args.response)
+    st.save(args.state)
+    if req is not None:
+        path = args.request or args.state + ".request"
+        req.save(path)
+        print(f"refresh needed: hecompile refresh {args.program} --keys CLIENT --request {path} -o "
+              f"{args.state}.response, then hecompile eval ... --response {args.state}.response")
+        return 0
+    outs.save(args.output)
+    print(f"done: encrypted outputs in {args.output}")
+    return 0
+
+
+def cmd_refresh(argv: Sequence[str]) -> int:
+    from .backends.seal import client_refresh
+    from .hecfile import load_hec
+
+    p = _step_parser("refresh", "Client: answer a refresh request (decrypt and re-encrypt masked ciphertexts).")
+    p.add_argument("--keys", required=True, help="the client key directory")
+    p.add_argument("--request", required=True)
+    p.add_argument("-o", "--output", required=True)
+    args = p.parse_args(argv)
+    _check_output_dir(args.output)
+    prog, _ = load_hec(args.program)
+    client_refresh(prog, args.keys, args.request).save(args.output)
+    return 0
+
+
+def cmd_decrypt(argv: Sequence[str]) -> int:
+    import io as _io
+
+    import numpy as np
+
+    from .backends.seal import client_decrypt
+    from .fileio import atomic_write_bytes
+    from .hecfile import load_hec
+
+    p = _step_parser("decrypt", "Client: decrypt the encrypted outputs.")
+    p.add_argument("--keys", required=True, help="the client key directory")
+    p.add_argument("--ciphertext", required=True, metavar="Y.bundle")
+    p.add_argument("-o", "--output", metavar="Y.npy")
+    args = p.parse_args(argv)
+    _check_output_dir(args.output)
+    prog, _ = load_hec(args.program)
+    outs = client_decrypt(prog, args.keys, args.ciphertext)
+    y = outs[prog.outputs[0].name]
+    if args.output:
+        buf = _io.BytesIO()
+        np.save(buf, y)
+        atomic_write_bytes(args.output, buf.getvalue())
+    else:
+        print(np.array2string(np.asarray(y), precision=5, max_line_width=120))
     return 0
 
 
@@ -155,7 +472,8 @@ def cmd_passes(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"passes": cmd_passes}
+COMMANDS = {"passes": cmd_passes, "run": cmd_run, "inspect": cmd_inspect, "keygen": cmd_keygen,
+            "encrypt": cmd_encrypt, "eval": cmd_eval, "refresh": cmd_refresh, "decrypt": cmd_decrypt}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

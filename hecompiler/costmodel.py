@@ -29,7 +29,7 @@ class RefreshCost:
     the masked ciphertext goes to the client and a fresh one comes back."""
 
     bandwidth_bytes_per_s: float = 125e6  # 1 Gbit/s
-    round_trip_s: float = 0.0005
+    round_trip_s: float = 0.020  # a client on another network, not the same rack
 
 
 class CostModel:
@@ -58,8 +58,13 @@ class CostModel:
         ys = np.array([t for _, t in pts], float)
         if xs.min() <= primes <= xs.max():
             return float(np.interp(primes, xs, ys))
-        fit = ring["fits"][name]["quadratic"]
-        return float(max(ys.min(), fit[0] + fit[1] * primes + fit[2] * primes * primes))
+        fits = ring.get("fits", {}).get(name, {})
+        if "quadratic" in fits and len(xs) >= 3:
+            f = fits["quadratic"]
+            return float(max(ys.min(), f[0] + f[1] * primes + f[2] * primes * primes))
+        # too few points for a fit: scale the nearest measurement by the prime count
+        k = int(np.argmin(np.abs(xs - primes)))
+        return float(ys[k] * primes / xs[k])
 
     def refresh_seconds(self, n: int, primes_top: int) -> float:
         """Server masks (add_plain), client decrypts and re-encrypts, server
@@ -68,7 +73,7 @@ class CostModel:
                    + self.op_seconds("encode", n, primes_top) + self.op_seconds("encrypt", n, primes_top)
                    + self.op_seconds("add_plain", n, primes_top))
         transfer = (ct_bytes(n, 1) + ct_bytes(n, primes_top)) / self.refresh.bandwidth_bytes_per_s
-        return compute + transfer + self.refresh.round_trip_s
+        return compute + transfer  # the round trip is paid once per batch: see program_cost
 
     def encode_seconds(self, n: int, primes: int) -> float:
         return self.op_seconds("encode", n, primes)
@@ -96,3 +101,71 @@ def _default_table() -> dict:
         raise HecError("cost table hecompiler/data/cost_seal.json is missing; "
                        "run benchmarks/measure_seal_costs.py") from None
     return json.loads(text)
+
+
+@dataclass
+class ProgramCost:
+    """Predicted latency and memory of running a program with SEAL."""
+
+    seconds: float
+    by_op: dict[str, float]
+    encode_seconds: float
+    op_counts: dict[str, int]
+    galois_keys: int
+    key_bytes: int
+    peak_live_ciphertexts: int
+    peak_ciphertext_bytes: int
+    plaintext_bytes: int  # one linear op's diagonals (float64) plus one encoded plaintext
+    memory_bytes: int  # predicted peak: keys + ciphertexts + plaintexts + baseline
+    refreshes: int
+
+
+#: resident memory of the Python process with numpy, onnx, SEAL loaded
+BASELINE_BYTES = 400 * 2**20
+
+
+def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
+    """Static prediction for ``prog`` (an HEProgram): no execution needed."""
+    model = model or CostModel()
+    p = prog.params
+    n = p.poly_degree
+    by_op: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    enc = 0.0
+    top_primes = p.top_level + 1
+    for ins in prog.instrs:
+        # primes of the operand: a rescale or mod-switch drops at least one
+        primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
+        c = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
+        by_op[ins.op] = by_op.get(ins.op, 0.0) + c
+        counts[ins.op] = counts.get(ins.op, 0) + 1
+        if ins.plain is not None:
+            enc += model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
+    # liveness: peak live ciphertexts and their bytes
+    last = prog.last_uses()
+    live: dict[int, int] = {v: top_primes for io in prog.inputs for v in io.values}
+    cur = sum(ct_bytes(n, k) for k in live.values())
+    peak_n, peak_b = len(live), cur
+    for k, ins in enumerate(prog.instrs):
+        live[ins.out] = ins.level + 1
+        cur += ct_bytes(n, ins.level + 1)
+        peak_n, peak_b = max(peak_n, len(live)), max(peak_b, cur)
+        for a in set(ins.args):
+            if last.get(a, -1) <= k and a in live:
+                cur -= ct_bytes(n, live.pop(a))
+    # plaintext working set: the largest linear op's diagonal cache
+    diag_counts: dict[int, int] = {}
+    for ins in prog.instrs:
+        if ins.plain is not None and ins.plain.kind == "diag":
+            diag_counts[ins.plain.args[0]] = diag_counts.get(ins.plain.args[0], 0) + 1
+    pt = max(diag_counts.values(), default=0) * p.slots * 8 + pt_bytes(n, top_primes)
+    n_keys = len(prog.galois_steps)
+    kb = (n_keys + (1 if prog.needs_relin else 0)) * switching_key_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
+    # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
+    batches = sum(1 for k, ins in enumerate(prog.instrs)
+                  if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
+    if batches:
+        by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
+    seconds = sum(by_op.values()) + enc
+    return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
+                       peak_n, peak_b, pt, kb + peak_b + pt + BASELINE_BYTES, counts.get("refresh", 0))

@@ -105,6 +105,10 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray]) -> sp.csr_matri
         m = np.asarray(weights[lin.params["weight"]], np.float64)
         r, c = np.nonzero(m)
         rows, cols, vals = r, c, m[r, c]
+    elif lin.kind == "gap":
+        C, H, W = lin.in_shape
+        cols = np.arange(C * H * W)
+        rows, vals = cols // (H * W), np.full(cols.size, 1.0 / (H * W))
     elif lin.kind == "identity":
         idx = np.arange(in_size)
         rows, cols, vals = idx, idx, np.ones(in_size)
@@ -135,17 +139,30 @@ def bias_vector(lin: LinearOp, weights: dict[str, np.ndarray]) -> np.ndarray | N
 # --------------------------------------------------------------------------- diagonals
 
 def _structured_ok(lin: LinearOp, lin_in: Layout, lout: Layout) -> bool:
-    if lin.kind not in ("conv", "pool", "affine") or lin.in_shape[1:] != (1, 1) and lin_in.hs == 0:
+    """Whether a conv/pool/affine op's diagonals are independent of (h, w):
+    the output grid must be the input grid times the stride."""
+    if lin.kind not in ("conv", "pool", "affine"):
+        return False
+    if lin_in.hs == 0 and lin.in_shape[1] > 1 or lin_in.ws == 0 and lin.in_shape[2] > 1:
         return False
     s0, s1 = lin.params.get("strides", (1, 1))
-    if lin_in.channel_straddles or lout.channel_straddles:
-        return False
     _, OH, OW = lin.out_shape
     return (OH == 1 or lout.hs == s0 * lin_in.hs) and (OW == 1 or lout.ws == s1 * lin_in.ws)
 
 
+def _valid_range(n_out: int, stride: int, off: int, n_in: int) -> tuple[int, int]:
+    """Output indices o with 0 <= o*stride + off < n_in, as [lo, hi] (empty: lo > hi)."""
+    lo = max(0, -(off // stride) if off < 0 else 0)
+    while lo < n_out and lo * stride + off < 0:
+        lo += 1
+    hi = min(n_out - 1, (n_in - 1 - off) // stride) if n_in - 1 - off >= 0 else -1
+    return lo, hi
+
+
 def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
-    """Diagonal keys of a conv/pool/affine op from (co, ci, tap) only."""
+    """Diagonal keys of a conv/pool/affine op from (co, ci, tap), never
+    enumerating spatial positions except rows that cross a ciphertext
+    boundary (only when a channel footprint spans ciphertexts)."""
     S = lin_in.slots
     C, H, W = lin.in_shape
     M, OH, OW = lin.out_shape
@@ -160,28 +177,68 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
         w = np.asarray(weights[p["weight"]], np.float64)
         group, s, pads, dil = p.get("group", 1), p["strides"], p["pads"], p.get("dilations", (1, 1))
     _, cg, kh, kw = w.shape
-    # taps that are valid for at least one output position
-    th = [k for k in range(kh) if any(0 <= o * s[0] + k * dil[0] - pads[0] < H for o in range(OH))]
-    tw = [k for k in range(kw) if any(0 <= o * s[1] + k * dil[1] - pads[1] < W for o in range(OW))]
     pos_in = np.asarray(lin_in.pos, np.int64)
     pos_out = np.asarray(lout.pos, np.int64)
     co = np.arange(M)
     ci = (co[:, None] // (M // group)) * cg + np.arange(cg)[None, :]  # [M, cg]
-    keys: dict[tuple[int, int], set] = {}
-    for a in th:
-        for b in tw:
-            nz = w[:, :, a, b] != 0  # [M, cg]
+    straddle = lin_in.channel_straddles or lout.channel_straddles
+    hs_o = lout.hs if OH > 1 else 0
+    ws_o = lout.ws if OW > 1 else 0
+    NI = lin_in.n_ct + 1
+    found: list[np.ndarray] = []  # keys (j * NI + i) * S + d
+
+    def enc(j, i, d):
+        return np.unique((np.asarray(j, np.int64) * NI + np.asarray(i, np.int64)) * S + np.asarray(d, np.int64))
+
+    for a in range(kh):
+        oh_lo, oh_hi = _valid_range(OH, s[0], a * dil[0] - pads[0], H)
+        if oh_lo > oh_hi:
+            continue
+        for b in range(kw):
+            ow_lo, ow_hi = _valid_range(OW, s[1], b * dil[1] - pads[1], W)
+            if ow_lo > ow_hi:
+                continue
+            nz = w[:, :, a, b] != 0
             if not nz.any():
                 continue
             off = (a * dil[0] - pads[0]) * lin_in.hs + (b * dil[1] - pads[1]) * lin_in.ws
-            pi = pos_in[ci] + off  # virtual position of the (oh=0, ow=0) input
-            po = pos_out[co][:, None]
-            d = (pi - po) % S
-            j = np.broadcast_to(po // S, pi.shape)
-            i = pos_in[ci] // S
-            for jj, ii, dd in zip(j[nz], i[nz], d[nz]):
-                keys.setdefault((int(jj), int(ii)), set()).add(int(dd))
-    return {k: np.array(sorted(v), np.int64) for k, v in sorted(keys.items())}
+            cc, kk = np.nonzero(nz)
+            po = pos_out[cc]
+            delta = pos_in[ci[cc, kk]] + off - po  # P_in - P_out, the same for every valid position
+            if not straddle:
+                found.append(enc(po // S, pos_in[ci[cc, kk]] // S, delta % S))
+                continue
+            rows = np.arange(oh_lo, oh_hi + 1)
+            ps = po[:, None] + rows[None, :] * hs_o + ow_lo * ws_o  # [pairs, rows] first valid position
+            pe = ps + (ow_hi - ow_lo) * ws_o
+            dl = delta[:, None]
+            simple = (ps // S == pe // S) & ((ps + dl) // S == (pe + dl) // S)
+            pi, ri = np.nonzero(simple)
+            found.append(enc(ps[pi, ri] // S, (ps[pi, ri] + delta[pi]) // S, delta[pi] % S))
+            pi, ri = np.nonzero(~simple)
+            if len(pi) == 0:
+                continue
+            if (ow_hi - ow_lo) * ws_o >= S:  # a row longer than a ciphertext: enumerate its points
+                for p_, r_ in zip(pi, ri):
+                    pts = ps[p_, r_] + np.arange(ow_hi - ow_lo + 1) * ws_o
+                    js, is_ = pts // S, (pts + delta[p_]) // S
+                    found.append(enc(js, is_, np.full(js.shape, delta[p_] % S)))
+                continue
+            # a row shorter than a ciphertext crosses at most one output and one input boundary:
+            # its (out ct, in ct) pairs are the first, the last, and the one between the crossings
+            a0, dd = ps[pi, ri], delta[pi]
+            a1 = pe[pi, ri]
+            js, je, is_, ie = a0 // S, a1 // S, (a0 + dd) // S, (a1 + dd) // S
+            big = np.iinfo(np.int64).max
+            tj = np.where(js != je, -((a0 - (js + 1) * S) // ws_o), big)  # first point index in the next out ct
+            ti = np.where(is_ != ie, -((a0 + dd - (is_ + 1) * S) // ws_o), big)
+            dm = dd % S
+            m1, m2 = tj < ti, ti < tj
+            found.append(enc(np.concatenate([js, je, je[m1], js[m2]]), np.concatenate([is_, ie, is_[m1], ie[m2]]),
+                             np.concatenate([dm, dm, dm[m1], dm[m2]])))
+    if not found:
+        return {}
+    return _decode_keys(np.unique(np.concatenate(found)), NI, S)
 
 
 def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout):
@@ -198,14 +255,20 @@ def diag_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tupl
         return _structured_keys(lin, weights, lin_in, lout)
     j, i, d, _, _ = _slot_entries(lin, weights, lin_in, lout)
     S = lin_in.slots
-    key = (j * (lin_in.n_ct + 1) + i) * S + d
-    uk = np.unique(key)
-    out: dict[tuple[int, int], list] = {}
-    for k in uk:
-        blk, dd = divmod(int(k), S)
-        jj, ii = divmod(blk, lin_in.n_ct + 1)
-        out.setdefault((jj, ii), []).append(dd)
-    return {k: np.array(v, np.int64) for k, v in sorted(out.items())}
+    NI = lin_in.n_ct + 1
+    return _decode_keys(np.unique((j * NI + i) * S + d), NI, S)
+
+
+def _decode_keys(uk: np.ndarray, NI: int, S: int) -> dict[tuple[int, int], np.ndarray]:
+    """Sorted unique keys (j * NI + i) * S + d -> {(j, i): sorted array of d}."""
+    blk, d = np.divmod(uk, S)
+    cuts = np.flatnonzero(np.diff(blk)) + 1
+    out = {}
+    for seg_b, seg_d in zip(np.split(blk, cuts), np.split(d, cuts)):
+        if len(seg_b):
+            j, i = divmod(int(seg_b[0]), NI)
+            out[(j, i)] = seg_d.astype(np.int64)
+    return out
 
 
 def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int, int], np.ndarray]:

@@ -246,11 +246,12 @@ class Lowering:
         baby = {(i, b): self.rotate(x.cts[i], b) for i, bs in plan.baby.items() for b in bs}
         outs = []
         for j in range(lout.n_ct):
-            if j not in plan.giant:
-                raise LoweringError(f"{self._where()}: output ciphertext {j} of layout {lout.describe()} "
-                                    f"receives nothing")
             total = None
-            for g, terms in plan.giant[j].items():
+            if j not in plan.giant:
+                # every weight reaching this output ciphertext is zero (pruned channels, rows that
+                # see only padding): it holds zeros (plus the bias) at the planned level and scale
+                total = self._emit("mul_plain", (x.cts[0],), plain=PlainRef("scalar", (0.0,), s_pt))
+            for g, terms in plan.giant.get(j, {}).items():
                 acc = None
                 for (i, b, d) in terms:
                     ref = PlainRef("diag", (lid, j, i, d, -g % lin_in.slots), s_pt)
@@ -296,7 +297,20 @@ class Lowering:
 
     # ================================================================== alignment
     def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:
-        return t.emission is not None and len(v.uses) == 1 and v.uses[0][0] is user and v not in self.g.outputs
+        if t.emission is None:
+            return False
+        # the emission may come through scalar Mul/Div, Identity, Flatten...: every value from the
+        # linear op's output to ``v`` must feed only the next one, else replanning changes them too
+        cur, nxt = v, user
+        while True:
+            if cur in self.g.outputs or len(cur.uses) != 1 or cur.uses[0][0] is not nxt:
+                return False
+            p = cur.producer
+            src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None
+            st = self.t.get(id(src)) if src is not None else None
+            if st is None or st.emission is not t.emission:
+                return True
+            cur, nxt = src, p
 
     def align(self, va: Value, vb: Value) -> tuple[Tensor, Tensor]:
         """Bring two operands of an add to the same layout, alpha, level and scale."""
@@ -410,7 +424,15 @@ class Lowering:
         g = self.g
         params = self.prog.params
         for v in g.inputs:
-            shape = chw(v.type.shape)
+            for user, idx in v.uses:
+                if idx > 0 and user.op in _CONST_OPERANDS:
+                    raise LoweringError(f"node {user.label}: operand {idx} (%{v.name}) is a graph input, but "
+                                        f"{user.op} {_CONST_OPERANDS[user.op]} must be constants (only the "
+                                        f"data is encrypted); make it an initializer")
+            try:
+                shape = chw(v.type.shape)
+            except LoweringError as e:
+                raise LoweringError(f"input %{v.name}: {e}") from None
             lay = self.layout_id(Layout.compact(shape, params.slots))
             cts = [self.prog.new_value() for _ in range(self.prog.layouts[lay].n_ct)]
             for c in cts:
@@ -518,7 +540,10 @@ class Lowering:
         lay = self.layout(t)
         C, H, W = chw(x.type.shape)
         if lay.channel_straddles or lay.hs == 0 and H > 1:
-            raise LoweringError(f"{self._where()}: GlobalAveragePool on layout {lay.describe()} is not supported")
+            # rotations cannot sum across ciphertexts: a block-matrix average instead
+            out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "flat", lay.gap, (0, 0), lay.per_fp)
+            lin = LinearOp("gap", t.layout, self.layout_id(out), (C, H, W), (C, 1, 1), {}, note=node.output.name)
+            return self.linear(lin, x)
         cts = list(t.cts)
         rots = 0
         for count, stride in ((W, lay.ws), (H, lay.hs)):
@@ -630,8 +655,11 @@ class Lowering:
         if a is b:
             return self.poly(a, [0.0, 0.0, 1.0])
         ta, tb = self.need(a, 1), self.need(b, 1)
-        if ta.layout != tb.layout:
-            raise LoweringError(f"{self._where()}: operands have different layouts")
+        if ta.layout != tb.layout and \
+                self.layout(ta).positions.tolist() != self.layout(tb).positions.tolist():
+            raise LoweringError(f"{self._where()}: operands have different layouts "
+                                f"({self.layout(ta).describe()} vs {self.layout(tb).describe()}); "
+                                f"layout conversion is not implemented yet")
         lv = min(ta.level, tb.level)
         ta, tb = self.to_level(ta, lv), self.to_level(tb, lv)
         cts = []
@@ -674,6 +702,10 @@ def _sum_rotations(count: int) -> int:
         return count.bit_length() - 1
     return _sum_rotations(half) + 1 + _sum_rotations(count - half)
 
+
+#: ops whose operands after the first must be compile-time constants
+_CONST_OPERANDS = {"Conv": "weights and bias", "Gemm": "B and C", "MatMul": "weights",
+                   "BatchNormalization": "parameters", "Pow": "exponents", "Div": "divisors"}
 
 _NOT_HE = {
     "Relu": "ReLU is not a polynomial: replace it by a polynomial approximation (a relu-to-poly pass arrives "

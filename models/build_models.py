@@ -67,6 +67,7 @@ build_models.MODELS["tiny_resnet"]()`` returns an ``onnx.ModelProto``.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -849,7 +850,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = model.SerializeToString()
         _write_atomic(data, out / f"{n}.onnx")
         print(f"{n:<24} {len(data):>12} {len(model.graph.node):>6}")
+        # a sample input next to each model (N(0,1), fixed seed), for demos and benchmarks
+        buf = io.BytesIO()
+        np.save(buf, sample_input(model))
+        _write_atomic(buf.getvalue(), out / f"{n}.input.npy")
     return 0
+
+
+def sample_input(model: onnx.ModelProto, seed: int = 0) -> np.ndarray:
+    """A deterministic N(0,1) input of the model's input shape (symbolic dims -> 1)."""
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
 
 
 if __name__ == "__main__":

@@ -262,7 +262,8 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "tiny_resnet.onnx").stat().st_size < 50_000
     out = capsys.readouterr().out
     assert "tiny_resnet" in out and "diracnet" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["diracnet.onnx", "tiny_resnet.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diracnet.input.npy", "diracnet.onnx",
+                                                          "tiny_resnet.input.npy", "tiny_resnet.onnx"]
     assert build_models.main(["--out", str(tmp_path / "x"), "nope"]) == 2
     assert not (tmp_path / "x").exists()
     assert "unknown model" in capsys.readouterr().err

@@ -1,0 +1,846 @@
+"""Real-encryption executor of an :class:`~hecompiler.heprog.HEProgram` on Microsoft SEAL.
+
+It runs exactly the instructions :mod:`backends.sim` runs (same order, same
+plaintext vectors from :class:`~hecompiler.plaintexts.PlaintextFactory`), on
+CKKS ciphertexts through the checked wrapper :mod:`backends.seal_ckks`, and
+checks the level and the exact scale of every result against the plan.
+
+Roles
+-----
+* :class:`SealClient` -- the key holder: key generation, ``encrypt_inputs``,
+  ``decrypt_outputs``, ``refresh`` (decrypt + re-encrypt at the top level).
+* :class:`SealServer` -- the evaluator, built from the public keys only.
+  ``run`` executes the whole program with a refresh callback;
+  ``run_until_refresh`` is the resumable form for a client and a server that
+  are separate commands.
+* :func:`run_encrypted` -- both roles in one process, with phase timings.
+
+Levels.  This module uses the program's convention (``level`` = rescales a
+ciphertext can still take; fresh = ``params.top_level``).  The wrapper counts
+the other way; the conversion is ``seal_level = top_level - level``.
+
+Refresh (client-aided; SEAL has no bootstrapping).  The server adds a random
+mask ``r`` (uniform in [-1, 1] in every slot, encoded at the ciphertext's
+level and scale), the client decrypts the masked ciphertext and encrypts it
+again at the top level with scale ``2**scale_bits``, the server subtracts
+``r`` encoded at the top level with that scale.  The masks stay on the server
+(in :class:`EvalState`, and in the state bundle file, never in a request).
+NOTE: a mask of amplitude 1 only blinds values that are small compared to
+it; it is the protocol shape, not a proof of privacy against the key holder.
+
+Files (for separate client and server commands)
+-----------------------------------------------
+Key directory (:func:`write_keys` / :func:`read_keys`)::
+
+    keys.json    {"format", "params", "primes", "params_fingerprint",
+                  "program_sha256", "galois_steps", "relin", "has_secret",
+                  "files": {name: sha256}}
+    public.key   relin.key (if the program multiplies)   galois.key (if it rotates)
+    secret.key   (client directory only)
+
+Every ``*.key`` is the wrapper's ``to_bytes`` envelope (kind, parameter id,
+CRC-32, SEAL's own format).  ``keys.json`` binds the keys to one program
+(sha256 of its text form, :func:`program_sha256`) and one parameter set;
+using them with another program or other parameters is an error.
+
+Bundle (:class:`Bundle`, used for inputs, refresh requests and responses,
+server state and outputs)::
+
+    b"HECBNDL1"                       magic + format version
+    uint64 LE  header length H
+    H bytes    header, UTF-8 JSON: {"kind", "program_sha256",
+               "params_fingerprint", "meta", "items": [[name, size], ...]}
+    payloads   the items' bytes, in header order
+    32 bytes   sha256 of everything above
+
+Item names: ``ct:<value id>`` (a ciphertext, wrapper envelope) and, in a
+server state only, ``mask:<value id>`` (float64 little-endian slot vector).
+Files are written atomically (:func:`hecompiler.fileio.atomic_write_bytes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from hecompiler.costmodel import switching_key_bytes
+from hecompiler.errors import HecError
+from hecompiler.fileio import atomic_write_bytes, atomic_write_text
+from hecompiler.heprog import HEProgram, Instr, print_program
+from hecompiler.plaintexts import PlaintextFactory
+
+from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, SealError
+
+__all__ = [
+    "SealBackendError", "SealStats", "EvalState", "Bundle", "SealClient", "SealServer",
+    "run_encrypted", "program_sha256", "params_fingerprint", "make_context",
+    "write_keys", "read_keys", "client_keygen", "client_encrypt", "client_refresh", "client_decrypt",
+    "server_start", "server_step",
+]
+
+#: relative difference within which a rescaled scale may be relabelled to the planned one
+SCALE_RTOL = 1e-9
+
+
+class SealBackendError(HecError):
+    """The SEAL backend refused a program, key set, bundle or run."""
+
+
+# =========================================================================== fingerprints
+
+def program_sha256(prog: HEProgram) -> str:
+    """sha256 (hex) of the program's text form: what keys and bundles are bound to."""
+    return hashlib.sha256(print_program(prog).encode("utf-8")).hexdigest()
+
+
+def params_fingerprint(prog: HEProgram) -> str:
+    d = {"params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def make_context(prog: HEProgram) -> CkksContext:
+    """The SEAL context of ``prog.params``; its data primes must be ``prog.primes``."""
+    p = prog.params
+    try:
+        ctx = CkksContext(CkksParams(p.poly_degree, tuple(p.coeff_bits), p.security))
+    except (SealError, ValueError) as e:
+        raise SealBackendError(f"program parameters rejected by SEAL: {e}") from None
+    got = tuple(int(q) for q in ctx.primes_at(0))
+    want = tuple(int(q) for q in prog.primes)
+    if got != want:
+        diff = [i for i in range(max(len(got), len(want)))
+                if i >= len(got) or i >= len(want) or got[i] != want[i]]
+        raise SealBackendError(
+            f"the program's primes differ from SEAL's for poly_degree={p.poly_degree}, "
+            f"coeff_bits={list(p.coeff_bits)}: first difference at q_{diff[0]} "
+            f"(program {want[diff[0]] if diff[0] < len(want) else 'none'}, "
+            f"SEAL {got[diff[0]] if diff[0] < len(got) else 'none'}); the program was planned for "
+            "another modulus chain")
+    return ctx
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _where(k: int, ins: Instr) -> str:
+    return f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
+
+
+# =========================================================================== stats
+
+@dataclass
+class SealStats:
+    op_counts: dict[str, int] = field(default_factory=dict)
+    seconds_by_op: dict[str, float] = field(default_factory=dict)  # wall, encoding included
+    encode_seconds: float = 0.0  # plaintext generation + encoding (part of seconds_by_op)
+    plaintexts: int = 0
+    refreshes: int = 0
+    refresh_round_trips: int = 0  # batches of refreshes sent to the client
+    peak_live_ciphertexts: int = 0
+    peak_rss_bytes: int = 0  # VmHWM of this process (whole life of the process)
+    galois_keys: int = 0
+    galois_key_bytes: int = 0  # in memory: one key-switching key per data prime, over L+2 primes
+    relin_key_bytes: int = 0
+    eval_seconds: float = 0.0  # server wall time (instructions, incl. the client's refresh time in run())
+    phases: dict[str, float] = field(default_factory=dict)  # run_encrypted: keygen/encrypt/eval/decrypt/total
+
+    def add(self, op: str, seconds: float, n: int = 1) -> None:
+        self.op_counts[op] = self.op_counts.get(op, 0) + n
+        self.seconds_by_op[op] = self.seconds_by_op.get(op, 0.0) + seconds
+
+    def to_dict(self) -> dict:
+        return {k: (dict(sorted(v.items())) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "SealStats":
+        s = SealStats()
+        for k, v in d.items():
+            if hasattr(s, k):
+                setattr(s, k, dict(v) if isinstance(v, dict) else v)
+        return s
+
+    def format(self) -> str:
+        lines = []
+        if self.phases:
+            lines.append("phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.phases.items()))
+        lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
+                     f"{self.refresh_round_trips} round trips, encode {self.encode_seconds:.3f} s "
+                     f"({self.plaintexts} plaintexts)")
+        for op in sorted(self.op_counts):
+            t = self.seconds_by_op.get(op, 0.0)
+            n = self.op_counts[op]
+            lines.append(f"  {op:<10} {n:>6}  {t:8.3f} s  {1e3 * t / max(n, 1):8.3f} ms/op")
+        lines.append(f"peak live ciphertexts {self.peak_live_ciphertexts}, peak RSS "
+                     f"{self.peak_rss_bytes / 2**20:.0f} MiB, Galois keys {self.galois_keys} "
+                     f"({self.galois_key_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+
+
+# =========================================================================== client
+
+class SealClient:
+    """Holds the secret key: key generation, encryption, decryption, refresh."""
+
+    def __init__(self, prog: HEProgram, keys: KeySet):
+        if keys.secret_key is None:
+            raise SealBackendError("SealClient: the key set has no secret key")
+        self.prog = prog
+        self.ctx = keys.ctx
+        self.keys = keys
+        self._c = CkksClient(self.ctx, keys)
+
+    @classmethod
+    def create(cls, prog: HEProgram) -> "SealClient":
+        """New keys for ``prog``: public, relin (if it multiplies), Galois for its rotations only."""
+        ctx = make_context(prog)
+        keys = KeySet.generate(ctx, galois_steps=prog.galois_steps, relin=prog.needs_relin)
+        return cls(prog, keys)
+
+    def public_keys(self) -> KeySet:
+        """The evaluation keys for a server (no secret key)."""
+        return self.keys.without_secret()
+
+    def encrypt_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[int, Any]:
+        prog = self.prog
+        out: dict[int, Any] = {}
+        for io in prog.inputs:
+            if io.name not in inputs:
+                raise SealBackendError(f"missing input {io.name!r}")
+            x = np.asarray(inputs[io.name], np.float64)
+            if x.shape != tuple(io.shape):
+                raise SealBackendError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
+            packed = prog.layouts[io.layout].pack(x)
+            for v, row in zip(io.values, packed):
+                out[v] = self._c.encrypt(row, prog.params.scale, 0)
+        extra = set(inputs) - {io.name for io in prog.inputs}
+        if extra:
+            raise SealBackendError(f"unknown input(s) {sorted(extra)}; the program takes "
+                                   f"{[io.name for io in prog.inputs]}")
+        return out
+
+    def decrypt_outputs(self, cts: Mapping[int, Any]) -> dict[str, np.ndarray]:
+        prog = self.prog
+        outs = {}
+        for io in prog.outputs:
+            missing = [v for v in io.values if v not in cts]
+            if missing:
+                raise SealBackendError(f"output {io.name!r}: ciphertext(s) {['%' + str(v) for v in missing]} missing")
+            lay = prog.layouts[io.layout]
+            packed = np.stack([self._c.decrypt(cts[v])[: lay.slots] for v in io.values])
+            outs[io.name] = (lay.unpack(packed) * io.alpha).reshape(io.shape)
+        return outs
+
+    def refresh(self, masked_ct: Any) -> Any:
+        """Decrypt and encrypt again at the top level with scale 2**scale_bits."""
+        return self._c.reencrypt(masked_ct, scale=self.prog.params.scale, level=0)
+
+
+# =========================================================================== server
+
+@dataclass
+class EvalState:
+    """Where a resumable evaluation stands.
+
+    ``pc``: index of the next instruction; ``live``: value id -> Ciphertext;
+    while waiting for the client: ``pending`` (indices of the refresh
+    instructions), ``request`` (refresh output id -> masked ciphertext, what is
+    sent), ``masks`` (refresh output id -> mask vector, server only) and
+    ``request_id`` (echoed by the response)."""
+
+    pc: int = 0
+    live: dict[int, Any] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    request: dict[int, Any] = field(default_factory=dict)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    request_id: str = ""
+    stats: SealStats = field(default_factory=SealStats)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.pending)
+
+    def done(self, prog: HEProgram) -> bool:
+        return self.pc >= len(prog.instrs) and not self.pending
+
+
+class SealServer:
+    """Evaluates the program with the public evaluation keys only."""
+
+    def __init__(self, prog: HEProgram, keys: KeySet):
+        if keys.secret_key is not None:
+            raise SealBackendError("SealServer: refusing a key set that contains the secret key; "
+                                   "give the server SealClient.public_keys()")
+        ctx = keys.ctx
+        got = tuple(int(q) for q in ctx.primes_at(0))
+        if got != tuple(int(q) for q in prog.primes):
+            raise SealBackendError("SealServer: the keys' modulus chain differs from the program's primes")
+        missing = [k for k in prog.galois_steps if not keys.has_rotation(k)]
+        if missing:
+            raise SealBackendError(f"SealServer: no Galois key for rotation step(s) {missing[:8]} the program uses")
+        if prog.needs_relin and keys.relin_keys is None:
+            raise SealBackendError("SealServer: the program multiplies ciphertexts but there is no relin key")
+        self.prog = prog
+        self.ctx = ctx
+        self.keys = keys
+        self.top = prog.params.top_level
+        self._s = CkksServer(ctx, keys)
+        self._pf = PlaintextFactory(prog)
+        self._last = prog.last_uses()
+        self._rng = np.random.default_rng(secrets.randbits(128))
+        n_keys = len(keys.rotation_steps())
+        self._key_stats = {
+            "galois_keys": n_keys,
+            "galois_key_bytes": n_keys * switching_key_bytes(prog.params.poly_degree, self.top + 1),
+            "relin_key_bytes": (switching_key_bytes(prog.params.poly_degree, self.top + 1)
+                                if keys.relin_keys is not None else 0),
+        }
+
+    @property
+    def has_secret_key(self) -> bool:
+        return self.keys.secret_key is not None or self._s.keys.secret_key is not None
+
+    # ---------------------------------------------------------------- helpers
+    def _level(self, ct: Any) -> int:
+        return self.top - self.ctx.level_of(ct)
+
+    def _encode(self, ref, level: int, stats: SealStats) -> Any:
+        t = time.perf_counter()
+        sl = self.top - level
+        if ref.kind == "scalar":
+            pt = self._s.encode_constant(float(ref.args[0]), ref.scale, sl)
+        else:
+            pt = self._s.encode(self._pf.vector(ref), ref.scale, sl)
+        stats.encode_seconds += time.perf_counter() - t
+        stats.plaintexts += 1
+        return pt
+
+    def _check(self, k: int, ins: Instr, ct: Any) -> None:
+        lv, sc = self._level(ct), float(ct.scale)
+        if lv != ins.level or sc != ins.scale:
+            raise SealBackendError(f"{_where(k, ins)}: SEAL gives level {lv}, scale {sc!r} but the program "
+                                   f"plans level {ins.level}, scale {ins.scale!r}")
+
+    def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: SealStats) -> Any:
+        s = self._s
+        a = [live[x] for x in ins.args]
+        op = ins.op
+        if op == "rotate":
+            return s.rotate(a[0], ins.step)
+        if op == "add":
+            return s.add(a[0], a[1])
+        if op == "sub":
+            return s.sub(a[0], a[1])
+        if op == "negate":
+            return s.negate(a[0])
+        if op == "add_plain":
+            return s.add_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
+        if op == "mul_plain":
+            return s.multiply_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
+        if op == "mul":
+            return s.relinearize(s.multiply(a[0], a[1]))
+        if op == "rescale":
+            r = s.rescale(a[0])
+            got = float(r.scale)
+            if not abs(got - ins.scale) <= SCALE_RTOL * abs(ins.scale):
+                raise SealBackendError(f"{_where(k, ins)}: rescaled scale {got!r} differs from the planned "
+                                       f"{ins.scale!r} by {abs(got - ins.scale) / ins.scale:.3g} (relative) "
+                                       f"> {SCALE_RTOL}")
+            s.set_scale(r, ins.scale)
+            return r
+        if op == "mod_switch":
+            return s.mod_switch(a[0], self.top - ins.to_level)
+        raise SealBackendError(f"{_where(k, ins)}: unknown op {op!r}")
+
+    def _free(self, k: int, ins: Instr, live: dict[int, Any]) -> None:
+        for x in set(ins.args):
+            if self._last.get(x, -1) <= k:
+                live.pop(x, None)
+
+    def _note_live(self, state: EvalState) -> None:
+        n = len(state.live) + len(state.request)
+        if n > state.stats.peak_live_ciphertexts:
+            state.stats.peak_live_ciphertexts = n
+
+    # ---------------------------------------------------------------- evaluation
+    def start(self, cts: Mapping[int, Any]) -> EvalState:
+        """Initial state from the encrypted inputs (value id -> Ciphertext)."""
+        want = [v for io in self.prog.inputs for v in io.values]
+        missing = [v for v in want if v not in cts]
+        if missing:
+            raise SealBackendError(f"input ciphertext(s) {['%' + str(v) for v in missing[:8]]} missing")
+        extra = set(cts) - set(want)
+        if extra:
+            raise SealBackendError(f"unexpected input ciphertext(s) {['%' + str(v) for v in sorted(extra)[:8]]}")
+        live = {}
+        for v in want:
+            ct = cts[v]
+            try:
+                lv = self._level(ct)
+            except SealError as e:
+                raise SealBackendError(f"input %{v}: {e}") from None
+            if lv != self.top or float(ct.scale) != self.prog.params.scale:
+                raise SealBackendError(f"input %{v}: level {lv}, scale {float(ct.scale)!r}; expected a fresh "
+                                       f"ciphertext at level {self.top}, scale {self.prog.params.scale!r}")
+            live[v] = ct
+        st = EvalState(live=live)
+        st.stats.__dict__.update(self._key_stats)
+        self._note_live(st)
+        return st
+
+    def run_until_refresh(self, state: EvalState, response: Mapping[int, Any] | None = None,
+                          progress: Callable[[int], Any] | None = None,
+                          request_id: str | None = None) -> EvalState:
+        """Continue from ``state`` until the end of the program or the next refresh(es).
+
+        If ``state`` waits for a refresh, ``response`` (refresh output id ->
+        re-encrypted ciphertext) must answer it (and ``request_id``, if
+        given, must match).  At a refresh the server masks the operand of
+        that refresh and of the refreshes directly after it, stores the masks
+        in the state and the masked ciphertexts in ``state.request``, and
+        returns.  The state is modified in place and returned."""
+        prog = self.prog
+        stats = state.stats
+        t_run = time.perf_counter()
+        try:
+            if state.pending:
+                if response is None:
+                    raise SealBackendError(f"the evaluation waits for {len(state.pending)} refresh(es) "
+                                           f"(instruction {state.pending[0]}); a response is needed")
+                self._apply_response(state, response, request_id, progress)
+            elif response is not None:
+                raise SealBackendError("got a refresh response but the evaluation is not waiting for one")
+            instrs = prog.instrs
+            while state.pc < len(instrs):
+                k = state.pc
+                ins = instrs[k]
+                if ins.op == "refresh":
+                    self._mask_batch(state)
+                    return state
+                missing = [a for a in ins.args if a not in state.live]
+                if missing:
+                    raise SealBackendError(f"{_where(k, ins)}: operand %{missing[0]} is not live (bad state)")
+                t = time.perf_counter()
+                try:
+                    r = self._exec(k, ins, state.live, stats)
+                except SealBackendError:
+                    raise
+                except (SealError, HecError) as e:
+                    raise SealBackendError(f"{_where(k, ins)}: {e}") from None
+                self._check(k, ins, r)
+                state.live[ins.out] = r
+                self._free(k, ins, state.live)
+                stats.add(ins.op, time.perf_counter() - t)
+                self._note_live(state)
+                state.pc = k + 1
+                if progress is not None:
+                    progress(1)
+            return state
+        finally:
+            stats.eval_seconds += time.perf_counter() - t_run
+            stats.peak_rss_bytes = max(stats.peak_rss_bytes, _peak_rss_bytes())
+
+    def _mask_batch(self, state: EvalState) -> None:
+        prog = self.prog
+        t = time.perf_counter()
+        k = state.pc
+        made: set[int] = set()
+        while k < len(prog.instrs) and prog.instrs[k].op == "refresh" and prog.instrs[k].args[0] not in made:
+            ins = prog.instrs[k]
+            x = ins.args[0]
+            if x not in state.live:
+                raise SealBackendError(f"{_where(k, ins)}: operand %{x} is not live (bad state)")
+            ct = state.live[x]
+            try:
+                lv = self._level(ct)
+                r = self._rng.uniform(-1.0, 1.0, prog.params.slots)
+                masked = self._s.add_plain(ct, self._s.encode(r, float(ct.scale), self.top - lv))
+            except SealError as e:
+                raise SealBackendError(f"{_where(k, ins)}: masking failed: {e}") from None
+            state.pending.append(k)
+            state.masks[ins.out] = r
+            state.request[ins.out] = masked
+            made.add(ins.out)
+            self._free(k, ins, state.live)
+            k += 1
+        state.request_id = secrets.token_hex(16)
+        state.stats.refresh_round_trips += 1
+        state.stats.add("refresh", time.perf_counter() - t, n=0)
+        self._note_live(state)
+
+    def _apply_response(self, state: EvalState, response: Mapping[int, Any], request_id: str | None,
+                        progress) -> None:
+        if request_id is not None and request_id != state.request_id:
+            raise SealBackendError(f"the refresh response answers request {request_id}, but the evaluation "
+                                   f"waits for request {state.request_id} (stale or foreign response)")
+        want = set(state.request)
+        if set(response) != want:
+            raise SealBackendError(f"the refresh response holds ciphertexts {sorted(response)}, expected "
+                                   f"{sorted(want)}")
+        t = time.perf_counter()
+        D = self.prog.params.scale
+        for k in state.pending:
+            ins = self.prog.instrs[k]
+            ct = response[ins.out]
+            try:
+                lv = self._level(ct)
+                if lv != self.top or float(ct.scale) != D:
+                    raise SealBackendError(f"{_where(k, ins)}: the client returned level {lv}, scale "
+                                           f"{float(ct.scale)!r}; expected level {self.top}, scale {D!r}")
+                out = self._s.sub_plain(ct, self._s.encode(state.masks[ins.out], D, 0))
+            except SealError as e:
+                raise SealBackendError(f"{_where(k, ins)}: unmasking failed: {e}") from None
+            self._check(k, ins, out)
+            state.live[ins.out] = out
+            if progress is not None:
+                progress(1)
+        n = len(state.pending)
+        state.pc = state.pending[-1] + 1
+        state.pending, state.request, state.masks, state.request_id = [], {}, {}, ""
+        state.stats.refreshes += n
+        state.stats.add("refresh", time.perf_counter() - t, n=n)
+        self._note_live(state)
+
+    def outputs(self, state: EvalState) -> dict[int, Any]:
+        if not state.done(self.prog):
+            raise SealBackendError(f"the evaluation is not finished (next instruction {state.pc})")
+        return {v: state.live[v] for io in self.prog.outputs for v in io.values}
+
+    def run(self, cts: Mapping[int, Any], refresh_fn: Callable[[Any], Any],
+            progress: Callable[[int], Any] | None = None) -> tuple[dict[int, Any], SealStats]:
+        """Execute the whole program; ``refresh_fn(masked_ct) -> fresh ct`` is the client."""
+        state = self.run_until_refresh(self.start(cts), progress=progress)
+        while state.pending:
+            t = time.perf_counter()
+            resp = {v: refresh_fn(ct) for v, ct in state.request.items()}
+            dt = time.perf_counter() - t
+            state.stats.add("refresh", dt, n=0)
+            state.stats.eval_seconds += dt
+            self.run_until_refresh(state, resp, progress=progress, request_id=state.request_id)
+        return self.outputs(state), state.stats
+
+
+# =========================================================================== one process
+
+def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray],
+                  progress: Callable[[int], Any] | None = None) -> tuple[dict[str, np.ndarray], SealStats]:
+    """Keygen, encrypt, evaluate (client-aided refreshes), decrypt; timings in ``stats.phases``."""
+    t0 = time.perf_counter()
+    client = SealClient.create(prog)
+    server = SealServer(prog, client.public_keys())
+    t1 = time.perf_counter()
+    cts = client.encrypt_inputs(inputs)
+    t2 = time.perf_counter()
+    out_cts, stats = server.run(cts, client.refresh, progress)
+    del cts
+    t3 = time.perf_counter()
+    outs = client.decrypt_outputs(out_cts)
+    t4 = time.perf_counter()
+    stats.phases = {"keygen": t1 - t0, "encrypt": t2 - t1, "eval": t3 - t2, "decrypt": t4 - t3, "total": t4 - t0}
+    stats.peak_rss_bytes = max(stats.peak_rss_bytes, _peak_rss_bytes())
+    return outs, stats
+
+
+# =========================================================================== key directories
+
+_KEY_FILES = {"public_key": "public.key", "relin_keys": "relin.key", "galois_keys": "galois.key",
+              "secret_key": "secret.key"}
+KEYS_FORMAT = 1
+
+
+def write_keys(prog: HEProgram, keys: KeySet, keys_dir: str | os.PathLike, include_secret: bool) -> None:
+    """Write ``keys`` for ``prog`` into ``keys_dir`` (created if needed).  The secret key is written
+    only with ``include_secret``; a server directory that already holds a secret.key is refused."""
+    d = Path(keys_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if not include_secret and (d / "secret.key").exists():
+        raise SealBackendError(f"{d}: holds a secret.key; refusing to write server keys there "
+                               "(use a separate directory for the server)")
+    if include_secret and keys.secret_key is None:
+        raise SealBackendError("write_keys: include_secret=True but the key set has no secret key")
+    blobs = keys.to_bytes_dict(include_secret=include_secret)
+    files = {}
+    for name, data in blobs.items():
+        fn = _KEY_FILES[name]
+        atomic_write_bytes(d / fn, data, mode=0o600 if name == "secret_key" else None)
+        files[fn] = hashlib.sha256(data).hexdigest()
+    meta = {"format": KEYS_FORMAT, "params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes],
+            "params_fingerprint": params_fingerprint(prog), "program_sha256": program_sha256(prog),
+            "galois_steps": list(prog.galois_steps), "relin": keys.relin_keys is not None,
+            "has_secret": "secret.key" in files, "files": files}
+    atomic_write_text(d / "keys.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evaluation: bool = True) -> KeySet:
+    """Load the key set in ``keys_dir`` for ``prog``; with ``secret`` the secret key is required,
+    without it secret.key is never read.  ``evaluation=False`` skips the relin and Galois keys
+    (the client does not need them).  Keys made for another program or other parameters are refused."""
+    d = Path(keys_dir)
+    mpath = d / "keys.json"
+    try:
+        meta = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise SealBackendError(f"{d}: not a key directory (no keys.json)") from None
+    except (OSError, ValueError) as e:
+        raise SealBackendError(f"{mpath}: unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != KEYS_FORMAT:
+        raise SealBackendError(f"{mpath}: unsupported key directory format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("params_fingerprint") != params_fingerprint(prog):
+        raise SealBackendError(f"{d}: the keys were made for other encryption parameters "
+                               f"({meta.get('params')}) than the program's ({prog.params.to_dict()})")
+    if meta.get("program_sha256") != program_sha256(prog):
+        raise SealBackendError(f"{d}: the keys were made for another program (program sha256 "
+                               f"{str(meta.get('program_sha256'))[:16]}..., this program "
+                               f"{program_sha256(prog)[:16]}...)")
+    ctx = make_context(prog)
+    files = meta.get("files", {})
+    blobs = {}
+    for name, fn in _KEY_FILES.items():
+        if (name == "secret_key" and not secret) or (name in ("relin_keys", "galois_keys") and not evaluation):
+            continue
+        if fn not in files:
+            continue
+        try:
+            data = (d / fn).read_bytes()
+        except OSError as e:
+            raise SealBackendError(f"{d / fn}: {e}") from None
+        if hashlib.sha256(data).hexdigest() != files[fn]:
+            raise SealBackendError(f"{d / fn}: corrupt or replaced (sha256 does not match keys.json)")
+        blobs[name] = data
+    if secret and "secret_key" not in blobs:
+        raise SealBackendError(f"{d}: no secret.key (this is a server key directory)")
+    if "public_key" not in blobs:
+        raise SealBackendError(f"{d}: no public.key")
+    try:
+        keys = KeySet.from_bytes_dict(ctx, blobs)
+    except SealError as e:
+        raise SealBackendError(f"{d}: {e}") from None
+    return keys
+
+
+# =========================================================================== bundles
+
+_MAGIC = b"HECBNDL1"
+_KINDS = ("inputs", "request", "response", "state", "outputs")
+
+
+@dataclass
+class Bundle:
+    """A file of serialized ciphertexts (and server masks) with a JSON header; see module doc."""
+
+    kind: str
+    program_sha256: str
+    params_fingerprint: str
+    meta: dict = field(default_factory=dict)
+    items: dict[str, bytes] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        head = json.dumps({"kind": self.kind, "program_sha256": self.program_sha256,
+                           "params_fingerprint": self.params_fingerprint, "meta": self.meta,
+                           "items": [[n, len(b)] for n, b in self.items.items()]},
+                          sort_keys=True).encode("utf-8")
+        body = b"".join([_MAGIC, struct.pack("<Q", len(head)), head, *self.items.values()])
+        return body + hashlib.sha256(body).digest()
+
+    @staticmethod
+    def from_bytes(data: bytes, source: str = "<bundle>") -> "Bundle":
+        data = bytes(data)
+        if data[:8] != _MAGIC:
+            raise SealBackendError(f"{source}: not a ciphertext bundle (bad magic)")
+        if len(data) < 8 + 8 + 32:
+            raise SealBackendError(f"{source}: truncated ({len(data)} bytes)")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise SealBackendError(f"{source}: corrupt or truncated (sha256 mismatch)")
+        (hlen,) = struct.unpack_from("<Q", body, 8)
+        if 16 + hlen > len(body):
+            raise SealBackendError(f"{source}: corrupt header length {hlen}")
+        try:
+            head = json.loads(body[16:16 + hlen].decode("utf-8"))
+            kind, items = head["kind"], head["items"]
+            psha, pfp, meta = head["program_sha256"], head["params_fingerprint"], head["meta"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SealBackendError(f"{source}: corrupt header: {e}") from None
+        if kind not in _KINDS:
+            raise SealBackendError(f"{source}: unknown bundle kind {kind!r}")
+        off = 16 + hlen
+        out: dict[str, bytes] = {}
+        for name, size in items:
+            if size < 0 or off + size > len(body):
+                raise SealBackendError(f"{source}: item {name!r} runs past the end")
+            out[str(name)] = body[off:off + size]
+            off += size
+        if off != len(body):
+            raise SealBackendError(f"{source}: {len(body) - off} trailing bytes")
+        return Bundle(kind, psha, pfp, meta, out)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_bytes(path, self.to_bytes())
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Bundle":
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise SealBackendError(f"{path}: {e}") from None
+        return Bundle.from_bytes(data, str(path))
+
+
+def _as_bundle(b: "Bundle | str | os.PathLike") -> Bundle:
+    return b if isinstance(b, Bundle) else Bundle.load(b)
+
+
+def _new_bundle(prog: HEProgram, kind: str, meta: dict | None = None) -> Bundle:
+    return Bundle(kind, program_sha256(prog), params_fingerprint(prog), dict(meta or {}))
+
+
+def _check_bundle(b: Bundle, prog: HEProgram, kind: str) -> None:
+    if b.kind != kind:
+        raise SealBackendError(f"expected a {kind} bundle, got a {b.kind} bundle")
+    if b.params_fingerprint != params_fingerprint(prog):
+        raise SealBackendError(f"the {kind} bundle was made for other encryption parameters")
+    if b.program_sha256 != program_sha256(prog):
+        raise SealBackendError(f"the {kind} bundle was made for another program")
+
+
+def _put_cts(b: Bundle, ctx: CkksContext, cts: Mapping[int, Any]) -> None:
+    for v, ct in cts.items():
+        b.items[f"ct:{int(v)}"] = ctx.to_bytes(ct)
+
+
+def _get_cts(b: Bundle, ctx: CkksContext) -> dict[int, Any]:
+    out = {}
+    for name, data in b.items.items():
+        if name.startswith("ct:"):
+            try:
+                out[int(name[3:])] = ctx.from_bytes("ciphertext", data)
+            except SealError as e:
+                raise SealBackendError(f"{b.kind} bundle, ciphertext %{name[3:]}: {e}") from None
+    return out
+
+
+def state_to_bundle(prog: HEProgram, ctx: CkksContext, st: EvalState) -> Bundle:
+    """Server-side state file (holds the masks: never send it to the client)."""
+    b = _new_bundle(prog, "state", {"pc": st.pc, "pending": st.pending, "request_id": st.request_id,
+                                    "request": sorted(st.request), "stats": st.stats.to_dict()})
+    _put_cts(b, ctx, st.live)
+    for v, ct in st.request.items():
+        b.items[f"req:{v}"] = ctx.to_bytes(ct)
+    for v, m in st.masks.items():
+        b.items[f"mask:{v}"] = np.asarray(m, "<f8").tobytes()
+    return b
+
+
+def state_from_bundle(prog: HEProgram, ctx: CkksContext, b: Bundle) -> EvalState:
+    _check_bundle(b, prog, "state")
+    m = b.meta
+    st = EvalState(pc=int(m["pc"]), live=_get_cts(b, ctx), pending=[int(k) for k in m["pending"]],
+                   request_id=str(m["request_id"]), stats=SealStats.from_dict(m["stats"]))
+    S = prog.params.slots
+    for name, data in b.items.items():
+        if name.startswith("mask:"):
+            if len(data) != 8 * S:
+                raise SealBackendError(f"state bundle: mask {name} has {len(data)} bytes, expected {8 * S}")
+            st.masks[int(name[5:])] = np.frombuffer(data, "<f8").copy()
+        elif name.startswith("req:"):
+            try:
+                st.request[int(name[4:])] = ctx.from_bytes("ciphertext", data)
+            except SealError as e:
+                raise SealBackendError(f"state bundle, request %{name[4:]}: {e}") from None
+    if set(st.masks) != set(st.request) or len(st.pending) != len(st.request):
+        raise SealBackendError("state bundle: inconsistent pending refreshes / masks")
+    return st
+
+
+# =========================================================================== file-level flow
+
+def client_keygen(prog: HEProgram, client_dir: str | os.PathLike,
+                  server_dir: str | os.PathLike) -> SealClient:
+    """Generate keys for ``prog``: secret + public key into ``client_dir`` (all the client needs),
+    public + relin + Galois keys into ``server_dir`` (never the secret key)."""
+    if Path(client_dir).resolve() == Path(server_dir).resolve():
+        raise SealBackendError("client and server key directories must differ (the server must not get secret.key)")
+    client = SealClient.create(prog)
+    k = client.keys
+    write_keys(prog, KeySet(k.ctx, k.secret_key, k.public_key), client_dir, include_secret=True)
+    write_keys(prog, client.public_keys(), server_dir, include_secret=False)
+    return client
+
+
+def client_encrypt(prog: HEProgram, keys_dir: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> Bundle:
+    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+    b = _new_bundle(prog, "inputs")
+    _put_cts(b, client.ctx, client.encrypt_inputs(inputs))
+    return b
+
+
+def client_refresh(prog: HEProgram, keys_dir: str | os.PathLike, request: "Bundle | str | os.PathLike") -> Bundle:
+    """Answer a refresh request: decrypt each masked ciphertext and encrypt it again at the top level."""
+    req = _as_bundle(request)
+    _check_bundle(req, prog, "request")
+    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+    cts = _get_cts(req, client.ctx)
+    resp = _new_bundle(prog, "response", {"request_id": req.meta.get("request_id", "")})
+    _put_cts(resp, client.ctx, {v: client.refresh(ct) for v, ct in cts.items()})
+    return resp
+
+
+def client_decrypt(prog: HEProgram, keys_dir: str | os.PathLike,
+                   outputs: "Bundle | str | os.PathLike") -> dict[str, np.ndarray]:
+    b = _as_bundle(outputs)
+    _check_bundle(b, prog, "outputs")
+    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+    return client.decrypt_outputs(_get_cts(b, client.ctx))
+
+
+def _server(prog: HEProgram, keys_dir) -> SealServer:
+    return SealServer(prog, read_keys(prog, keys_dir, secret=False))
+
+
+def server_start(prog: HEProgram, keys_dir: str | os.PathLike, input_bundle: "Bundle | str | os.PathLike") -> Bundle:
+    """Initial server state (a ``state`` bundle) from an ``inputs`` bundle."""
+    b = _as_bundle(input_bundle)
+    _check_bundle(b, prog, "inputs")
+    server = _server(prog, keys_dir)
+    st = server.start(_get_cts(b, server.ctx))
+    return state_to_bundle(prog, server.ctx, st)
+
+
+def server_step(prog: HEProgram, keys_dir: str | os.PathLike, state: "Bundle | str | os.PathLike",
+                response: "Bundle | str | os.PathLike | None" = None,
+                progress: Callable[[int], Any] | None = None) -> tuple[Bundle, Bundle | None, Bundle | None]:
+    """Continue the evaluation: returns ``(state, request, None)`` when the client must refresh
+    (send ``request``, call again with its response), or ``(state, None, outputs)`` at the end."""
+    server = _server(prog, keys_dir)
+    st = state_from_bundle(prog, server.ctx, _as_bundle(state))
+    resp_cts = rid = None
+    if response is not None:
+        rb = _as_bundle(response)
+        _check_bundle(rb, prog, "response")
+        rid = str(rb.meta.get("request_id", ""))
+        resp_cts = _get_cts(rb, server.ctx)
+    server.run_until_refresh(st, resp_cts, progress=progress, request_id=rid)
+    if st.pending:
+        req = _new_bundle(prog, "request", {"request_id": st.request_id})
+        _put_cts(req, server.ctx, st.request)
+        return state_to_bundle(prog, server.ctx, st), req, None
+    outs = _new_bundle(prog, "outputs", {"stats": st.stats.to_dict()})
+    _put_cts(outs, server.ctx, server.outputs(st))
+    return state_to_bundle(prog, server.ctx, st), None, outs

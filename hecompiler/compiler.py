@@ -1,0 +1,218 @@
+"""The compile driver: ONNX -> graph IR -> passes -> planning/lowering -> HE program,
+plus the cost report and a fidelity check in the simulator.
+
+This is the one entry point the CLI and the API share::
+
+    result = hecompiler.compile_model("model.onnx")
+    print(result.report_text)
+    hecompiler.save_hec("model.hec", result.prog, result.metadata)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .costmodel import CostModel
+from .errors import HecError
+from .frontend import load_onnx
+from .heprog import HEProgram, verify_program
+from .ir import Graph
+from .passmanager import DEFAULT_PIPELINE, PassManager, PipelineReport
+from .planner import Candidate, PlanOptions, plan
+
+
+@dataclass
+class CompileOptions:
+    passes: str = DEFAULT_PIPELINE
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+    dump_after: Sequence[str] = ()
+    dump_dir: str | None = None
+    #: run the program in the simulator on a sample input and compare with the original model
+    check: bool = True
+    sample: np.ndarray | None = None
+    seed: int = 0
+
+
+@dataclass
+class CompileResult:
+    graph: Graph
+    prog: HEProgram
+    chosen: Candidate
+    candidates: list[Candidate]
+    pipeline: PipelineReport
+    fidelity: dict[str, Any] | None
+    metadata: dict[str, Any]
+    report_text: str
+    seconds: float
+
+
+def _sha256_of(model) -> tuple[str, str]:
+    if isinstance(model, (str, os.PathLike)):
+        with open(model, "rb") as f:
+            data = f.read()
+        return hashlib.sha256(data).hexdigest(), os.path.basename(os.fspath(model))
+    return hashlib.sha256(model.SerializeToString()).hexdigest(), "<model>"
+
+
+def compile_model(model, options: CompileOptions | None = None, cost: CostModel | None = None,
+                  progress=None) -> CompileResult:
+    """Compile an ONNX model (path or ModelProto) to an HE program."""
+    opts = options or CompileOptions()
+    cost = cost or CostModel()
+    t0 = time.perf_counter()
+    graph = load_onnx(model, opts.input_shapes)
+    original = graph.clone()
+    pm = PassManager(opts.passes, dump_after=opts.dump_after, dump_dir=opts.dump_dir)
+    pipeline = pm.run(graph)
+    best, cands = plan(graph, opts.plan, cost, progress=progress)
+    prog = best.prog
+    verify_program(prog)
+    fidelity = None
+    if opts.check:
+        fidelity = check_fidelity(original, graph, prog, opts.sample, opts.seed, model)
+    seconds = time.perf_counter() - t0
+    sha, fname = _sha256_of(model)
+    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds)
+    metadata = {
+        "source_model": fname,
+        "source_sha256": sha,
+        "passes": [r.spec for r in pipeline.records],
+        "exact": pipeline.exact,
+        "report": report,
+        "report_text": format_report(report),
+        "insecure_ok": best.params.security != "tc128",
+    }
+    return CompileResult(graph, prog, best, cands, pipeline, fidelity, metadata, metadata["report_text"], seconds)
+
+
+def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model) -> dict[str, Any]:
+    """Run the program in the slot simulator on a sample input; compare with
+    the original model in onnxruntime (and with the rewritten graph)."""
+    from .backends.sim import Simulator
+
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        return {"skipped": "fidelity check needs one input and one output"}
+    x_shape = graph.inputs[0].type.shape
+    x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32) if sample is None else \
+        np.asarray(sample, np.float32).reshape(x_shape)
+    outs, stats = Simulator(prog).run({graph.inputs[0].name: x})
+    y = outs[graph.outputs[0].name]
+    ref = _onnxruntime(model, x) if not isinstance(model, Graph) else None
+    if ref is None:
+        from .interp import run
+
+        ref = run(original, x)[0]
+    rng = float(np.ptp(ref)) or 1.0
+    err = float(np.abs(y - ref).max())
+    return {
+        "input": "sample" if sample is not None else f"N(0,1) seed {seed}",
+        "reference": "onnxruntime (original model)",
+        "max_abs_error": err,
+        "relative_to_range": err / rng,
+        "argmax_agrees": bool(np.argmax(y) == np.argmax(ref)),
+        "simulated_seconds": stats.wall_seconds,
+    }
+
+
+def _onnxruntime(model, x):
+    try:
+        import onnxruntime as ort
+
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else open(model, "rb").read()
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- report
+
+def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidate], pipeline: PipelineReport,
+                 fidelity, seconds: float) -> dict[str, Any]:
+    p = best.params
+    c = best.cost
+    low = best.lowering
+    layers = []
+    for st in low.layers:
+        layers.append({"node": st.node, "op": st.op, "layout_in": st.layout_in, "layout_out": st.layout_out,
+                       "rotations": st.rotations, "diagonals": st.diagonals, "bsgs_bound": round(st.bound, 1),
+                       "level_in": st.level_in, "level_out": st.level_out})
+    return {
+        "model": fname,
+        "compile_seconds": round(seconds, 3),
+        "params": {"poly_degree": p.poly_degree, "slots": p.slots, "coeff_bits": list(p.coeff_bits),
+                   "total_bits": sum(p.coeff_bits), "scale_bits": p.scale_bits, "top_level": p.top_level,
+                   "security": p.security,
+                   "security_note": "128-bit (HE standard, SEAL CoeffModulus limits)" if p.security == "tc128"
+                   else "NOT 128-bit secure: explicitly requested"},
+        "candidates": [{"params": cd.label, "predicted_seconds": round(cd.cost.seconds, 3) if cd.cost else None,
+                        "memory_gib": round(cd.cost.memory_bytes / 2**30, 2) if cd.cost else None,
+                        "refreshes": cd.cost.refreshes if cd.cost else None,
+                        "chosen": cd is best, "rejected": cd.reason} for cd in cands],
+        "ops": c.op_counts,
+        "levels_used": best.prog.levels_used(),
+        "refreshes": c.refreshes,
+        "refresh_points": list(low.refresh_points),
+        "galois_keys": c.galois_keys,
+        "key_bytes": c.key_bytes,
+        "peak_live_ciphertexts": c.peak_live_ciphertexts,
+        "predicted_seconds": round(c.seconds, 3),
+        "predicted_encode_seconds": round(c.encode_seconds, 3),
+        "predicted_memory_bytes": c.memory_bytes,
+        "layers": layers,
+        "passes": [{"pass": r.spec, "exact": r.exact, "nodes": [r.nodes_before, r.nodes_after]}
+                   for r in pipeline.records],
+        "fidelity": fidelity,
+    }
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    p = r["params"]
+    lines = [f"hecompiler report for {r['model']} (compiled in {r['compile_seconds']:.1f} s)"]
+    lines.append(f"parameters: N={p['poly_degree']} ({p['slots']} slots), primes "
+                 f"{'+'.join(str(b) for b in p['coeff_bits'])} = {p['total_bits']} bits, scale 2^{p['scale_bits']}, "
+                 f"{p['top_level']} levels; {p['security_note']}")
+    lines.append("candidates (predicted SEAL latency on this machine):")
+    for cd in r["candidates"]:
+        mark = "*" if cd["chosen"] else " "
+        if cd["predicted_seconds"] is None:
+            lines.append(f"  {mark} {cd['params']:<24} {cd['rejected']}")
+        else:
+            lines.append(f"  {mark} {cd['params']:<24} {cd['predicted_seconds']:8.2f} s  {cd['memory_gib']:6.2f} GiB  "
+                         f"{cd['refreshes']:3d} refreshes  {cd['rejected']}")
+    ops = r["ops"]
+    lines.append(f"ops: {ops.get('rotate', 0)} rotations, {ops.get('mul_plain', 0)} ct-pt mults, "
+                 f"{ops.get('mul', 0)} ct-ct mults, {ops.get('rescale', 0)} rescales, "
+                 f"{ops.get('add', 0) + ops.get('add_plain', 0)} adds, {ops.get('mod_switch', 0)} mod-switches, "
+                 f"{r['refreshes']} refreshes (client-aided)")
+    lines.append(f"depth: {r['levels_used']} levels on the longest path; refreshes before: "
+                 f"{', '.join(r['refresh_points']) or 'none'}")
+    lines.append(f"keys: {r['galois_keys']} Galois keys (only the rotation steps used) + relin + public = "
+                 f"{_mb(r['key_bytes'])}")
+    lines.append(f"predicted: {r['predicted_seconds']:.2f} s (of which encoding plaintexts "
+                 f"{r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
+                 f"{r['peak_live_ciphertexts']} live ciphertexts at peak")
+    lines.append("layers:")
+    lines.append(f"  {'node':<42} {'op':<17} {'rot':>4} {'diag':>5} {'2sqrt':>6} {'lvl':>7}  layout out")
+    for L in r["layers"]:
+        lines.append(f"  {L['node'][-42:]:<42} {L['op']:<17} {L['rotations']:>4} {L['diagonals']:>5} "
+                     f"{L['bsgs_bound']:>6} {L['level_in']:>3}>{L['level_out']:<3}  {L['layout_out']}")
+    f = r.get("fidelity")
+    if f and "skipped" not in f:
+        lines.append(f"fidelity (simulator vs {f['reference']}, input {f['input']}): max abs error "
+                     f"{f['max_abs_error']:.2e} ({f['relative_to_range']:.2e} of the output range), "
+                     f"argmax {'agrees' if f['argmax_agrees'] else 'DIFFERS'}")
+    elif f:
+        lines.append(f"fidelity: {f['skipped']}")
+    return "\n".join(lines) + "\n"

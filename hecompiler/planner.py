@@ -1,0 +1,133 @@
+"""Parameter planning: ring degree, modulus chain and scale, chosen by cost.
+
+For each candidate parameter set (ring degree N, data prime size = scale
+bits, number of data levels L) the graph is lowered, and the program's
+latency and memory are predicted with the measured cost table
+(:mod:`hecompiler.costmodel`).  The planner keeps the candidates that fit
+the memory budget and the refresh limit, and picks the fastest.  All
+candidates are 128-bit secure by the HE standard (SEAL's CoeffModulus
+limits) unless the user explicitly asks for ``security="none"``.
+
+Fewer, larger primes mean cheaper ops but more refreshes; the planner
+weighs both, since a client-aided refresh has a real cost (two ciphertext
+transfers and a round trip, see :class:`~hecompiler.costmodel.RefreshCost`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .costmodel import CostModel, ProgramCost, program_cost
+from .errors import HecError, LoweringError
+from .heprog import HEProgram, Params
+from .ir import Graph
+from .lower import Lowering, LoweringOptions, lower
+
+#: the HE standard's 128-bit limits on log2(Q*P) per ring degree (SEAL CoeffModulus::MaxBitCount)
+MAX_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass
+class PlanOptions:
+    ring_degrees: tuple[int, ...] = (8192, 16384, 32768)
+    security: str = "tc128"  # or "none": only when the user explicitly asks
+    max_memory_bytes: int = 8 * 2**30
+    max_refreshes: int | None = None
+    scale_bits: int | None = None  # None: try 40 and, for small rings, 30
+    levels: int | None = None  # None: try the maximum and about half of it
+    lowering: LoweringOptions = field(default_factory=LoweringOptions)
+
+
+@dataclass
+class Candidate:
+    params: Params
+    primes: tuple[int, ...]
+    prog: HEProgram | None
+    lowering: Lowering | None
+    cost: ProgramCost | None
+    reason: str = ""  # why it was rejected, if it was
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}"
+
+
+def chain_bits(n: int, scale_bits: int, levels: int) -> tuple[int, ...]:
+    """SEAL order: q_0 (holds the result: scale + 20 bits), L data primes of
+    ``scale_bits``, then the special key-switching prime (>= every other)."""
+    q0 = min(60, scale_bits + 20)
+    special = max(q0, scale_bits)
+    return (q0,) + (scale_bits,) * levels + (special,)
+
+
+def max_levels(n: int, scale_bits: int, security: str) -> int:
+    if security == "none":
+        limit = 60 * 30 if n >= 32768 else MAX_BITS_128.get(n, 0) * 2
+    else:
+        if n not in MAX_BITS_128:
+            raise HecError(f"ring degree {n} has no 128-bit parameters in the HE standard table "
+                           f"(supported: {sorted(MAX_BITS_128)}); pass --security none to go beyond")
+        limit = MAX_BITS_128[n]
+    q0 = min(60, scale_bits + 20)
+    special = max(q0, scale_bits)
+    return max(0, (limit - q0 - special) // scale_bits)
+
+
+def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
+    """The actual primes SEAL will use (q_0..q_L, special prime dropped)."""
+    import tenseal.sealapi as sealapi
+
+    try:
+        mods = sealapi.CoeffModulus.Create(n, list(bits))
+    except Exception as e:
+        raise HecError(f"cannot make primes of {list(bits)} bits for N={n}: {e}") from None
+    return tuple(int(m.value()) for m in mods)[:-1]
+
+
+def candidate_params(opts: PlanOptions) -> list[Params]:
+    out = []
+    for n in opts.ring_degrees:
+        scales = [opts.scale_bits] if opts.scale_bits else ([40, 30] if n <= 8192 else [40])
+        for sb in scales:
+            lmax = max_levels(n, sb, opts.security)
+            if lmax < 1:
+                continue
+            ls = [opts.levels] if opts.levels else sorted({lmax, max(1, lmax // 2)}, reverse=True)
+            for lv in ls:
+                if lv > lmax:
+                    raise HecError(f"{lv} levels do not fit N={n} at 128-bit security (at most {lmax})")
+                out.append(Params(n, chain_bits(n, sb, lv), sb, opts.security))
+    return out
+
+
+def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None = None,
+         progress=None) -> tuple[Candidate, list[Candidate]]:
+    """Lower ``graph`` under every candidate parameter set; return the best
+    and all candidates (with the reason each rejected one was rejected)."""
+    opts = opts or PlanOptions()
+    cost = cost or CostModel()
+    cands: list[Candidate] = []
+    for params in candidate_params(opts):
+        primes = make_primes(params.poly_degree, params.coeff_bits)
+        try:
+            prog, low = lower(graph, params, primes, opts.lowering)
+        except LoweringError as e:
+            if "levels but the modulus chain" in str(e):
+                cands.append(Candidate(params, primes, None, None, None, "chain too short"))
+                continue
+            raise
+        c = Candidate(params, primes, prog, low, program_cost(prog, cost))
+        if c.cost.memory_bytes > opts.max_memory_bytes:
+            c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
+        elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
+            c.reason = f"{c.cost.refreshes} refreshes > {opts.max_refreshes}"
+        cands.append(c)
+        if progress is not None:
+            progress(c)
+    ok = [c for c in cands if c.prog is not None and not c.reason]
+    if not ok:
+        table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
+        raise HecError(f"no parameter set fits: {table}")
+    best = min(ok, key=lambda c: (c.cost.seconds, c.cost.memory_bytes))
+    return best, cands
