@@ -330,13 +330,19 @@ class Lowering:
         else:
             follow = None
         if follow is not None:
-            # retarget the follower's linear op first (weights and output scale), then align levels
+            # the result takes the leader's alpha; when that alpha is far from 1 the ciphertext holds
+            # real/alpha, which overflows the modulus downstream: multiply it out on the leader when
+            # the leader has a level to spare (a skip branch usually has several)
+            if _bad_alpha(lead.alpha) and (lead.level > follow.level or _bad_alpha(lead.alpha, HARD_ALPHA)):
+                lead = self.materialize(lead)
             self._replan(follow.emission, lead.scale, follow.alpha / lead.alpha)
             follow = Tensor(follow.cts, follow.layout, follow.level, lead.scale, lead.alpha, None, follow.dirty)
             lv = min(follow.level, lead.level)
             follow, lead = self.to_level(follow, lv), self.to_level(lead, lv)
             return (follow, lead) if fv is va else (lead, follow)
         # neither adjustable: multiply the side with more levels by alpha ratio at a chosen scale
+        if _bad_alpha(ta.alpha) or _bad_alpha(tb.alpha):
+            ta, tb = self.materialize(ta), self.materialize(tb)
         hi, lo = (ta, tb) if ta.level >= tb.level else (tb, ta)
         if hi.level < 1:
             hi = self.refresh(hi)
@@ -354,6 +360,20 @@ class Lowering:
         hi = Tensor(cts, hi.layout, target_level, lo.scale, lo.alpha, None, hi.dirty)
         return (hi, lo) if ta.level >= tb.level else (lo, hi)
 
+    def materialize(self, t: Tensor) -> Tensor:
+        """Multiply a tensor's pending alpha into its ciphertexts (one level)."""
+        if t.alpha == 1.0:
+            return t
+        if t.level < 1:
+            t = self.refresh(t)
+        q = self.prog.primes[t.level]
+        s_pt = self.delta * q / t.scale
+        cts = []
+        for c in t.cts:
+            m = self._emit("mul_plain", (c,), plain=PlainRef("scalar", (float(t.alpha),), s_pt))
+            cts.append(self._emit("rescale", (m,), scale=self.delta))
+        return Tensor(cts, t.layout, t.level - 1, self.delta, 1.0, None, t.dirty)
+
     # ================================================================== polynomials
     def poly(self, x_val: Value, coeffs) -> Tensor:
         c = np.trim_zeros(np.asarray(coeffs, np.float64), "b")
@@ -361,7 +381,9 @@ class Lowering:
         if deg < 1:
             raise LoweringError(f"{self._where()}: polynomial is constant; the result does not depend on the input")
         depth = _poly_depth(deg)
-        x = self.need(x_val, depth)
+        x = self.need(x_val, depth + (1 if _bad_alpha(self.tensor(x_val).alpha, HARD_ALPHA) else 0))
+        if _bad_alpha(x.alpha, HARD_ALPHA):  # powers of a far-off alpha would overflow
+            x = self.materialize(x)
         a = x.alpha
         cs = c * a ** np.arange(deg + 1)  # coefficients in the ciphertext's own variable
         lead = cs[-1]
@@ -650,7 +672,7 @@ class Lowering:
             for j, c in enumerate(t.cts):
                 m = self._emit("mul_plain", (c,), plain=PlainRef("fill", (t.layout, j, name), q))
                 cts.append(self._emit("rescale", (m,), scale=t.scale))
-            return Tensor(cts, t.layout, t.level - 1, t.scale, t.alpha, None, t.dirty)
+            return Tensor(cts, t.layout, t.level - 1, t.scale, t.alpha, None, False)  # the fill masks garbage
         a, b = node.inputs
         if a is b:
             return self.poly(a, [0.0, 0.0, 1.0])
@@ -688,6 +710,16 @@ class Lowering:
             raise LoweringError(f"{self._where()}: only integer powers 1..64 by a constant are supported")
         k = int(e.data.reshape(-1)[0])
         return self.poly(x, [0.0] * k + [1.0])
+
+
+#: |log2 alpha| above which a pending scalar is multiplied out when it is free (a spare level)
+SOFT_ALPHA = 6.0
+#: ... and above which it is multiplied out even at the cost of a level
+HARD_ALPHA = 20.0
+
+
+def _bad_alpha(alpha: float, limit: float = SOFT_ALPHA) -> bool:
+    return alpha == 0 or abs(math.log2(abs(alpha))) > limit
 
 
 def _poly_depth(deg: int) -> int:
