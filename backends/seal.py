@@ -78,6 +78,7 @@ from hecompiler.errors import HecError
 from hecompiler.fileio import atomic_write_bytes, atomic_write_text
 from hecompiler.heprog import HEProgram, Instr, print_program
 from hecompiler.plaintexts import PlaintextFactory
+from hecompiler.runtime import LinearPlans, run_linear
 
 from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, SealError
 
@@ -166,6 +167,12 @@ class SealStats:
         self.op_counts[op] = self.op_counts.get(op, 0) + n
         self.seconds_by_op[op] = self.seconds_by_op.get(op, 0.0) + seconds
 
+    def add_linear(self, counts: Mapping[str, int], seconds: float) -> None:
+        """A ``linear`` macro: its primitive op counts, and its time under the key ``linear``."""
+        for op, n in counts.items():
+            self.op_counts[op] = self.op_counts.get(op, 0) + n
+        self.seconds_by_op["linear"] = self.seconds_by_op.get("linear", 0.0) + seconds
+
     def to_dict(self) -> dict:
         return {k: (dict(sorted(v.items())) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
@@ -184,14 +191,52 @@ class SealStats:
         lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
                      f"{self.refresh_round_trips} round trips, encode {self.encode_seconds:.3f} s "
                      f"({self.plaintexts} plaintexts)")
+        lines.append(f"  {'op':<10} {'count':>6}  {'time':>10}")
         for op in sorted(self.op_counts):
-            t = self.seconds_by_op.get(op, 0.0)
+            t = self.seconds_by_op.get(op)
             n = self.op_counts[op]
-            lines.append(f"  {op:<10} {n:>6}  {t:8.3f} s  {1e3 * t / max(n, 1):8.3f} ms/op")
+            tt = f"{t:8.3f} s  {1e3 * t / max(n, 1):8.3f} ms/op" if t else "(in linear)"
+            lines.append(f"  {op:<10} {n:>6}  {tt}")
+        if "linear" in self.seconds_by_op:
+            lines.append(f"  {'linear':<10} {'':>6}  {self.seconds_by_op['linear']:8.3f} s  (convolutions and "
+                         f"other linear ops: their rotations, ct-pt mults, adds, rescales, encoding)")
         lines.append(f"peak live ciphertexts {self.peak_live_ciphertexts}, peak RSS "
                      f"{self.peak_rss_bytes / 2**20:.0f} MiB, Galois keys {self.galois_keys} "
                      f"({self.galois_key_bytes / 2**20:.1f} MiB)")
         return "\n".join(lines)
+
+
+class _SealPrimitives:
+    """The primitive ops of a ``linear`` macro on SEAL ciphertexts."""
+
+    def __init__(self, server: "SealServer", stats: "SealStats"):
+        self.sv = server
+        self.s = server._s
+        self.stats = stats
+
+    def rotate(self, ct, step):
+        return self.s.rotate(ct, step)
+
+    def mul_plain(self, ct, ref, level):
+        v = self.sv._pf.vector(ref)
+        return self.s.multiply_plain(ct, self.sv._encode_vector(v, ref.scale, level, self.stats))
+
+    def add(self, a, b):
+        return self.s.add(a, b)
+
+    def rescale(self, ct, scale):
+        r = self.s.rescale(ct)
+        got = float(r.scale)
+        if not abs(got - scale) <= SCALE_RTOL * abs(scale):
+            raise SealBackendError(f"linear: rescaled scale {got!r} differs from the planned {scale!r}")
+        self.s.set_scale(r, scale)
+        return r
+
+    def add_plain(self, ct, ref, level):
+        return self.s.add_plain(ct, self.sv._encode(ref, level, self.stats))
+
+    def zero(self, level, scale):
+        return self.sv._zero(level, scale)
 
 
 # =========================================================================== client
@@ -303,6 +348,7 @@ class SealServer:
         self.top = prog.params.top_level
         self._s = CkksServer(ctx, keys)
         self._pf = PlaintextFactory(prog)
+        self._plans = LinearPlans(prog, self._pf)
         self._last = prog.last_uses()
         self._rng = np.random.default_rng(secrets.randbits(128))
         n_keys = len(keys.rotation_steps())
@@ -321,6 +367,13 @@ class SealServer:
     def _level(self, ct: Any) -> int:
         return self.top - self.ctx.level_of(ct)
 
+    def _encode_vector(self, v, scale: float, level: int, stats: SealStats) -> Any:
+        t = time.perf_counter()
+        pt = self._s.encode(v, scale, self.top - level)
+        stats.encode_seconds += time.perf_counter() - t
+        stats.plaintexts += 1
+        return pt
+
     def _encode(self, ref, level: int, stats: SealStats) -> Any:
         t = time.perf_counter()
         sl = self.top - level
@@ -332,6 +385,16 @@ class SealServer:
         stats.plaintexts += 1
         return pt
 
+    def _zero(self, level: int, scale: float) -> Any:
+        """A fresh public-key encryption of zero at ``level`` with ``scale``."""
+        import tenseal.sealapi as sealapi
+
+        enc = sealapi.Encryptor(self.ctx.seal, self.keys.public_key)
+        ct = sealapi.Ciphertext(self.ctx.seal)
+        enc.encrypt_zero(self.ctx.parms_id_at(self.top - level), ct)
+        ct.scale = scale
+        return ct
+
     def _check(self, k: int, ins: Instr, ct: Any) -> None:
         lv, sc = self._level(ct), float(ct.scale)
         if lv != ins.level or sc != ins.scale:
@@ -342,6 +405,8 @@ class SealServer:
         s = self._s
         a = [live[x] for x in ins.args]
         op = ins.op
+        if op == "linear":
+            return run_linear(self.prog, ins, a, self._plans.plan(ins.plain.args[0]), _SealPrimitives(self, stats))
         if op == "rotate":
             return s.rotate(a[0], ins.step)
         if op == "add":
@@ -353,6 +418,9 @@ class SealServer:
         if op == "add_plain":
             return s.add_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
         if op == "mul_plain":
+            if ins.plain.kind == "scalar" and float(ins.plain.args[0]) == 0.0 or \
+                    ins.plain.kind != "scalar" and not np.any(self._pf.vector(ins.plain)):
+                return self._zero(ins.level, ins.scale)  # SEAL refuses to multiply by an all-zero plaintext
             return s.multiply_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
         if op == "mul":
             return s.relinearize(s.multiply(a[0], a[1]))
@@ -444,10 +512,15 @@ class SealServer:
                     raise
                 except (SealError, HecError) as e:
                     raise SealBackendError(f"{_where(k, ins)}: {e}") from None
-                self._check(k, ins, r)
-                state.live[ins.out] = r
+                rs = r if ins.op == "linear" else [r]
+                for o, ct in zip(ins.results, rs):
+                    self._check(k, ins, ct)
+                    state.live[o] = ct
                 self._free(k, ins, state.live)
-                stats.add(ins.op, time.perf_counter() - t)
+                if ins.op == "linear":  # attribute the macro's time to its primitive ops, by their counts
+                    stats.add_linear(self.prog.linears[ins.plain.args[0]].counts, time.perf_counter() - t)
+                else:
+                    stats.add(ins.op, time.perf_counter() - t)
                 self._note_live(state)
                 state.pc = k + 1
                 if progress is not None:

@@ -18,22 +18,52 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hecompiler.costmodel import CostModel, ct_bytes
+from hecompiler.costmodel import CostModel, ct_bytes, instr_cost
 from hecompiler.errors import HecError
 from hecompiler.heprog import HEProgram
 from hecompiler.plaintexts import PlaintextFactory, rot
+from hecompiler.runtime import LinearPlans, run_linear
 
 
 @dataclass
 class RunStats:
     op_counts: dict[str, int] = field(default_factory=dict)
     plaintexts: int = 0
+    encode_seconds: float = 0.0  # predicted, part of predicted_seconds
     predicted_seconds: float = 0.0
     predicted_by_op: dict[str, float] = field(default_factory=dict)
     peak_live_ciphertexts: int = 0
     peak_ciphertext_bytes: int = 0
     wall_seconds: float = 0.0
     per_node: dict[str, float] = field(default_factory=dict)  # predicted seconds per graph node
+
+
+class _NumpyPrimitives:
+    """The primitive ops of a ``linear`` macro on slot vectors."""
+
+    def __init__(self, pf: PlaintextFactory, sim: "Simulator"):
+        self.pf = pf
+        self.sim = sim
+
+    def rotate(self, ct, step):
+        return rot(ct, step)
+
+    def mul_plain(self, ct, ref, level):
+        return ct * self.pf.vector(ref)
+
+    def add(self, a, b):
+        return a + b
+
+    def rescale(self, ct, scale):
+        if self.sim.noise:
+            return ct + self.sim._noise(scale, len(ct))
+        return ct
+
+    def add_plain(self, ct, ref, level):
+        return ct + self.pf.vector(ref)
+
+    def zero(self, level, scale):
+        return np.zeros(self.pf.S)
 
 
 class Simulator:
@@ -74,48 +104,49 @@ class Simulator:
         by_op: dict[str, float] = {}
         live_peak = 0
         bytes_peak = 0
+        plans = LinearPlans(prog, pf)
+        prim = _NumpyPrimitives(pf, self)
         for k, ins in enumerate(prog.instrs):
             a = [vals[x] for x in ins.args]
             op = ins.op
-            if op == "rotate":
-                r = rot(a[0], ins.step)
+            if op == "linear":
+                rs = run_linear(prog, ins, a, plans.plan(ins.plain.args[0]), prim)
+            elif op == "rotate":
+                rs = [rot(a[0], ins.step)]
             elif op == "add":
-                r = a[0] + a[1]
+                rs = [a[0] + a[1]]
             elif op == "sub":
-                r = a[0] - a[1]
+                rs = [a[0] - a[1]]
             elif op == "negate":
-                r = -a[0]
+                rs = [-a[0]]
             elif op == "add_plain":
-                r = a[0] + pf.vector(ins.plain)
+                rs = [a[0] + pf.vector(ins.plain)]
             elif op == "mul_plain":
-                r = a[0] * pf.vector(ins.plain)
+                rs = [a[0] * pf.vector(ins.plain)]
             elif op == "mul":
-                r = a[0] * a[1]
+                rs = [a[0] * a[1]]
             elif op in ("rescale", "mod_switch", "refresh"):
-                r = a[0]
-                if self.noise and op == "rescale":
-                    r = r + self._noise(ins.scale, S)
+                rs = [a[0] + (self._noise(ins.scale, S) if self.noise and op == "rescale" else 0)]
             else:
                 raise HecError(f"instruction {k}: unknown op {op!r}")
-            vals[ins.out] = r
-            meta[ins.out] = (ins.level, ins.scale)
-            counts[op] = counts.get(op, 0) + 1
-            primes = (ins.level + 1) if op not in ("rescale", "mod_switch") else ins.level + 2
-            cost = self.cost.op_seconds(op, N, primes if op != "refresh" else prog.params.top_level + 1)
-            if ins.plain is not None:
-                cost += self.cost.encode_seconds(N, primes) if ins.plain.kind != "scalar" else \
-                    self.cost.op_seconds("encode_constant", N, primes)
-                stats.plaintexts += 1
-            by_op[op] = by_op.get(op, 0.0) + cost
-            stats.per_node[ins.note] = stats.per_node.get(ins.note, 0.0) + cost
+            for o, r in zip(ins.results, rs):
+                vals[o] = r
+                meta[o] = (ins.level, ins.scale)
+            by, enc, cnt = instr_cost(ins, prog, self.cost)
+            for op_, n_ in cnt.items():
+                counts[op_] = counts.get(op_, 0) + n_
+            for op_, t_ in by.items():
+                by_op[op_] = by_op.get(op_, 0.0) + t_
+            stats.encode_seconds += enc
+            stats.per_node[ins.note] = stats.per_node.get(ins.note, 0.0) + sum(by.values()) + enc
+            stats.plaintexts += cnt.get("mul_plain", 0) + cnt.get("add_plain", 0)
             for x in set(ins.args):
                 if last.get(x, -1) <= k:
                     vals.pop(x, None)
             live = len(vals)
             if live > live_peak:
                 live_peak = live
-            b = sum(ct_bytes(N, meta[v][0] + 1) for v in vals)
-            bytes_peak = max(bytes_peak, b)
+                bytes_peak = max(bytes_peak, sum(ct_bytes(N, meta[v][0] + 1) for v in vals))
             if progress is not None:
                 progress(1)
         outs = {}
@@ -125,7 +156,7 @@ class Simulator:
             outs[io.name] = (lay.unpack(packed) * io.alpha).reshape(io.shape)
         stats.op_counts = dict(sorted(counts.items()))
         stats.predicted_by_op = dict(sorted(by_op.items()))
-        stats.predicted_seconds = sum(by_op.values())
+        stats.predicted_seconds = sum(by_op.values()) + stats.encode_seconds
         stats.peak_live_ciphertexts = live_peak
         stats.peak_ciphertext_bytes = bytes_peak
         stats.wall_seconds = time.perf_counter() - t0

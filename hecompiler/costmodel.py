@@ -124,6 +124,31 @@ class ProgramCost:
 BASELINE_BYTES = 400 * 2**20
 
 
+def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, dict[str, int]]:
+    """(seconds by primitive op, seconds encoding plaintexts, primitive op counts) of one instruction."""
+    n = prog.params.poly_degree
+    top_primes = prog.params.top_level + 1
+    if ins.op == "linear":
+        lin = prog.linears[ins.plain.args[0]]
+        c = lin.counts
+        pin = ins.level + 2  # primes of the input (one more than the output)
+        by = {"rotate": c.get("rotate", 0) * model.op_seconds("rotate", n, pin),
+              "mul_plain": c.get("mul_plain", 0) * model.op_seconds("mul_plain", n, pin),
+              "add": c.get("add", 0) * model.op_seconds("add", n, pin),
+              "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
+              "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
+        enc = (c.get("mul_plain", 0) * model.op_seconds("encode", n, pin)
+               + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
+        return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v}
+    # primes of the operand: a rescale or mod-switch drops at least one
+    primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
+    t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
+    enc = 0.0
+    if ins.plain is not None:
+        enc = model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
+    return {ins.op: t}, enc, {ins.op: 1}
+
+
 def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     """Static prediction for ``prog`` (an HEProgram): no execution needed."""
     model = model or CostModel()
@@ -134,31 +159,34 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     enc = 0.0
     top_primes = p.top_level + 1
     for ins in prog.instrs:
-        # primes of the operand: a rescale or mod-switch drops at least one
-        primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
-        c = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
-        by_op[ins.op] = by_op.get(ins.op, 0.0) + c
-        counts[ins.op] = counts.get(ins.op, 0) + 1
-        if ins.plain is not None:
-            enc += model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
-    # liveness: peak live ciphertexts and their bytes
+        by, e, cnt = instr_cost(ins, prog, model)
+        for k, v in by.items():
+            by_op[k] = by_op.get(k, 0.0) + v
+        for k, v in cnt.items():
+            counts[k] = counts.get(k, 0) + v
+        enc += e
+    # liveness: peak live ciphertexts and their bytes (a linear op also holds its baby rotations)
     last = prog.last_uses()
     live: dict[int, int] = {v: top_primes for io in prog.inputs for v in io.values}
     cur = sum(ct_bytes(n, k) for k in live.values())
     peak_n, peak_b = len(live), cur
+    diag_max = 0
     for k, ins in enumerate(prog.instrs):
-        live[ins.out] = ins.level + 1
-        cur += ct_bytes(n, ins.level + 1)
-        peak_n, peak_b = max(peak_n, len(live)), max(peak_b, cur)
+        extra = 0
+        if ins.op == "linear":
+            lin = prog.linears[ins.plain.args[0]]
+            extra = lin.counts.get("rotate", 0) + 2
+            diag_max = max(diag_max, lin.counts.get("mul_plain", 0))
+        for o in ins.results:
+            live[o] = ins.level + 1
+            cur += ct_bytes(n, ins.level + 1)
+        tmp = extra * ct_bytes(n, ins.level + 2)
+        peak_n, peak_b = max(peak_n, len(live) + extra), max(peak_b, cur + tmp)
         for a in set(ins.args):
             if last.get(a, -1) <= k and a in live:
                 cur -= ct_bytes(n, live.pop(a))
-    # plaintext working set: the largest linear op's diagonal cache
-    diag_counts: dict[int, int] = {}
-    for ins in prog.instrs:
-        if ins.plain is not None and ins.plain.kind == "diag":
-            diag_counts[ins.plain.args[0]] = diag_counts.get(ins.plain.args[0], 0) + 1
-    pt = max(diag_counts.values(), default=0) * p.slots * 8 + pt_bytes(n, top_primes)
+    # plaintext working set: the largest linear op's diagonals (float64) plus one encoded plaintext
+    pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes)
     n_keys = len(prog.galois_steps)
     kb = (n_keys + (1 if prog.needs_relin else 0)) * switching_key_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)

@@ -425,9 +425,22 @@ def _check_structure(prog: HEProgram) -> None:
         where = f"instruction {k} ({ins.op} -> %{ins.out})"
         if ins.op not in OPS:
             raise ProgramError(f"{where}: unknown op {ins.op!r}")
-        if len(ins.args) != _ARITY[ins.op]:
+        if ins.op == "linear":
+            p = ins.plain
+            if p is None or p.kind != "diag" or len(p.args) != 1 or not isinstance(p.args[0], int) \
+                    or not 0 <= p.args[0] < len(prog.linears):
+                raise ProgramError(f"{where}: linear needs a diag(<linear op>) operand")
+            lin = prog.linears[p.args[0]]
+            if len(ins.args) != prog.layouts[lin.in_layout].n_ct or \
+                    len(ins.results) != prog.layouts[lin.out_layout].n_ct:
+                raise ProgramError(f"{where}: operand/result counts do not match linear op #{p.args[0]}")
+            if lin.n1 < 1 or any(not isinstance(c, int) or c < 0 for c in lin.counts.values()):
+                raise ProgramError(f"{where}: linear op #{p.args[0]} has no valid BSGS plan")
+        elif len(ins.args) != _ARITY[ins.op]:
             raise ProgramError(f"{where}: takes {_ARITY[ins.op]} operand(s), got {len(ins.args)}")
-        if ins.op in ("add_plain", "mul_plain"):
+        if ins.op == "linear":
+            pass
+        elif ins.op in ("add_plain", "mul_plain"):
             if ins.plain is None:
                 raise ProgramError(f"{where}: missing plaintext operand")
             _check_plain(prog, where, ins.plain)

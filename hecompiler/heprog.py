@@ -18,7 +18,17 @@ mul x, y        x * y, then relinearise                      scale_x * scale_y
 rescale x       divide by the level's last prime q_l         level-1, scale/q_l
 mod_switch x, l drop primes down to level l                  level l
 refresh x       client-aided re-encryption (see backends)    top level, scale D
+linear xs, p    a linear op on a whole tensor (macro, below) level-1, planned
 ==============  ==========================================  ==================
+
+``linear`` is the one macro instruction: ``%y0, %y1 = linear %x0, %x1, diag(k) @ sp``
+applies linear op ``k`` to the tensor held in ``%x*`` with the baby-step/giant-step
+plan the op records (baby-step size ``n1``, rotation steps, op counts); the
+backends expand it into rotate / mul_plain (plaintexts at scale ``sp``) / add /
+rescale / add_plain (bias) exactly as :mod:`hecompiler.runtime` describes.  A
+ResNet-50 program stays a few thousand instructions instead of millions, and
+the expansion is deterministic: the plan is re-derived from the compact
+weights at load time and checked against the recorded steps.
 
 Plaintext operands are never stored expanded: a :class:`PlainRef` names how
 the backend generates the slot vector when it needs it (a diagonal of a
@@ -47,7 +57,8 @@ from .layout import Layout
 
 FORMAT_VERSION = 1
 
-OPS = ("rotate", "add", "sub", "negate", "add_plain", "mul_plain", "mul", "rescale", "mod_switch", "refresh")
+OPS = ("rotate", "add", "sub", "negate", "add_plain", "mul_plain", "mul", "rescale", "mod_switch", "refresh",
+       "linear")
 
 
 class ProgramError(HecError):
@@ -86,6 +97,11 @@ class Instr:
     level: int = 0
     scale: float = 0.0
     note: str = ""  # which graph node this implements
+    outs: tuple[int, ...] = ()  # all results of a ``linear`` macro (``out`` is the first)
+
+    @property
+    def results(self) -> tuple[int, ...]:
+        return self.outs if self.outs else (self.out,)
 
 
 @dataclass
@@ -112,6 +128,10 @@ class LinearOp:
     mult: float = 1.0
     bias_mult: float = 1.0
     note: str = ""
+    # the BSGS plan chosen at compile time: baby-step size, rotation steps used, primitive op counts
+    n1: int = 0
+    steps: list[int] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,16 +192,26 @@ class HEProgram:
     @property
     def galois_steps(self) -> list[int]:
         s = self.params.slots
-        return sorted({i.step % s for i in self.instrs if i.op == "rotate" and i.step % s})
+        steps = {i.step % s for i in self.instrs if i.op == "rotate" and i.step % s}
+        for i in self.instrs:
+            if i.op == "linear":
+                steps.update(k % s for k in self.linears[i.plain.args[0]].steps if k % s)
+        return sorted(steps)
 
     @property
     def needs_relin(self) -> bool:
         return any(i.op == "mul" for i in self.instrs)
 
-    def op_counts(self) -> dict[str, int]:
+    def op_counts(self, expand: bool = True) -> dict[str, int]:
+        """Instruction counts; with ``expand`` a ``linear`` macro counts as the
+        primitive ops it runs."""
         c: dict[str, int] = {}
         for i in self.instrs:
-            c[i.op] = c.get(i.op, 0) + 1
+            if i.op == "linear" and expand:
+                for op, n in self.linears[i.plain.args[0]].counts.items():
+                    c[op] = c.get(op, 0) + n
+            else:
+                c[i.op] = c.get(i.op, 0) + 1
         return dict(sorted(c.items()))
 
     def last_uses(self) -> dict[int, int]:
@@ -200,7 +230,8 @@ class HEProgram:
         depth: dict[int, int] = {v: 0 for io in self.inputs for v in io.values}
         for ins in self.instrs:
             d = max((depth[a] for a in ins.args), default=0)
-            depth[ins.out] = d + (1 if ins.op == "rescale" else 0)
+            for o in ins.results:
+                depth[o] = d + (1 if ins.op in ("rescale", "linear") else 0)
         return max(depth.values(), default=0)
 
 
@@ -228,8 +259,9 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
         for a in ins.args:
             if a not in meta:
                 raise ProgramError(f"{where}: operand %{a} is not defined before use")
-        if ins.out in meta:
-            raise ProgramError(f"{where}: %{ins.out} is defined twice")
+        for o in ins.results:
+            if o in meta:
+                raise ProgramError(f"{where}: %{o} is defined twice")
         lv = [meta[a][0] for a in ins.args]
         sc = [meta[a][1] for a in ins.args]
         if ins.op in ("add", "sub", "mul"):
@@ -255,12 +287,16 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
             if lv[0] < 1:
                 raise ProgramError(f"{where}: cannot rescale at level {lv[0]} (out of levels)")
             level, scale = lv[0] - 1, sc[0] / prog.primes[lv[0]]
+            if abs(scale - ins.scale) <= SCALE_SNAP * abs(ins.scale):
+                scale = ins.scale  # snapped to its target by the planner; backends set it exactly
         elif ins.op == "mod_switch":
             if not 0 <= ins.to_level <= lv[0]:
                 raise ProgramError(f"{where}: cannot switch from level {lv[0]} to {ins.to_level}")
             level, scale = ins.to_level, sc[0]
         elif ins.op == "refresh":
             level, scale = top, delta
+        elif ins.op == "linear":
+            level, scale = _check_linear(prog, ins, lv, sc, keys, where)
         else:
             raise ProgramError(f"{where}: unknown op {ins.op!r}")
         if level < 0:
@@ -274,13 +310,40 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
         if ins.level != level or ins.scale != scale:
             raise ProgramError(f"{where}: planned level/scale {ins.level}/{ins.scale!r} but the op gives "
                                f"{level}/{scale!r}")
-        meta[ins.out] = (level, scale)
+        for o in ins.results:
+            meta[o] = (level, scale)
     for io in prog.outputs:
         for v in io.values:
             if v not in meta:
                 raise ProgramError(f"output {io.name}: %{v} is not defined")
         if len({meta[v] for v in io.values}) > 1:
             raise ProgramError(f"output {io.name}: its ciphertexts differ in level or scale")
+
+
+#: relative difference allowed between a rescaled scale and its planned (snapped) value
+SCALE_SNAP = 1e-9
+
+
+def _check_linear(prog: HEProgram, ins: Instr, lv, sc, keys, where: str) -> tuple[int, float]:
+    p = ins.plain
+    if p is None or p.kind != "diag" or len(p.args) != 1 or not 0 <= p.args[0] < len(prog.linears):
+        raise ProgramError(f"{where}: linear needs a diag(<linear op>) operand")
+    lin = prog.linears[p.args[0]]
+    lin_in, lout = prog.layouts[lin.in_layout], prog.layouts[lin.out_layout]
+    if len(ins.args) != lin_in.n_ct or len(ins.results) != lout.n_ct:
+        raise ProgramError(f"{where}: linear op #{p.args[0]} maps {lin_in.n_ct} ciphertext(s) to {lout.n_ct}, "
+                           f"got {len(ins.args)} -> {len(ins.results)}")
+    if len(set(lv)) != 1 or len(set(sc)) != 1:
+        raise ProgramError(f"{where}: the input ciphertexts differ in level or scale")
+    if lv[0] < 1:
+        raise ProgramError(f"{where}: cannot apply a linear op at level {lv[0]} (out of levels)")
+    missing = [k for k in lin.steps if k % prog.params.slots and k % prog.params.slots not in keys]
+    if missing:
+        raise ProgramError(f"{where}: no Galois key for rotation(s) {missing[:5]} of linear op #{p.args[0]}")
+    got = sc[0] * p.scale / prog.primes[lv[0]]
+    if abs(got - ins.scale) > SCALE_SNAP * abs(ins.scale):
+        raise ProgramError(f"{where}: planned scale {ins.scale!r} but the plaintext scale gives {got!r}")
+    return lv[0] - 1, ins.scale
 
 
 # --------------------------------------------------------------------------- text form
@@ -309,7 +372,8 @@ def print_program(prog: HEProgram) -> str:
     for k, lin in enumerate(prog.linears):
         d = {"kind": lin.kind, "in": lin.in_layout, "out": lin.out_layout, "in_shape": list(lin.in_shape),
              "out_shape": list(lin.out_shape), "params": lin.params, "mult": lin.mult,
-             "bias_mult": lin.bias_mult, "note": lin.note}
+             "bias_mult": lin.bias_mult, "note": lin.note, "n1": lin.n1, "steps": list(lin.steps),
+             "counts": lin.counts}
         out.append(f"  linear #{k} {_fmt_params(d)}")
     for io in prog.inputs:
         vals = ", ".join(f"%{v}" for v in io.values)
@@ -324,7 +388,8 @@ def print_program(prog: HEProgram) -> str:
         elif ins.plain is not None:
             extra = ", " + _fmt_plain(ins.plain)
         note = f"  # {ins.note}" if ins.note else ""
-        out.append(f"  %{ins.out} = {ins.op} {args}{extra} : L{ins.level} S{_fmt_num(ins.scale)}{note}")
+        res = ", ".join(f"%{o}" for o in ins.results)
+        out.append(f"  {res} = {ins.op} {args}{extra} : L{ins.level} S{_fmt_num(ins.scale)}{note}")
     for io in prog.outputs:
         vals = ", ".join(f"%{v}" for v in io.values)
         out.append(f"  output {json.dumps(io.name)} {list(io.shape)} layout #{io.layout} alpha "
@@ -369,7 +434,9 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
                 d = json.loads(str(c[1]))
                 prog.linears.append(LinearOp(d["kind"], d["in"], d["out"], tuple(d["in_shape"]),
                                              tuple(d["out_shape"]), d["params"], float(d["mult"]),
-                                             float(d["bias_mult"]), d["note"]))
+                                             float(d["bias_mult"]), d["note"], int(d.get("n1", 0)),
+                                             [int(k) for k in d.get("steps", [])],
+                                             {str(k): int(v) for k, v in d.get("counts", {}).items()}))
             elif kind in ("input", "output"):
                 name = json.loads(str(c[0]))
                 shape = tuple(int(t) for t in c[1].children)
@@ -383,7 +450,8 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
                 maxval = max([maxval] + vals)
                 (prog.inputs if kind == "input" else prog.outputs).append(IOSpec(name, shape, lay, vals, alpha))
             elif kind == "instr":
-                out = int(str(c[0])[1:])
+                outs = [int(str(t)[1:]) for t in c[0].children]
+                out = outs[0]
                 op = str(c[1])
                 args, step, to_level, plain = [], 0, -1, None
                 level = scale = None
@@ -406,8 +474,9 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
                 note = ""
                 if isinstance(c[-1], Token) and c[-1].type == "COMMENT_NOTE":
                     note = str(c[-1])[1:].strip()
-                maxval = max([maxval, out] + args)
-                prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, scale, note))
+                maxval = max([maxval] + outs + args)
+                prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, scale, note,
+                                         tuple(outs) if op == "linear" else ()))
     except (KeyError, ValueError, TypeError, AttributeError, LoweringError) as e:
         raise ParseError(f"{source}: malformed program: {type(e).__name__}: {e}") from None
     if prog is None:

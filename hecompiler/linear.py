@@ -305,6 +305,11 @@ class BsgsPlan:
     def n_diagonals(self) -> int:
         return sum(len(t) for gs in self.giant.values() for t in gs.values())
 
+    @property
+    def n_adds(self) -> int:
+        """ct-ct additions: inside each giant group, and across groups."""
+        return sum(sum(len(t) - 1 for t in gs.values()) + len(gs) - 1 for gs in self.giant.values())
+
     def steps(self) -> set[int]:
         s = {b for bs in self.baby.values() for b in bs if b}
         s |= {g for gs in self.giant.values() for g in gs if g}
@@ -322,12 +327,18 @@ def _centered(d: np.ndarray, n1: int, S: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: float = 0.0,
               existing_steps: set[int] | None = None) -> BsgsPlan:
-    """Choose the baby-step size n1 (a power of two) minimising rotations
-    (plus ``key_cost`` per new Galois key)."""
+    """Choose the baby-step size n1 minimising rotations (plus ``key_cost``
+    per new Galois key)."""
     existing = existing_steps or set()
     best = None
-    n1 = 1
-    while n1 <= slots:
+    # candidate baby-step sizes: powers of two, and the natural strides of the op (the smallest
+    # distinct offsets: a tap row, a channel footprint), which fit non-power-of-two images
+    alld = np.unique(np.concatenate([ds for ds in keys.values()])) if keys else np.array([], np.int64)
+    signed = np.unique(np.abs(np.where(alld > slots // 2, alld - slots, alld)))
+    cands = sorted({1 << k for k in range(slots.bit_length()) if (1 << k) <= slots} |
+                   {int(v) for v in signed[signed > 1][:48]} |
+                   {int(v) * m for v in signed[signed > 1][:8] for m in (2, 3, 4, 6, 8) if int(v) * m <= slots})
+    for n1 in cands:
         baby: dict[int, set] = {}
         giant: dict[int, set] = {}
         for (j, i), ds in keys.items():
@@ -339,8 +350,11 @@ def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: flo
         cost = rot + key_cost * len(steps - existing)
         if best is None or cost < best[0]:
             best = (cost, n1)
-        n1 *= 2
-    n1 = best[1]
+    return plan_with_n1(keys, slots, best[1])
+
+
+def plan_with_n1(keys: dict[tuple[int, int], np.ndarray], slots: int, n1: int) -> BsgsPlan:
+    """The BSGS schedule for a given baby-step size (deterministic)."""
     baby_l: dict[int, set] = {}
     giant_l: dict[int, dict[int, list]] = {}
     for (j, i), ds in keys.items():

@@ -242,27 +242,22 @@ class Lowering:
         target = self.delta if out_scale is None else out_scale
         q = self.prog.primes[level]
         s_pt = target * q / x.scale
+        lin.n1 = plan.n1
+        lin.steps = sorted(plan.steps())
+        n_out = sum(1 for j in range(lout.n_ct) if j in plan.giant)
+        lin.counts = {"rotate": plan.rotations, "mul_plain": plan.n_diagonals, "add": plan.n_adds,
+                      "rescale": n_out}
+        if lin.params.get("bias"):
+            lin.counts["add_plain"] = lout.n_ct
+        # every weight reaching an output ciphertext may be zero (pruned channels, rows that see only
+        # padding): the backends then make an encryption of zero (plus the bias) at the planned level
         start = len(self.prog.instrs)
-        baby = {(i, b): self.rotate(x.cts[i], b) for i, bs in plan.baby.items() for b in bs}
-        outs = []
-        for j in range(lout.n_ct):
-            total = None
-            if j not in plan.giant:
-                # every weight reaching this output ciphertext is zero (pruned channels, rows that
-                # see only padding): it holds zeros (plus the bias) at the planned level and scale
-                total = self._emit("mul_plain", (x.cts[0],), plain=PlainRef("scalar", (0.0,), s_pt))
-            for g, terms in plan.giant.get(j, {}).items():
-                acc = None
-                for (i, b, d) in terms:
-                    ref = PlainRef("diag", (lid, j, i, d, -g % lin_in.slots), s_pt)
-                    m = self._emit("mul_plain", (baby[(i, b)],), plain=ref)
-                    acc = m if acc is None else self.add(acc, m)
-                acc = self.rotate(acc, g)
-                total = acc if total is None else self.add(total, acc)
-            r = self._emit("rescale", (total,), scale=target)
-            if lin.params.get("bias"):
-                r = self._emit("add_plain", (r,), plain=PlainRef("bias", (lid, j), target))
-            outs.append(r)
+        outs = [self.prog.new_value() for _ in range(lout.n_ct)]
+        note = self.node.outputs[0].name if self.node is not None else ""
+        self.prog.instrs.append(Instr("linear", outs[0], tuple(x.cts), plain=PlainRef("diag", (lid,), s_pt),
+                                      level=level - 1, scale=target, note=note, outs=tuple(outs)))
+        for o in outs:
+            self.meta[o] = (level - 1, target)
         stat = LayerStat(self.node.outputs[0].name, self.node.op, lin_in.describe(), lout.describe(),
                          plan.rotations, plan.n_diagonals, 2 * math.sqrt(plan.n_diagonals), level, level - 1)
         self.layers.append(stat)
@@ -270,30 +265,20 @@ class Lowering:
         return Tensor(outs, lin.out_layout, level - 1, target, 1.0, em)
 
     def _replan(self, em: Emission, new_scale: float, mult: float = 1.0) -> None:
-        """Change a linear emission's output scale (plaintext scales) and
-        multiplier, then recompute the planned metadata of its instructions."""
+        """Change a linear op's output scale (its plaintext scale) and multiplier."""
         lin = self.prog.linears[em.lin]
         lin.mult *= mult
         lin.bias_mult *= mult
         q = self.prog.primes[em.level_in]
         s_pt = new_scale * q / em.scale_in
-        for k in range(em.start, em.end):
-            ins = self.prog.instrs[k]
-            lv = [self.meta[a][0] for a in ins.args]
-            sc = [self.meta[a][1] for a in ins.args]
-            if ins.op == "mul_plain":
-                ins.plain = replace(ins.plain, scale=s_pt)
-                ins.scale = sc[0] * s_pt
-            elif ins.op == "rescale":
-                s = sc[0] / self.prog.primes[lv[0]]
-                assert abs(s - new_scale) <= SNAP * new_scale
-                ins.scale = new_scale
-            elif ins.op == "add_plain":
-                ins.plain = replace(ins.plain, scale=sc[0])
-                ins.scale = sc[0]
-            else:
-                ins.scale = sc[0]
-            self.meta[ins.out] = (ins.level, ins.scale)
+        ins = self.prog.instrs[em.start]
+        assert ins.op == "linear" and em.end == em.start + 1
+        got = em.scale_in * s_pt / q
+        assert abs(got - new_scale) <= SNAP * new_scale
+        ins.plain = replace(ins.plain, scale=s_pt)
+        ins.scale = new_scale
+        for o in ins.results:
+            self.meta[o] = (ins.level, new_scale)
 
     # ================================================================== alignment
     def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:

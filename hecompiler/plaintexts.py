@@ -38,6 +38,10 @@ class PlaintextFactory:
             self._diag_lin = lin_id
         return self._diags
 
+    def diagonal_keys(self, lin_id: int) -> list[tuple[int, int, int]]:
+        """The (j, i, d) of every non-zero diagonal of linear op ``lin_id``."""
+        return list(self._linear_diagonals(lin_id))
+
     def vector(self, ref: PlainRef) -> np.ndarray:
         k = ref.kind
         if k == "diag":

@@ -8,6 +8,8 @@ import json
 import os
 import zipfile
 
+import re
+
 import numpy as np
 import pytest
 
@@ -285,7 +287,8 @@ def test_stale_checksum(good, name):
 
 
 def test_stale_checksum_same_size(good):
-    edit(good, "program.txt", lambda b: b.replace(b"rotate %0, 1 ", b"rotate %0, 2 ", 1), rehash=False)
+    edit(good, "program.txt", lambda b: re.sub(rb"(= rotate %\d+, )(\d)", lambda m: m.group(1) + str(
+        (int(m.group(2)) + 1) % 10).encode(), b, count=1), rehash=False)
     assert "program.txt checksum mismatch" in load_error(good)
 
 
@@ -323,10 +326,10 @@ def test_newer_format_version(good):
 
 
 def test_zip_bomb_guard(good, monkeypatch):
-    monkeypatch.setattr(hecfile, "MAX_MEMBER_BYTES", 50_000)  # program.txt is bigger
+    monkeypatch.setattr(hecfile, "MAX_MEMBER_BYTES", 5_000)  # program.txt is bigger
     assert "zip bomb" in load_error(good)
     monkeypatch.setattr(hecfile, "MAX_MEMBER_BYTES", 4 * 2**30)
-    monkeypatch.setattr(hecfile, "MAX_TOTAL_BYTES", 100_000)
+    monkeypatch.setattr(hecfile, "MAX_TOTAL_BYTES", 10_000)
     assert "zip bomb" in load_error(good)
 
 
@@ -340,7 +343,7 @@ def test_program_does_not_parse(good):
 
 def test_rotation_without_key(good):
     # a step that is not among the program's rotations, so io.json's key set lacks it
-    edit(good, "program.txt", lambda b: b.replace(b"rotate %0, 1 ", b"rotate %0, 4000 ", 1))
+    edit(good, "program.txt", lambda b: re.sub(rb"(= rotate %\d+, )\d+ ", rb"\g<1>4000 ", b, count=1))
     msg = load_error(good)
     assert "invalid program" in msg and "no Galois key for rotation by 4000" in msg
 
@@ -348,20 +351,20 @@ def test_rotation_without_key(good):
 def test_level_edited(good):
     def f(b):
         lines = b.decode().splitlines(keepends=True)
-        k = next(i for i, ln in enumerate(lines) if " = add %" in ln and ": L7 " in ln)
-        lines[k] = lines[k].replace(": L7 ", ": L6 ")
+        k = next(i for i, ln in enumerate(lines) if " = add %" in ln and ": L6 " in ln)
+        lines[k] = lines[k].replace(": L6 ", ": L5 ")
         return "".join(lines).encode()
 
     edit(good, "program.txt", f)
     msg = load_error(good)
-    assert "invalid program" in msg and "planned level/scale 6/" in msg
+    assert "invalid program" in msg and "planned level/scale 5/" in msg
 
 
 def test_rescale_removed_breaks_scales(good):
     def f(b):
         lines = b.decode().splitlines(keepends=True)
-        k = next(i for i, ln in enumerate(lines) if " = rescale %" in ln)
-        lines[k] = lines[k].replace("= rescale", "= negate", 1)
+        k = next(i for i, ln in enumerate(lines) if " = linear %" in ln)
+        lines[k] = lines[k].replace("@ 1", "@ 2", 1)  # a different plaintext scale
         return "".join(lines).encode()
 
     edit(good, "program.txt", f)

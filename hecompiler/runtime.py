@@ -1,0 +1,91 @@
+"""What both backends share to run a program: expanding a ``linear`` macro.
+
+A backend supplies primitive operations on its own ciphertext type (numpy
+vectors in the simulator, SEAL ciphertexts in the SEAL backend) through a
+small :class:`Primitives` object; :func:`run_linear` drives the
+baby-step/giant-step evaluation with them, in one fixed order, so both
+backends execute exactly the same operations.  :class:`LinearPlans` rebuilds
+each op's plan from its compact weights (once, when the op first runs) and
+checks it is the plan the compiler recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .errors import HecError
+from .heprog import HEProgram, Instr, PlainRef
+from .linear import BsgsPlan, plan_with_n1
+from .plaintexts import PlaintextFactory
+
+
+class Primitives(Protocol):
+    def rotate(self, ct: Any, step: int) -> Any: ...
+    def mul_plain(self, ct: Any, ref: PlainRef, level: int) -> Any: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def rescale(self, ct: Any, scale: float) -> Any: ...
+    def add_plain(self, ct: Any, ref: PlainRef, level: int) -> Any: ...
+    def zero(self, level: int, scale: float) -> Any: ...
+
+
+class LinearPlans:
+    """BSGS plans of a program's linear ops, rebuilt from the weights."""
+
+    def __init__(self, prog: HEProgram, pf: PlaintextFactory):
+        self.prog = prog
+        self.pf = pf
+        self._plans: dict[int, BsgsPlan] = {}
+
+    def plan(self, lin_id: int) -> BsgsPlan:
+        if lin_id not in self._plans:
+            lin = self.prog.linears[lin_id]
+            keys: dict[tuple[int, int], list[int]] = {}
+            for (j, i, d) in self.pf.diagonal_keys(lin_id):
+                keys.setdefault((j, i), []).append(d)
+            plan = plan_with_n1({k: np.array(sorted(v), np.int64) for k, v in keys.items()},
+                                self.prog.params.slots, lin.n1)
+            if sorted(plan.steps()) != sorted(lin.steps):
+                raise HecError(f"linear op #{lin_id} ({lin.note}): its weights give rotation steps "
+                               f"{sorted(plan.steps())[:6]}... but the program recorded {sorted(lin.steps)[:6]}...")
+            self._plans = {lin_id: plan}  # one op at a time, like the diagonals
+        return self._plans[lin_id]
+
+
+def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, prim: Primitives) -> list[Any]:
+    """Evaluate a ``linear`` macro: returns one ciphertext per output ciphertext."""
+    lin_id = ins.plain.args[0]
+    lin = prog.linears[lin_id]
+    S = prog.params.slots
+    level_in = ins.level + 1
+    s_pt = ins.plain.scale
+    lout = prog.layouts[lin.out_layout]
+    if lout.n_ct != len(ins.results):
+        raise HecError(f"linear op #{lin_id}: {len(ins.results)} results for {lout.n_ct} output ciphertexts")
+    baby = {}
+    for i, bs in plan.baby.items():
+        for b in bs:
+            baby[(i, b)] = xs[i] if b == 0 else prim.rotate(xs[i], b)
+    outs = []
+    for j in range(lout.n_ct):
+        if j not in plan.giant:  # every weight reaching this ciphertext is zero
+            r = prim.zero(ins.level, ins.scale)
+            if lin.params.get("bias"):
+                r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
+            outs.append(r)
+            continue
+        total = None
+        for g, terms in plan.giant[j].items():
+            acc = None
+            for (i, b, d) in terms:
+                m = prim.mul_plain(baby[(i, b)], PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt), level_in)
+                acc = m if acc is None else prim.add(acc, m)
+            if g % S:
+                acc = prim.rotate(acc, g)
+            total = acc if total is None else prim.add(total, acc)
+        r = prim.rescale(total, ins.scale)
+        if lin.params.get("bias"):
+            r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
+        outs.append(r)
+    return outs
