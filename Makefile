@@ -15,13 +15,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-DEMO_MODEL := models/tiny_resnet.onnx
+DEMO_MODEL := models/tiny_resnet_poly
 demo: $(STAMP)
 	@mkdir -p out
-	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.ir --dump-after all --dump-dir out/dump
-	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.dot -q
-	$(BIN)/hecompile $(DEMO_MODEL) -o out/tiny_resnet.canonical.onnx -q
-	@echo "demo: IR in out/tiny_resnet.ir, DOT in out/tiny_resnet.dot, per-pass snapshots in out/dump/"
+	$(BIN)/hecompile $(DEMO_MODEL).onnx -o out/demo.hec --dump-after all --dump-dir out/dump
+	$(BIN)/hecompile run out/demo.hec --input $(DEMO_MODEL).input.npy --reference $(DEMO_MODEL).onnx -o out/demo.y.npy
+	@echo "demo: program out/demo.hec (hecompile inspect out/demo.hec), per-pass IR/DOT snapshots in out/dump/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

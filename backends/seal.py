@@ -76,7 +76,7 @@ import numpy as np
 from hecompiler.costmodel import switching_key_bytes
 from hecompiler.errors import HecError
 from hecompiler.fileio import atomic_write_bytes, atomic_write_text
-from hecompiler.heprog import HEProgram, Instr, print_program
+from hecompiler.heprog import LINEAR_PRIMITIVES, HEProgram, Instr, print_program
 from hecompiler.plaintexts import PlaintextFactory
 from hecompiler.runtime import LinearPlans, run_linear
 
@@ -170,7 +170,8 @@ class SealStats:
     def add_linear(self, counts: Mapping[str, int], seconds: float) -> None:
         """A ``linear`` macro: its primitive op counts, and its time under the key ``linear``."""
         for op, n in counts.items():
-            self.op_counts[op] = self.op_counts.get(op, 0) + n
+            if op in LINEAR_PRIMITIVES:
+                self.op_counts[op] = self.op_counts.get(op, 0) + n
         self.seconds_by_op["linear"] = self.seconds_by_op.get("linear", 0.0) + seconds
 
     def to_dict(self) -> dict:

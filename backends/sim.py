@@ -38,6 +38,10 @@ class RunStats:
     per_node: dict[str, float] = field(default_factory=dict)  # predicted seconds per graph node
 
 
+#: noise constants k in std = k * N / scale (see Simulator._noise)
+NOISE_K = {"fresh": 0.12, "rescale": 0.12, "keyswitch": 3.0}
+
+
 class _NumpyPrimitives:
     """The primitive ops of a ``linear`` macro on slot vectors."""
 
@@ -46,7 +50,8 @@ class _NumpyPrimitives:
         self.sim = sim
 
     def rotate(self, ct, step):
-        return rot(ct, step)
+        r = rot(ct, step)
+        return r + self.sim._noise(self.sim._cur_scale, len(r), "keyswitch") if self.sim.noise else r
 
     def mul_plain(self, ct, ref, level):
         return ct * self.pf.vector(ref)
@@ -56,7 +61,7 @@ class _NumpyPrimitives:
 
     def rescale(self, ct, scale):
         if self.sim.noise:
-            return ct + self.sim._noise(scale, len(ct))
+            return ct + self.sim._noise(scale, len(ct), "rescale")
         return ct
 
     def add_plain(self, ct, ref, level):
@@ -74,11 +79,15 @@ class Simulator:
         self.cost = cost or CostModel()
         self.noise = noise
         self.rng = np.random.default_rng(seed)
+        self._cur_scale = prog.params.scale
 
-    def _noise(self, scale: float, n: int) -> np.ndarray:
-        # rounding to integers at scale `scale` plus fresh-encryption error (sigma 3.2, ~sqrt(N) terms)
-        sigma = 3.2 * np.sqrt(self.prog.params.poly_degree) / scale
-        return self.rng.normal(0.0, sigma, n)
+    def _noise(self, scale: float, n: int, kind: str = "fresh") -> np.ndarray:
+        """CKKS error of one op, in real units: std = k * N / scale, with k
+        measured on SEAL (benchmarks/measure_seal_costs.py prints it): fresh
+        encryption and rescale rounding ~0.12, key switching (rotation,
+        relinearisation) ~3 with the special prime we use."""
+        k = NOISE_K[kind]
+        return self.rng.normal(0.0, k * self.prog.params.poly_degree / scale, n)
 
     def run(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], RunStats]:
         prog = self.prog
@@ -97,7 +106,7 @@ class Simulator:
                 raise HecError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
             packed = prog.layouts[io.layout].pack(x)
             for v, row in zip(io.values, packed):
-                vals[v] = row + (self._noise(prog.params.scale, S) if self.noise else 0)
+                vals[v] = row + (self._noise(prog.params.scale, S, "fresh") if self.noise else 0)
                 meta[v] = (prog.params.top_level, prog.params.scale)
         last = prog.last_uses()
         counts: dict[str, int] = {}
@@ -109,10 +118,11 @@ class Simulator:
         for k, ins in enumerate(prog.instrs):
             a = [vals[x] for x in ins.args]
             op = ins.op
+            self._cur_scale = meta[ins.args[0]][1] if ins.args else prog.params.scale
             if op == "linear":
                 rs = run_linear(prog, ins, a, plans.plan(ins.plain.args[0]), prim)
             elif op == "rotate":
-                rs = [rot(a[0], ins.step)]
+                rs = [rot(a[0], ins.step) + (self._noise(ins.scale, S, "keyswitch") if self.noise else 0)]
             elif op == "add":
                 rs = [a[0] + a[1]]
             elif op == "sub":
@@ -124,9 +134,13 @@ class Simulator:
             elif op == "mul_plain":
                 rs = [a[0] * pf.vector(ins.plain)]
             elif op == "mul":
-                rs = [a[0] * a[1]]
-            elif op in ("rescale", "mod_switch", "refresh"):
-                rs = [a[0] + (self._noise(ins.scale, S) if self.noise and op == "rescale" else 0)]
+                rs = [a[0] * a[1] + (self._noise(ins.scale, S, "keyswitch") if self.noise else 0)]
+            elif op == "rescale":
+                rs = [a[0] + (self._noise(ins.scale, S, "rescale") if self.noise else 0)]
+            elif op == "refresh":
+                rs = [a[0] + (self._noise(ins.scale, S, "fresh") if self.noise else 0)]
+            elif op == "mod_switch":
+                rs = [a[0]]
             else:
                 raise HecError(f"instruction {k}: unknown op {op!r}")
             for o, r in zip(ins.results, rs):

@@ -19,6 +19,8 @@ import numpy as np
 
 from .errors import HecError
 
+_PRIMITIVES = ("rotate", "mul_plain", "add", "rescale", "add_plain")
+
 #: program op -> cost-table op
 _OP_ALIAS = {"mul": "mul_relin", "refresh": None}
 
@@ -139,7 +141,7 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
         enc = (c.get("mul_plain", 0) * model.op_seconds("encode", n, pin)
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
-        return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v}
+        return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one
     primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
     t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
@@ -176,7 +178,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         if ins.op == "linear":
             lin = prog.linears[ins.plain.args[0]]
             extra = lin.counts.get("rotate", 0) + 2
-            diag_max = max(diag_max, lin.counts.get("mul_plain", 0))
+            diag_max = max(diag_max, lin.counts.get("block_diagonals", lin.counts.get("mul_plain", 0)))
         for o in ins.results:
             live[o] = ins.level + 1
             cur += ct_bytes(n, ins.level + 1)
@@ -185,7 +187,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         for a in set(ins.args):
             if last.get(a, -1) <= k and a in live:
                 cur -= ct_bytes(n, live.pop(a))
-    # plaintext working set: the largest linear op's diagonals (float64) plus one encoded plaintext
+    # plaintext working set: the largest block row of diagonals (float64) plus one encoded plaintext
     pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes)
     n_keys = len(prog.galois_steps)
     kb = (n_keys + (1 if prog.needs_relin else 0)) * switching_key_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)

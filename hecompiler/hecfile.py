@@ -327,6 +327,9 @@ def _check_linear(prog: HEProgram, k: int, lin: LinearOp) -> None:
     elif lin.kind == "identity":
         if C * H * W != out_size:
             raise ProgramError(f"{who}: identity op maps {C * H * W} elements to {out_size}")
+    elif lin.kind == "gap":
+        if lin.out_shape != (C, 1, 1):
+            raise ProgramError(f"{who}: global average pool of {list(lin.in_shape)} must give [{C}, 1, 1]")
     else:
         raise ProgramError(f"{who}: unknown linear op kind {lin.kind!r}")
     if p.get("bias"):

@@ -61,6 +61,10 @@ OPS = ("rotate", "add", "sub", "negate", "add_plain", "mul_plain", "mul", "resca
        "linear")
 
 
+#: primitive ops a ``linear`` macro expands to (keys of LinearOp.counts; other keys are statistics)
+LINEAR_PRIMITIVES = ("rotate", "mul_plain", "add", "rescale", "add_plain")
+
+
 class ProgramError(HecError):
     """An HE program violates an invariant (levels, scales, keys, definitions)."""
 
@@ -209,7 +213,8 @@ class HEProgram:
         for i in self.instrs:
             if i.op == "linear" and expand:
                 for op, n in self.linears[i.plain.args[0]].counts.items():
-                    c[op] = c.get(op, 0) + n
+                    if op in LINEAR_PRIMITIVES:
+                        c[op] = c.get(op, 0) + n
             else:
                 c[i.op] = c.get(i.op, 0) + 1
         return dict(sorted(c.items()))

@@ -88,18 +88,24 @@ def _pool_weights(lin: LinearOp) -> tuple[np.ndarray, np.ndarray | None]:
     return w, np.outer(ch, cw).astype(np.float64)
 
 
-def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray]) -> sp.csr_matrix:
+def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np.ndarray | None = None) -> sp.csr_matrix:
     """The op as a sparse [out_size, in_size] matrix over (c, h, w) flat tensors
-    (including ``mult``, excluding the bias)."""
+    (including ``mult``, excluding the bias).  With ``rows_subset`` only those
+    output elements' rows are filled (convolutions then only enumerate the
+    output channels involved, which bounds memory on large layers)."""
     out_size = int(np.prod(lin.out_shape))
     in_size = int(np.prod(lin.in_shape))
+    co_range = None
+    if rows_subset is not None and lin.kind in ("conv", "pool"):
+        hw = lin.out_shape[1] * lin.out_shape[2]
+        co_range = (int(rows_subset.min()) // hw, int(rows_subset.max()) // hw + 1)
     if lin.kind == "conv":
-        rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64))
+        rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64), co_range)
     elif lin.kind == "pool":
         w, cnt = _pool_weights(lin)
         pl = LinearOp("conv", 0, 0, lin.in_shape, lin.out_shape,
                       {"strides": lin.params["strides"], "pads": lin.params["pads"], "group": lin.in_shape[0]})
-        rows, cols, vals = _conv_entries(pl, w)
+        rows, cols, vals = _conv_entries(pl, w, co_range)
         vals = vals / cnt.reshape(-1)[rows % (lin.out_shape[1] * lin.out_shape[2])]
     elif lin.kind == "matrix":
         m = np.asarray(weights[lin.params["weight"]], np.float64)
@@ -119,6 +125,9 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray]) -> sp.csr_matri
         rows, cols, vals = idx, idx, scale[idx // (H * W)]
     else:
         raise LoweringError(f"linear op kind {lin.kind!r} is unknown")
+    if rows_subset is not None:
+        keep = np.isin(rows, rows_subset)
+        rows, cols, vals = rows[keep], cols[keep], np.asarray(vals)[keep]
     return sp.csr_matrix((np.asarray(vals, np.float64) * lin.mult, (rows, cols)), shape=(out_size, in_size))
 
 
@@ -241,8 +250,12 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     return _decode_keys(np.unique(np.concatenate(found)), NI, S)
 
 
-def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout):
-    m = tensor_matrix(lin, weights).tocoo()
+def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout, out_ct: int | None = None):
+    rows = None
+    if out_ct is not None:
+        S = lin_in.slots
+        rows = np.flatnonzero(lout.positions // S == out_ct)
+    m = tensor_matrix(lin, weights, rows).tocoo()
     S = lin_in.slots
     po = lout.positions[m.row]
     pi = lin_in.positions[m.col]
@@ -271,11 +284,13 @@ def _decode_keys(uk: np.ndarray, NI: int, S: int) -> dict[tuple[int, int], np.nd
     return out
 
 
-def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int, int], np.ndarray]:
+def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
+              out_ct: int | None = None) -> dict[tuple[int, int, int], np.ndarray]:
     """Values of every non-zero diagonal: {(j, i, d): vector of ``slots`` floats}
-    where ``y_j[k] += diag[k] * x_i[(k + d) % slots]``."""
+    where ``y_j[k] += diag[k] * x_i[(k + d) % slots]``; only output
+    ciphertext ``out_ct``'s when given."""
     S = lin_in.slots
-    j, i, d, slot, vals = _slot_entries(lin, weights, lin_in, lout)
+    j, i, d, slot, vals = _slot_entries(lin, weights, lin_in, lout, out_ct)
     key = (j * (lin_in.n_ct + 1) + i) * S + d
     uk, inv = np.unique(key, return_inverse=True)
     dense = np.zeros((len(uk), S))
@@ -338,16 +353,23 @@ def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: flo
     cands = sorted({1 << k for k in range(slots.bit_length()) if (1 << k) <= slots} |
                    {int(v) for v in signed[signed > 1][:48]} |
                    {int(v) * m for v in signed[signed > 1][:8] for m in (2, 3, 4, 6, 8) if int(v) * m <= slots})
+    if not keys:
+        return plan_with_n1(keys, slots, 1)
+    # all keys as flat arrays, scored per candidate with vectorised unique counts
+    J = np.concatenate([np.full(len(ds), j, np.int64) for (j, i), ds in keys.items()])
+    I = np.concatenate([np.full(len(ds), i, np.int64) for (j, i), ds in keys.items()])
+    D = np.concatenate([np.asarray(ds, np.int64) for ds in keys.values()])
+    ex = np.array(sorted(existing), np.int64)
     for n1 in cands:
-        baby: dict[int, set] = {}
-        giant: dict[int, set] = {}
-        for (j, i), ds in keys.items():
-            b, g = _centered(ds, n1, slots)
-            baby.setdefault(i, set()).update((b % slots).tolist())
-            giant.setdefault(j, set()).update(g.tolist())
-        rot = sum(len(v - {0}) for v in baby.values()) + sum(len(v - {0}) for v in giant.values())
-        steps = set().union(*baby.values(), *giant.values()) - {0}
-        cost = rot + key_cost * len(steps - existing)
+        b, g = _centered(D, n1, slots)
+        b = b % slots
+        ub = np.unique(I * slots + b)
+        ug = np.unique(J * slots + g)
+        rot = int(np.count_nonzero(ub % slots)) + int(np.count_nonzero(ug % slots))
+        cost = float(rot)
+        if key_cost:
+            steps = np.setdiff1d(np.unique(np.concatenate([ub % slots, ug % slots])), np.array([0]))
+            cost += key_cost * len(np.setdiff1d(steps, ex))
         if best is None or cost < best[0]:
             best = (cost, n1)
     return plan_with_n1(keys, slots, best[1])

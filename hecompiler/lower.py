@@ -24,6 +24,7 @@ rescale's result is the value the backends set, every add sees equal scales.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -68,6 +69,8 @@ class LoweringOptions:
     key_cost: float = 0.0
     #: multiplex strided layouts (fill holes with channels); False keeps them gapped
     multiplex: bool = True
+    #: BSGS plans by (op structure, layouts), shared by the planner's candidates
+    plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -234,10 +237,19 @@ class Lowering:
         lout = self.prog.layouts[lin.out_layout]
         self.prog.linears.append(lin)
         lid = len(self.prog.linears) - 1
-        keys = diag_keys(lin, self.prog.weights, lin_in, lout)
-        if not keys:
-            raise LoweringError(f"{self._where()}: the linear op is identically zero")
-        plan = plan_bsgs(keys, lin_in.slots, self.opts.key_cost, set(self.prog.galois_steps))
+        # the plan depends only on the op's structure and the two layouts: candidates of the planner
+        # that share a ring degree share it (the cache lives in the options)
+        ck = (lin.kind, json.dumps(lin.params, sort_keys=True), lin.in_shape, lin.out_shape, lin_in, lout,
+              self.opts.key_cost)
+        cached = self.opts.plan_cache.get(ck) if self.opts.key_cost == 0 else None
+        if cached is None:
+            keys = diag_keys(lin, self.prog.weights, lin_in, lout)
+            if not keys:
+                raise LoweringError(f"{self._where()}: the linear op is identically zero")
+            cached = plan_bsgs(keys, lin_in.slots, self.opts.key_cost, set(self.prog.galois_steps))
+            if self.opts.key_cost == 0:
+                self.opts.plan_cache[ck] = cached
+        plan = cached
         level = x.level
         target = self.delta if out_scale is None else out_scale
         q = self.prog.primes[level]
@@ -249,6 +261,9 @@ class Lowering:
                       "rescale": n_out}
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
+        # diagonals of one output ciphertext: what a backend holds in memory at once
+        lin.counts["block_diagonals"] = max((sum(len(t) for t in gs.values()) for gs in plan.giant.values()),
+                                            default=0)
         # every weight reaching an output ciphertext may be zero (pruned channels, rows that see only
         # padding): the backends then make an encryption of zero (plus the bias) at the planned level
         start = len(self.prog.instrs)

@@ -2,9 +2,9 @@
 
 Both backends ask a :class:`PlaintextFactory` for the slot vector of a
 :class:`~hecompiler.heprog.PlainRef` just before they encode it.  Diagonals
-of a linear op are computed for the whole op the first time one is needed
-and dropped when the program moves on to another op, so at most one op's
-diagonals are in memory (a few MB), never the whole network's.
+of a linear op are computed one output ciphertext at a time, when the first
+of them is needed, and dropped when the program moves on, so at most one
+block row of one op is in memory, never the whole network's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import HecError
 from .heprog import HEProgram, PlainRef
-from .linear import bias_vector, diagonals
+from .linear import bias_vector, diag_keys, diagonals
 
 
 def rot(v: np.ndarray, k: int) -> np.ndarray:
@@ -30,23 +30,27 @@ class PlaintextFactory:
         self._bias: dict[int, np.ndarray] = {}
         self._fill: dict = {}
 
-    def _linear_diagonals(self, lin_id: int) -> dict:
-        if lin_id != self._diag_lin:
+    def _linear_diagonals(self, lin_id: int, j: int) -> dict:
+        """Diagonals of one output ciphertext of one linear op (the only ones kept)."""
+        if (lin_id, j) != self._diag_lin:
             lin = self.prog.linears[lin_id]
             lays = self.prog.layouts
-            self._diags = diagonals(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout])
-            self._diag_lin = lin_id
+            self._diags = {}  # free the previous block before building the next
+            self._diags = diagonals(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout], j)
+            self._diag_lin = (lin_id, j)
         return self._diags
 
-    def diagonal_keys(self, lin_id: int) -> list[tuple[int, int, int]]:
-        """The (j, i, d) of every non-zero diagonal of linear op ``lin_id``."""
-        return list(self._linear_diagonals(lin_id))
+    def diagonal_keys(self, lin_id: int) -> dict[tuple[int, int], np.ndarray]:
+        """{(j, i): sorted d} of the non-zero diagonals of linear op ``lin_id``."""
+        lin = self.prog.linears[lin_id]
+        lays = self.prog.layouts
+        return diag_keys(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout])
 
     def vector(self, ref: PlainRef) -> np.ndarray:
         k = ref.kind
         if k == "diag":
             lin, j, i, d, r = ref.args
-            v = self._linear_diagonals(lin).get((j, i, d))
+            v = self._linear_diagonals(lin, j).get((j, i, d))
             if v is None:
                 raise HecError(f"plaintext {ref}: linear op #{lin} has no diagonal ({j}, {i}, {d})")
             return rot(v, r) if r else v

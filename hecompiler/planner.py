@@ -108,6 +108,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     opts = opts or PlanOptions()
     cost = cost or CostModel()
     cands: list[Candidate] = []
+    best: Candidate | None = None
     for params in candidate_params(opts):
         primes = make_primes(params.poly_degree, params.coeff_bits)
         try:
@@ -123,11 +124,30 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
             c.reason = f"{c.cost.refreshes} refreshes > {opts.max_refreshes}"
         cands.append(c)
+        # keep only the best program so far in memory (large networks have large programs)
+        if not c.reason and (best is None or (c.cost.seconds, c.cost.memory_bytes) <
+                             (best.cost.seconds, best.cost.memory_bytes)):
+            if best is not None:
+                best.prog = best.lowering = None
+            best = c
+        else:
+            c.prog = c.lowering = None
         if progress is not None:
             progress(c)
-    ok = [c for c in cands if c.prog is not None and not c.reason]
-    if not ok:
+    if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
-    best = min(ok, key=lambda c: (c.cost.seconds, c.cost.memory_bytes))
     return best, cands
+
+
+def ranked(cands: list[Candidate]) -> list[Candidate]:
+    """Acceptable candidates, fastest first."""
+    ok = [c for c in cands if c.cost is not None and not c.reason]
+    return sorted(ok, key=lambda c: (c.cost.seconds, c.cost.memory_bytes))
+
+
+def realize(graph: Graph, cand: Candidate, opts: PlanOptions) -> Candidate:
+    """Lower ``graph`` again for a candidate whose program was dropped."""
+    if cand.prog is None:
+        cand.prog, cand.lowering = lower(graph, cand.params, cand.primes, opts.lowering)
+    return cand

@@ -41,11 +41,7 @@ class LinearPlans:
     def plan(self, lin_id: int) -> BsgsPlan:
         if lin_id not in self._plans:
             lin = self.prog.linears[lin_id]
-            keys: dict[tuple[int, int], list[int]] = {}
-            for (j, i, d) in self.pf.diagonal_keys(lin_id):
-                keys.setdefault((j, i), []).append(d)
-            plan = plan_with_n1({k: np.array(sorted(v), np.int64) for k, v in keys.items()},
-                                self.prog.params.slots, lin.n1)
+            plan = plan_with_n1(self.pf.diagonal_keys(lin_id), self.prog.params.slots, lin.n1)
             if sorted(plan.steps()) != sorted(lin.steps):
                 raise HecError(f"linear op #{lin_id} ({lin.note}): its weights give rotation steps "
                                f"{sorted(plan.steps())[:6]}... but the program recorded {sorted(lin.steps)[:6]}...")
