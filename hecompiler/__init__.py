@@ -30,5 +30,8 @@ from .rewrite import RewritePattern, apply_patterns  # noqa: F401
 from .text import parse_graph, print_graph  # noqa: F401
 from .dot import to_dot  # noqa: F401
 from .verify import verify  # noqa: F401
+from .compiler import CompileOptions, compile_model  # noqa: F401
+from .hecfile import inspect_hec, load_hec, save_hec  # noqa: F401
+from .heprog import parse_program, print_program, verify_program  # noqa: F401
 
 __version__ = "0.1.0"

@@ -87,17 +87,25 @@ def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
 
 def candidate_params(opts: PlanOptions) -> list[Params]:
     out = []
+    too_small = []
     for n in opts.ring_degrees:
+        if n < 1024 or n & (n - 1):
+            raise HecError(f"ring degree {n} is not a power of two >= 1024")
         scales = [opts.scale_bits] if opts.scale_bits else ([40, 30] if n <= 8192 else [40])
         for sb in scales:
             lmax = max_levels(n, sb, opts.security)
             if lmax < 1:
+                too_small.append(f"N={n} with {sb}-bit primes")
                 continue
             ls = [opts.levels] if opts.levels else sorted({lmax, max(1, lmax // 2)}, reverse=True)
             for lv in ls:
                 if lv > lmax:
                     raise HecError(f"{lv} levels do not fit N={n} at 128-bit security (at most {lmax})")
                 out.append(Params(n, chain_bits(n, sb, lv), sb, opts.security))
+    if not out:
+        raise HecError(f"ring degree(s) {', '.join(map(str, opts.ring_degrees))} hold no multiplicative level "
+                       f"at {'128-bit security' if opts.security == 'tc128' else 'these settings'} "
+                       f"({'; '.join(too_small)}); use --ring 8192 or larger")
     return out
 
 

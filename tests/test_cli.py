@@ -105,3 +105,89 @@ def test_console_script_help_and_exit_code(tiny, tmp_path):
     assert r.returncode == 0 and "Compile an ONNX CNN" in r.stdout and "--input-shape" in r.stdout
     r = subprocess.run([str(exe), str(tmp_path / "none.onnx")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+
+
+# --------------------------------------------------------------------------- the encrypted path
+
+@pytest.fixture(scope="module")
+def tiny_poly(models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hec")
+    path = d / "tiny_poly.onnx"
+    onnx.save(models.MODELS["tiny_resnet_poly"](), path)
+    x = np.random.default_rng(3).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    assert main([str(path), "-o", str(d / "m.hec"), "-q"]) == 0
+    return d, path, x
+
+
+def test_compile_report_names_parameters_and_security(models, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(models.MODELS["tiny_resnet_poly"](), path)
+    assert main([str(path), "-o", str(tmp_path / "m.hec"), "--ring", "8192"]) == 0
+    err = capsys.readouterr().err
+    assert "128-bit (HE standard" in err and "N=8192" in err and "refreshes" in err
+    assert "rotations" in err and "Galois keys" in err and "predicted:" in err and "argmax agrees" in err
+
+
+def test_run_sim_and_seal_match_onnxruntime(tiny_poly, capsys):
+    d, path, x = tiny_poly
+    ref = ort_run(onnx.load(path), x)[0]
+    for backend in ("sim", "seal"):
+        assert main(["run", str(d / "m.hec"), "--input", str(d / "x.npy"), "--backend", backend,
+                     "--reference", str(path), "-o", str(d / f"y_{backend}.npy"), "-q"]) == 0
+        out = capsys.readouterr().out
+        assert "argmax agrees" in out
+        y = np.load(d / f"y_{backend}.npy")
+        assert np.abs(y - ref).max() <= 1e-3 * np.ptp(ref)
+
+
+def test_inspect(tiny_poly, capsys):
+    d, _, _ = tiny_poly
+    assert main(["inspect", str(d / "m.hec")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_poly.onnx" in out and "linear" in out
+    assert main(["inspect", str(d / "m.hec"), "--program-text"]) == 0
+    assert capsys.readouterr().out.startswith("heprogram v1 {")
+
+
+def test_client_and_server_as_separate_commands(tiny_poly, tmp_path, capsys):
+    d, path, x = tiny_poly
+    hec = str(d / "m.hec")
+    client, server = tmp_path / "client", tmp_path / "server"
+    assert main(["keygen", hec, "--client-dir", str(client), "--server-dir", str(server)]) == 0
+    assert (client / "secret.key").exists() and not (server / "secret.key").exists()
+    assert main(["encrypt", hec, "--keys", str(client), "--input", str(d / "x.npy"), "-o", str(tmp_path / "x.b")]) == 0
+    st = str(tmp_path / "st.b")
+    args = ["eval", hec, "--keys", str(server), "--state", st, "-o", str(tmp_path / "y.b")]
+    assert main(args + ["--input", str(tmp_path / "x.b")]) == 0
+    rounds = 0
+    while not (tmp_path / "y.b").exists():
+        assert "refresh needed" in capsys.readouterr().out
+        assert main(["refresh", hec, "--keys", str(client), "--request", st + ".request", "-o", st + ".response"]) == 0
+        assert main(args + ["--response", st + ".response"]) == 0
+        rounds += 1
+        assert rounds < 50
+    assert main(["decrypt", hec, "--keys", str(client), "--ciphertext", str(tmp_path / "y.b"),
+                 "-o", str(tmp_path / "y.npy")]) == 0
+    ref = ort_run(onnx.load(path), x)[0]
+    assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-3 * np.ptp(ref)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "{hec}", "--input", "{d}/nope.npy"], "nope.npy: no such file"),
+    (["run", "{hec}", "--input", "{d}/bad.npy"], "shape [1, 1, 4, 4] but the program's input"),
+    (["run", "{d}/x.npy", "--input", "{d}/x.npy"], "x.npy"),
+    (["{onnx}", "-o", "{d}/m2.hec", "--max-memory", "1M"], "no parameter set fits"),
+    (["{onnx}", "-o", "{d}/m2.hec", "--ring", "1024"], "ring degree"),
+    (["{d}/relu.onnx", "-o", "{d}/m2.hec"], "cannot run Relu under encryption"),
+])
+def test_encrypted_path_errors(tiny_poly, models, args, message, capsys):
+    d, path, _ = tiny_poly
+    np.save(d / "bad.npy", np.zeros((1, 1, 4, 4), np.float32))
+    onnx.save(models.MODELS["tiny_resnet"](), d / "relu.onnx")
+    before = sorted(p.name for p in d.iterdir())
+    args = [a.format(hec=d / "m.hec", d=d, onnx=path) for a in args]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hecompile: error: ") and message in err, err
+    assert sorted(p.name for p in d.iterdir()) == before
