@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import secrets
 import struct
 import time
@@ -73,7 +72,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from hecompiler.costmodel import switching_key_bytes
+from hecompiler.costmodel import peak_rss_bytes, switching_key_bytes
 from hecompiler.errors import HecError
 from hecompiler.fileio import atomic_write_bytes, atomic_write_text
 from hecompiler.heprog import LINEAR_PRIMITIVES, HEProgram, Instr, print_program
@@ -130,15 +129,7 @@ def make_context(prog: HEProgram) -> CkksContext:
     return ctx
 
 
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+_peak_rss_bytes = peak_rss_bytes
 
 
 def _where(k: int, ins: Instr) -> str:

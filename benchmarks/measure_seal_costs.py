@@ -390,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "schema": SCHEMA,
         "generated_by": "benchmarks/measure_seal_costs.py",
-  "command": str,                                 # the command line that produced the file
         "command": " ".join(["benchmarks/measure_seal_costs.py"] + list(sys.argv[1:] if argv is None else argv)),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "machine": machine_info(),

@@ -171,7 +171,6 @@ def _size_arg(text: str) -> int:
 
 
 def _compile_hec(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from .compiler import CompileOptions, compile_model
@@ -225,7 +224,6 @@ def cmd_run(argv: Sequence[str]) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .fileio import atomic_write_bytes
     from .hecfile import load_hec
 
     p = argparse.ArgumentParser(prog="hecompile run",
@@ -276,15 +274,24 @@ def cmd_run(argv: Sequence[str]) -> int:
         agree = bool(np.argmax(y) == np.argmax(ref))
         print(f"max abs error vs {os.path.basename(args.reference)}: {err:.3e} ({err / rng:.2e} of the output "
               f"range); argmax {'agrees' if agree else 'DIFFERS'} ({int(np.argmax(y))} vs {int(np.argmax(ref))})")
-    if args.output:
-        import io as _io
+    _emit_array(y, args.output)
+    return 0
 
+
+def _emit_array(y, path: str | None) -> None:
+    """Write ``y`` as .npy atomically, or print it when no path is given."""
+    import io as _io
+
+    import numpy as np
+
+    from .fileio import atomic_write_bytes
+
+    if path:
         buf = _io.BytesIO()
-        np.save(buf, y)
-        atomic_write_bytes(args.output, buf.getvalue())
+        np.save(buf, np.asarray(y))
+        atomic_write_bytes(path, buf.getvalue())
     else:
         print(np.array2string(np.asarray(y), precision=5, max_line_width=120))
-    return 0
 
 
 def _seal_summary(stats) -> str:
@@ -427,12 +434,7 @@ def cmd_refresh(argv: Sequence[str]) -> int:
 
 
 def cmd_decrypt(argv: Sequence[str]) -> int:
-    import io as _io
-
-    import numpy as np
-
     from .backends.seal import client_decrypt
-    from .fileio import atomic_write_bytes
     from .hecfile import load_hec
 
     p = _step_parser("decrypt", "Client: decrypt the encrypted outputs.")
@@ -443,13 +445,7 @@ def cmd_decrypt(argv: Sequence[str]) -> int:
     _check_output_dir(args.output)
     prog, _ = load_hec(args.program)
     outs = client_decrypt(prog, args.keys, args.ciphertext)
-    y = outs[prog.outputs[0].name]
-    if args.output:
-        buf = _io.BytesIO()
-        np.save(buf, y)
-        atomic_write_bytes(args.output, buf.getvalue())
-    else:
-        print(np.array2string(np.asarray(y), precision=5, max_line_width=120))
+    _emit_array(outs[prog.outputs[0].name], args.output)
     return 0
 
 

@@ -19,7 +19,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .costmodel import CostModel
-from .errors import HecError
 from .frontend import load_onnx
 from .heprog import HEProgram, verify_program
 from .ir import Graph

@@ -81,6 +81,20 @@ class CostModel:
         return self.op_seconds("encode", n, primes)
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def ct_bytes(n: int, primes: int) -> int:
     return 2 * n * primes * 8
 

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import InterpreterError
-from .ir import Graph, Node, Value
+from .ir import Graph, Node
 
 
 class Interpreter:

@@ -621,9 +621,7 @@ class Lowering:
             xv, cv = co
             t = self.tensor(xv)
             k = cv.data.astype(np.float64)
-            sign = 1.0
             if negate_b and node.inputs[0] is cv:  # c - x
-                sign = -1.0
                 t = replace(t, alpha=-t.alpha, emission=None)
             elif negate_b:
                 k = -k

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-import numpy as np
-
 from .errors import HecError
 from .heprog import HEProgram, Instr, PlainRef
 from .linear import BsgsPlan, plan_with_n1
