@@ -100,6 +100,13 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
         best = cand
         break
     prog = best.prog
+    if opts.dump_dir and opts.dump_after:
+        from .dot import to_dot
+        from .fileio import atomic_write_text
+
+        os.makedirs(opts.dump_dir, exist_ok=True)
+        atomic_write_text(os.path.join(opts.dump_dir, f"{len(pipeline.records) + 1:02d}-lowered.dot"),
+                          to_dot(graph, title=f"{graph.name} lowered: {best.label}", annotate=best.lowering.annotate))
     seconds = time.perf_counter() - t0
     sha, fname = _sha256_of(model)
     report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds)
@@ -186,6 +193,12 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "levels_used": best.prog.levels_used(),
         "refreshes": c.refreshes,
         "refresh_points": list(low.refresh_points),
+        "refresh_placement": {"method": "optimal (DP over the level model)" if best.refresh_plan else
+                              ("none needed" if not c.refreshes else "greedy"),
+                              "greedy_refreshed_ciphertexts": best.greedy_refreshed,
+                              "refreshed_ciphertexts": c.refreshes,
+                              "unplanned": low.unplanned_refreshes},
+        "shared_alignments": low.shared_alignments,
         "galois_keys": c.galois_keys,
         "key_bytes": c.key_bytes,
         "peak_live_ciphertexts": c.peak_live_ciphertexts,
@@ -222,8 +235,16 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{ops.get('mul', 0)} ct-ct mults, {ops.get('rescale', 0)} rescales, "
                  f"{ops.get('add', 0) + ops.get('add_plain', 0)} adds, {ops.get('mod_switch', 0)} mod-switches, "
                  f"{r['refreshes']} refreshes (client-aided)")
+    rp = r["refresh_placement"]
     lines.append(f"depth: {r['levels_used']} levels on the longest path; refreshes before: "
                  f"{', '.join(r['refresh_points']) or 'none'}")
+    if r["refreshes"]:
+        lines.append(f"refresh placement: {rp['method']}: {rp['refreshed_ciphertexts']} ciphertexts refreshed "
+                     f"(greedy placement: {rp['greedy_refreshed_ciphertexts']})"
+                     + (f", {rp['unplanned']} beyond the plan" if rp["unplanned"] else ""))
+    if r.get("shared_alignments"):
+        lines.append(f"shared-source: {r['shared_alignments']} level alignment(s) of skip sources reused "
+                     f"instead of recomputed")
     lines.append(f"keys: {r['galois_keys']} Galois keys (only the rotation steps used) + relin + public = "
                  f"{_mb(r['key_bytes'])}")
     lines.append(f"predicted: {r['predicted_seconds']:.2f} s (of which encoding plaintexts "

@@ -36,10 +36,29 @@ def _shape(v: Value) -> str:
     return "x".join(str(d) for d in v.type.shape) or "scalar"
 
 
+def skip_edges(graph: Graph) -> set[tuple[int, int]]:
+    """(id(value), id(add node)) of residual skip edges: the operand of a two-input
+    Add/Sub that was produced earlier (the long edge around the branch)."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    out = set()
+    for n in graph.nodes:
+        if n.op not in ("Add", "Sub") or len(n.inputs) != 2 or any(v.is_constant for v in n.inputs):
+            continue
+        pos = [index.get(id(v.producer), -1) if v.producer is not None else -1 for v in n.inputs]
+        if pos[0] == pos[1]:
+            continue
+        k = 0 if pos[0] < pos[1] else 1
+        if index[id(n)] - pos[k] >= 2:
+            out.add((id(n.inputs[k]), id(n)))
+    return out
+
+
 def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = None,
            show_constants: bool = True) -> str:
     """DOT source for ``graph``.  ``annotate(node)`` may return extra graphviz
-    attributes for that node; a ``"lines"`` entry adds label lines."""
+    attributes for that node; a ``"lines"`` entry adds label lines.  Residual
+    skip edges are drawn dashed and blue; a value feeding several skips (a
+    shared source) is drawn with a thick purple border and says how many."""
     d = graphviz.Digraph(name=graph.name, graph_attr={"rankdir": "TB", "fontname": "Helvetica",
                                                       "label": title or graph.name, "labelloc": "t"},
                          node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica",
@@ -56,6 +75,14 @@ def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = 
             ids[id(v)] = f"c{i}"
             d.node(f"c{i}", f"%{v.name}\n{v.type}\n{v.type.size} elems", fontsize="8", fillcolor="#f4f4f4",
                    style="filled", color="#bbbbbb")
+    skips = skip_edges(graph)
+    fan: dict[int, int] = {}
+    for vid, _ in skips:
+        fan[vid] = fan.get(vid, 0) + 1
+    for i, v in enumerate(graph.inputs):
+        if fan.get(id(v), 0) > 1:
+            d.node(f"in{i}", f"input %{v.name}\n{v.type}\nshared skip source x{fan[id(v)]}", shape="ellipse",
+                   fillcolor="#fff3b0", color="#7b2cbf", penwidth="3")
     for i, n in enumerate(graph.nodes):
         nid = f"n{i}"
         for v in n.outputs:
@@ -63,13 +90,22 @@ def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = 
         extra = dict(annotate(n) or {}) if annotate else {}
         lines = [f"<b>{html.escape(n.op)}</b>", html.escape("%" + n.outputs[0].name),
                  html.escape(", ".join(_shape(v) for v in n.outputs))]
+        if fan.get(id(n.outputs[0]), 0) > 1:
+            lines.append(f"shared skip source x{fan[id(n.outputs[0])]}")
         lines += [html.escape(str(s)) for s in extra.pop("lines", [])]
         attrs = {"fillcolor": _COLOURS[_KIND.get(n.op, "other")]}
+        if fan.get(id(n.outputs[0]), 0) > 1:
+            attrs.update(color="#7b2cbf", penwidth="3")
         attrs.update({k: str(val) for k, val in extra.items()})
         d.node(nid, "<" + "<br/>".join(lines) + ">", **attrs)
         for v in n.inputs:
             src = ids.get(id(v))
-            if src is not None:
+            if src is None:
+                continue
+            if (id(v), id(n)) in skips:
+                d.edge(src, nid, label="skip " + _shape(v), style="dashed", color="#1f6feb", penwidth="2",
+                       fontcolor="#1f6feb", constraint="false")
+            else:
                 d.edge(src, nid, label=_shape(v))
     for i, v in enumerate(graph.outputs):
         d.node(f"out{i}", f"output %{v.name}\n{v.type}", shape="ellipse", fillcolor="#fff3b0")

@@ -35,6 +35,7 @@ from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .linear import diag_keys, plan_bsgs
+from .refresh import LevelModel, NodeInfo, RefreshPlan
 
 #: relative difference within which a rescaled scale is snapped to its target
 SNAP = 1e-9
@@ -89,7 +90,7 @@ class LayerStat:
 
 class Lowering:
     def __init__(self, graph: Graph, params: Params, primes: tuple[int, ...],
-                 options: LoweringOptions | None = None):
+                 options: LoweringOptions | None = None, refresh_plan: RefreshPlan | None = None):
         self.g = graph
         self.opts = options or LoweringOptions()
         self.prog = HEProgram(params, tuple(primes))
@@ -98,6 +99,13 @@ class Lowering:
         self.layers: list[LayerStat] = []
         self.node: Node | None = None
         self.refresh_points: list[str] = []
+        self.refresh_plan = refresh_plan
+        self.unplanned_refreshes = 0  # refreshes the plan did not foresee (greedy fallback)
+        self.refreshed_cts = 0
+        self.level_model_nodes: list[NodeInfo] = []  # what this lowering observed, for planning
+        # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
+        self._aligned: dict[tuple[int, int], Tensor] = {}
+        self.shared_alignments = 0
 
     # ================================================================== instruction emission
     @property
@@ -183,9 +191,12 @@ class Lowering:
         return name
 
     # ================================================================== levels
-    def refresh(self, t: Tensor) -> Tensor:
+    def refresh(self, t: Tensor, planned: bool = False) -> Tensor:
         cts = [self._emit("refresh", (c,)) for c in t.cts]
         self.refresh_points.append(self.node.outputs[0].name if self.node else "?")
+        self.refreshed_cts += len(cts)
+        if self.refresh_plan is not None and not planned:
+            self.unplanned_refreshes += 1
         return Tensor(cts, t.layout, self.top, self.delta, t.alpha, None, t.dirty)
 
     def need(self, v: Value, levels: int) -> Tensor:
@@ -204,6 +215,42 @@ class Lowering:
         if t.level == level:
             return t
         return Tensor([self.mod_switch(c, level) for c in t.cts], t.layout, level, t.scale, t.alpha, None, t.dirty)
+
+    def shared_to_level(self, v: Value, t: Tensor, level: int) -> Tensor:
+        """``to_level`` for a value read by several consumers (a skip source feeding
+        several Adds): the mod-switched ciphertexts are made once and fanned out."""
+        if t.level == level:
+            return t
+        key = (id(v), level)
+        hit = self._aligned.get(key)
+        if hit is not None and hit.cts and self.meta.get(hit.cts[0]) == (level, t.scale) and hit.alpha == t.alpha:
+            self.shared_alignments += 1
+            return hit
+        out = self.to_level(t, level)
+        if len(v.uses) > 1:
+            self._aligned[key] = out
+        return out
+
+    def annotate(self, node: Node) -> dict:
+        """DOT annotations of a lowered node: levels, layout, refreshes before it."""
+        t = self.t.get(id(node.outputs[0]))
+        if t is None:
+            return {}
+        lines = [f"level {t.level}, {len(t.cts)} ct", self.layout(t).describe()]
+        if abs(t.alpha - 1.0) > 1e-12:
+            lines.append(f"pending x{t.alpha:.3g}")
+        extra: dict = {"lines": lines}
+        k = self.refresh_points.count(node.outputs[0].name)
+        if k:
+            lines.append(f"REFRESH before ({k}x)")
+            extra.update(color="#d00000", penwidth="3")
+        return extra
+
+    def level_model(self) -> LevelModel:
+        """The observed level model (drops per node, ciphertexts per value), for refresh planning."""
+        n_ct = {v.name: len(t.cts) for v in self.g.values() if (t := self.t.get(id(v))) is not None}
+        return LevelModel(self.level_model_nodes, n_ct, [v.name for v in self.g.inputs],
+                          [v.name for v in self.g.outputs], self.top)
 
     # ================================================================== linear ops
     def choose_out_layout(self, node: Node, lin_in: Layout, out_shape, stride: int) -> Layout:
@@ -338,7 +385,8 @@ class Lowering:
             self._replan(follow.emission, lead.scale, follow.alpha / lead.alpha)
             follow = Tensor(follow.cts, follow.layout, follow.level, lead.scale, lead.alpha, None, follow.dirty)
             lv = min(follow.level, lead.level)
-            follow, lead = self.to_level(follow, lv), self.to_level(lead, lv)
+            lead_v = vb if fv is va else va
+            follow, lead = self.to_level(follow, lv), self.shared_to_level(lead_v, lead, lv)
             return (follow, lead) if fv is va else (lead, follow)
         # neither adjustable: multiply the side with more levels by alpha ratio at a chosen scale
         if _bad_alpha(ta.alpha) or _bad_alpha(tb.alpha):
@@ -466,9 +514,20 @@ class Lowering:
             fn = getattr(self, "lower_" + node.op, None)
             if fn is None:
                 raise LoweringError(_unsupported(node))
+            enc = [v for v in dict.fromkeys(node.inputs) if id(v) in self.t]
+            planned = self.refresh_plan.before.get(node.outputs[0].name, ()) if self.refresh_plan else ()
+            for v in enc:
+                if v.name in planned and self.t[id(v)].level < self.top:
+                    self.t[id(v)] = self.refresh(self.t[id(v)], planned=True)
+            n_layers = len(self.layers)
             res = fn(node)
             if res is not None:
                 self.t[id(node.output)] = res
+                lo = min((self.t[id(v)].level for v in enc), default=self.top)
+                rot = sum(st.rotations for st in self.layers[n_layers:])
+                self.level_model_nodes.append(NodeInfo(node.outputs[0].name, tuple(v.name for v in enc),
+                                                       node.outputs[0].name, max(0, lo - res.level),
+                                                       1e-3 * (rot + 1)))
         self.node = None
         for v in g.outputs:
             t = self.tensor(v)
@@ -750,6 +809,7 @@ def _unsupported(node: Node) -> str:
     return f"node {node.label}: cannot run {node.op} under encryption: {why}"
 
 
-def lower(graph: Graph, params: Params, primes, options: LoweringOptions | None = None) -> tuple[HEProgram, Lowering]:
-    low = Lowering(graph, params, primes, options)
+def lower(graph: Graph, params: Params, primes, options: LoweringOptions | None = None,
+          refresh_plan: RefreshPlan | None = None) -> tuple[HEProgram, Lowering]:
+    low = Lowering(graph, params, primes, options, refresh_plan)
     return low.run(), low

@@ -22,6 +22,7 @@ from .errors import HecError, LoweringError
 from .heprog import HEProgram, Params
 from .ir import Graph
 from .lower import Lowering, LoweringOptions, lower
+from .refresh import RefreshPlan, plan_refreshes
 
 #: the HE standard's 128-bit limits on log2(Q*P) per ring degree (SEAL CoeffModulus::MaxBitCount)
 MAX_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -36,6 +37,8 @@ class PlanOptions:
     scale_bits: int | None = None  # None: try 40 and, for small rings, 30
     levels: int | None = None  # None: try the maximum and about half of it
     lowering: LoweringOptions = field(default_factory=LoweringOptions)
+    #: place refreshes with the exact DP (hecompiler.refresh) instead of greedily
+    optimal_refresh: bool = True
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Candidate:
     lowering: Lowering | None
     cost: ProgramCost | None
     reason: str = ""  # why it was rejected, if it was
+    greedy_refreshed: int = 0  # ciphertexts a greedy placement refreshes
+    refresh_plan: RefreshPlan | None = None  # the optimal placement, when it was used
 
     @property
     def label(self) -> str:
@@ -127,6 +132,16 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                 continue
             raise
         c = Candidate(params, primes, prog, low, program_cost(prog, cost))
+        c.greedy_refreshed = low.refreshed_cts
+        if low.refreshed_cts and opts.optimal_refresh:
+            # exact refresh placement on the level model the greedy lowering observed
+            rplan = plan_refreshes(low.level_model())
+            prog2, low2 = lower(graph, params, primes, opts.lowering, rplan)
+            c2 = Candidate(params, primes, prog2, low2, program_cost(prog2, cost))
+            c2.greedy_refreshed = low.refreshed_cts
+            c2.refresh_plan = rplan
+            if (c2.cost.refreshes, c2.cost.seconds) <= (c.cost.refreshes, c.cost.seconds):
+                c = c2
         if c.cost.memory_bytes > opts.max_memory_bytes:
             c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
         elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
@@ -157,5 +172,5 @@ def ranked(cands: list[Candidate]) -> list[Candidate]:
 def realize(graph: Graph, cand: Candidate, opts: PlanOptions) -> Candidate:
     """Lower ``graph`` again for a candidate whose program was dropped."""
     if cand.prog is None:
-        cand.prog, cand.lowering = lower(graph, cand.params, cand.primes, opts.lowering)
+        cand.prog, cand.lowering = lower(graph, cand.params, cand.primes, opts.lowering, cand.refresh_plan)
     return cand
