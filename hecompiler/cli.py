@@ -24,6 +24,8 @@ Compile an ONNX CNN for CKKS homomorphic encryption.
   hecompile MODEL.onnx -o OUT.ir       import, canonicalise, write textual IR
   hecompile MODEL.onnx -o OUT.dot      ... write a DOT picture of the graph
   hecompile MODEL.onnx -o OUT.onnx     ... write the rewritten graph as ONNX
+  hecompile rewrite MODEL.onnx -o OUT.onnx --kind dirac --calibration X.npy
+                                       architecture rewrite for cheap skips, re-fitted
   hecompile passes                     list the available rewrite passes
   hecompile keygen|encrypt|eval|refresh|decrypt ...
                                        client and server steps as separate commands
@@ -106,6 +108,28 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="'none' lifts the 128-bit limit on the modulus (INSECURE; the report says so)")
     g.add_argument("--sample", metavar="X.npy", help="input for the fidelity check (default: seeded N(0,1))")
     g.add_argument("--no-check", action="store_true", help="skip the simulator fidelity check")
+    a = p.add_argument_group("approximation of ReLU / Clip / MaxPool (changes the function; the report measures it)")
+    a.add_argument("--calibration", metavar="X.npy",
+                   help="N inputs [N, ...] shaped like the model input: the input range of every ReLU/Clip/MaxPool "
+                        "is measured on them (original model, onnxruntime), and the fidelity report uses them")
+    a.add_argument("--labels", metavar="Y.npy", help="labels of the --calibration inputs (accuracy in the report)")
+    a.add_argument("--heldout", metavar="H.npy", help="held-out inputs for the fidelity report")
+    a.add_argument("--heldout-labels", metavar="Y.npy", help="labels of the --heldout inputs")
+    a.add_argument("--relu-degree", type=int, default=15, metavar="D",
+                   help="degree of the minimax polynomial replacing each ReLU/Clip (default: %(default)s; "
+                        "ceil(log2 D)+1 levels)")
+    a.add_argument("--relu-composite", default="", metavar="D1xD2x...",
+                   help="composite sign approximation instead, e.g. 7x7x7 (Lee et al.; more precise, deeper)")
+    a.add_argument("--relu-margin", type=float, default=0.2, metavar="F",
+                   help="widen each calibrated range by this fraction (default: %(default)s)")
+    a.add_argument("--relu-fit", choices=["minimax", "lsq", "data"], default="minimax",
+                   help="minimax; lsq (Chebyshev least squares); data (weighted by the calibrated distribution)")
+    a.add_argument("--relu-layers", default="", metavar="GLOB=SPEC;...",
+                   help="per-layer degree or composite, e.g. '/layer4/*=27;*relu_1*=7x7x7'")
+    a.add_argument("--relu-range", default="", metavar="LO:HI",
+                   help="input range of every approximated op, without calibration data (write --relu-range=-8:8)")
+    a.add_argument("--maxpool", choices=["avg", "poly"], default="avg",
+                   help="MaxPool -> AveragePool (default, no levels) or a polynomial max tree (needs ranges)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the reports")
     p.add_argument("--version", action="version", version=f"hecompile {__version__}")
     return p
@@ -140,7 +164,14 @@ def cmd_compile(argv: Sequence[str]) -> int:
         return _compile_hec(args)
     graph = load_onnx(args.model, dict(args.input_shape))
     spec = DEFAULT_PIPELINE if args.passes is None else args.passes
-    pm = PassManager(spec, dump_after=args.dump_after, dump_dir=args.dump_dir if args.dump_after else None)
+    options = {}
+    if args.calibration or args.relu_range:  # approximate ReLU/Clip/MaxPool here too (e.g. -o approx.onnx)
+        from .calibration import approximation_setup
+        from .compiler import CompileOptions
+
+        spec, options = approximation_setup(args.model, graph, CompileOptions(passes=spec, **_approx_kwargs(args)))
+    pm = PassManager(spec, dump_after=args.dump_after, dump_dir=args.dump_dir if args.dump_after else None,
+                     options=options)
     report = pm.run(graph)
     if not args.quiet:
         sys.stderr.write(f"{args.model}: {len(graph.nodes)} nodes, {len(graph.constants)} constants\n")
@@ -194,7 +225,7 @@ def _compile_hec(args) -> int:
     opts = CompileOptions(passes=DEFAULT_PIPELINE if args.passes is None else args.passes, plan=popts,
                           input_shapes=dict(args.input_shape), dump_after=args.dump_after,
                           dump_dir=args.dump_dir if args.dump_after else None, check=not args.no_check,
-                          sample=sample)
+                          sample=sample, **_approx_kwargs(args))
     cost = CostModel(refresh=RefreshCost(round_trip_s=args.refresh_rtt_ms / 1000.0))
     bar = tqdm(desc="planning", unit=" candidates", disable=args.quiet or not sys.stderr.isatty(), leave=False)
     try:
@@ -207,6 +238,16 @@ def _compile_hec(args) -> int:
         sys.stderr.write(result.report_text)
         sys.stderr.write(f"wrote {args.output}\n")
     return 0
+
+
+def _approx_kwargs(args) -> dict:
+    """CompileOptions fields for the approximation flags."""
+    load = lambda path, what: None if not path else _load_npy(path, what)  # noqa: E731
+    return {"calibration": load(args.calibration, "--calibration"), "labels": load(args.labels, "--labels"),
+            "heldout": load(args.heldout, "--heldout"), "heldout_labels": load(args.heldout_labels, "--heldout-labels"),
+            "relu_degree": args.relu_degree, "relu_composite": args.relu_composite, "relu_margin": args.relu_margin,
+            "relu_fit": args.relu_fit, "relu_layers": args.relu_layers, "approx_range": args.relu_range,
+            "maxpool": args.maxpool}
 
 
 def _load_npy(path: str, what: str):
@@ -274,6 +315,12 @@ def cmd_run(argv: Sequence[str]) -> int:
         agree = bool(np.argmax(y) == np.argmax(ref))
         print(f"max abs error vs {os.path.basename(args.reference)}: {err:.3e} ({err / rng:.2e} of the output "
               f"range); argmax {'agrees' if agree else 'DIFFERS'} ({int(np.argmax(y))} vs {int(np.argmax(ref))})")
+    if ((meta.get("report") or {}).get("approximation") or {}).get("intervals"):
+        # approximated ReLU/MaxPool: warn when this input drives one outside its fitted interval
+        from .calibration import run_time_range_check
+
+        for line in run_time_range_check(meta, x, args.reference, io.name):
+            sys.stderr.write(line + "\n")
     _emit_array(y, args.output)
     return 0
 
@@ -468,8 +515,59 @@ def cmd_passes(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_rewrite(argv: Sequence[str]) -> int:
+    from .arch_rewrite import KINDS, report_json, rewrite_model, save
+
+    p = argparse.ArgumentParser(
+        prog="hecompile rewrite",
+        description="Approximating architecture rewrites of a ResNet for cheap skips under HE (dirac: residual "
+                    "blocks -> plain chains of Dirac convs W+I; shared-source: the Adds of a stage take their skip "
+                    "from one shared tensor), re-fitted on calibration data by least squares per layer. Prints "
+                    "the fidelity against the original model (before and after the re-fit) and writes the "
+                    "rewritten model as ONNX, to fine-tune or to compile with hecompile.")
+    p.add_argument("model", help="the ONNX model (a ResNet with residual blocks)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the rewritten model")
+    p.add_argument("--kind", action="append", choices=list(KINDS), required=True,
+                   help="rewrite to apply (repeatable; shared-source is applied before dirac)")
+    p.add_argument("--calibration", metavar="X.npy",
+                   help="calibration inputs [N, ...model input shape without batch] (required)")
+    p.add_argument("--heldout", metavar="H.npy", help="held-out inputs, same layout, for the fidelity report")
+    p.add_argument("--ridge", type=float, default=1e-3, metavar="R",
+                   help="ridge of the least-squares re-fit, relative to the mean squared column norm "
+                        "(default: %(default)s)")
+    p.add_argument("--source", choices=["input", "first"], default="input",
+                   help="shared-source: share the stage input (default) or the first block's output")
+    p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    args = p.parse_args(argv)
+    if not args.calibration:
+        raise HecError("--calibration X.npy is required (N inputs, same shape as the model input)")
+    if not os.path.exists(args.model):
+        raise HecError(f"{args.model}: no such file")
+    _check_output_dir(args.output)
+    _check_output_dir(args.report)
+    cal = _load_npy(args.calibration, "--calibration")
+    held = _load_npy(args.heldout, "--heldout") if args.heldout else None
+    try:
+        graph, report, text = rewrite_model(args.model, args.kind, cal, held, ridge=args.ridge, source=args.source)
+    except HecError as e:
+        msg = str(e)
+        for field, path in (("calibration", args.calibration), ("heldout", args.heldout), ("ridge", args.ridge)):
+            if msg.startswith(field + ":"):
+                msg = f"--{field} {path}" + msg[len(field):]
+        raise HecError(msg) from None
+    save(graph, args.output)
+    if args.report:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(args.report, report_json(report))
+    sys.stdout.write(text)
+    sys.stderr.write(f"wrote {args.output}\n")
+    return 0
+
+
 COMMANDS = {"passes": cmd_passes, "run": cmd_run, "inspect": cmd_inspect, "keygen": cmd_keygen,
-            "encrypt": cmd_encrypt, "eval": cmd_eval, "refresh": cmd_refresh, "decrypt": cmd_decrypt}
+            "encrypt": cmd_encrypt, "eval": cmd_eval, "refresh": cmd_refresh, "decrypt": cmd_decrypt,
+            "rewrite": cmd_rewrite}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

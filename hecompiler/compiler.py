@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +42,23 @@ class CompileOptions:
     #: largest acceptable estimated error under encryption, relative to the output range
     tolerance: float = 1e-3
     max_precision_attempts: int = 4
+    # ---- approximation of ReLU / Clip / MaxPool (hecompiler.calibration, passes relu-to-poly, maxpool-to-*)
+    #: N inputs ([N, ...] shaped like the model input) to calibrate ranges and measure fidelity on
+    calibration: np.ndarray | None = None
+    labels: np.ndarray | None = None  # labels of the calibration inputs (accuracy in the report)
+    heldout: np.ndarray | None = None  # a held-out set for the fidelity report
+    heldout_labels: np.ndarray | None = None
+    calibration_stats: dict | None = None  # precomputed {value name: stats} (instead of calibration)
+    approximate: bool = True  # insert the approximating passes when the graph has Relu/Clip/MaxPool
+    relu_degree: int = 15
+    relu_composite: str = ""  # e.g. "7x7x7": composite sign approximation instead of one polynomial
+    relu_margin: float = 0.2
+    relu_fit: str = "minimax"  # minimax | lsq | data
+    relu_layers: str = ""  # per-layer "GLOB=SPEC;..." (SPEC: a degree or a composite)
+    approx_range: str = ""  # "LO:HI" for every approximated op when there is no calibration data
+    maxpool: str = "avg"  # avg | poly | none
+    maxpool_degree: int = 15
+    maxpool_composite: str = ""
 
 
 @dataclass
@@ -73,10 +90,17 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     t0 = time.perf_counter()
     graph = load_onnx(model, opts.input_shapes)
     original = graph.clone()
-    pm = PassManager(opts.passes, dump_after=opts.dump_after, dump_dir=opts.dump_dir)
+    from .calibration import approximation_report, approximation_setup, as_batch
+
+    spec, pass_options = approximation_setup(model, graph, opts)
+    pm = PassManager(spec, dump_after=opts.dump_after, dump_dir=opts.dump_dir, options=pass_options)
     pipeline = pm.run(graph)
+    approx = approximation_report(model, graph, pipeline, pm.ctx.options, opts)
+    if opts.sample is None and opts.calibration is not None:  # check precision on real data
+        opts = replace(opts, sample=as_batch(opts.calibration, graph.inputs[0].type.shape)[:1])
     best, cands = plan(graph, opts.plan, cost, progress=progress)
     fidelity = None
+    tried = []  # (error, candidate, fidelity) of the plans rejected for precision
     # precision: the fastest plan whose estimated error under encryption (simulator with the CKKS
     # noise model) stays within tolerance; each rejected plan says why in the report
     for attempt, cand in enumerate(ranked(cands)):
@@ -90,15 +114,23 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
             fidelity = {"skipped": f"program too large for the compile-time check ({n_pm} ct-pt mults); run: "
                                    f"hecompile run OUT.hec --backend sim --input X.npy --reference MODEL.onnx"}
         else:
-            fidelity = check_fidelity(original, graph, prog, opts.sample, opts.seed, model)
+            fidelity = check_fidelity(original, graph, prog, opts.sample, opts.seed, model,
+                                      approximated=approx is not None)
             if "skipped" not in fidelity and fidelity["relative_to_range"] > opts.tolerance \
                     and attempt + 1 < opts.max_precision_attempts:
                 cand.reason = (f"estimated error {fidelity['relative_to_range']:.1e} of the output range > "
                                f"tolerance {opts.tolerance:g}")
                 cand.prog = cand.lowering = None
+                tried.append((fidelity["relative_to_range"], cand, fidelity))
                 continue
         best = cand
         break
+    else:
+        if tried:  # every plan missed the tolerance: keep the most precise one, and say so
+            _, best, fidelity = min(tried, key=lambda t: t[0])
+            best.reason = ""
+            realize(graph, best, opts.plan)
+            fidelity = dict(fidelity, note=f"no plan met the tolerance {opts.tolerance:g}: kept the most precise")
     prog = best.prog
     if opts.dump_dir and opts.dump_after:
         from .dot import to_dot
@@ -110,6 +142,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     seconds = time.perf_counter() - t0
     sha, fname = _sha256_of(model)
     report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds)
+    if approx is not None:
+        report["approximation"] = approx
     metadata = {
         "source_model": fname,
         "source_sha256": sha,
@@ -122,7 +156,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     return CompileResult(graph, prog, best, cands, pipeline, fidelity, metadata, metadata["report_text"], seconds)
 
 
-def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model) -> dict[str, Any]:
+def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model,
+                   approximated: bool = False) -> dict[str, Any]:
     """Run the program in the slot simulator on a sample input; compare with
     the original model in onnxruntime (and with the rewritten graph)."""
     from .backends.sim import Simulator
@@ -136,8 +171,12 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
     y_exact = outs[graph.outputs[0].name]
     outs, _ = Simulator(prog, noise=True, seed=seed).run({graph.inputs[0].name: x})
     y = outs[graph.outputs[0].name]
-    ref = _onnxruntime(model, x) if not isinstance(model, Graph) else None
-    if ref is None:
+    ref = _onnxruntime(model, x) if not isinstance(model, Graph) and not approximated else None
+    if approximated:  # the approximation's own error is reported separately (report["approximation"])
+        from .interp import run
+
+        ref = run(graph, x)[0]
+    elif ref is None:
         from .interp import run
 
         ref = run(original, x)[0]
@@ -145,7 +184,8 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
     err = float(np.abs(y - ref).max())
     return {
         "input": "sample" if sample is not None else f"N(0,1) seed {seed}",
-        "reference": "onnxruntime (original model)",
+        "reference": "the approximated graph (reference interpreter)" if approximated
+        else "onnxruntime (original model)",
         "max_abs_error": err,
         "relative_to_range": err / rng,
         "exact_relative_to_range": float(np.abs(y_exact - ref).max()) / rng,
@@ -172,11 +212,12 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
     p = best.params
     c = best.cost
     low = best.lowering
+    live = _live_ciphertexts(graph, low)
     layers = []
     for st in low.layers:
         layers.append({"node": st.node, "op": st.op, "layout_in": st.layout_in, "layout_out": st.layout_out,
                        "rotations": st.rotations, "diagonals": st.diagonals, "bsgs_bound": round(st.bound, 1),
-                       "level_in": st.level_in, "level_out": st.level_out})
+                       "level_in": st.level_in, "level_out": st.level_out, "live_cts": live.get(st.node, 0)})
     return {
         "model": fname,
         "compile_seconds": round(seconds, 3),
@@ -210,6 +251,28 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                    for r in pipeline.records],
         "fidelity": fidelity,
     }
+
+
+def _live_ciphertexts(graph: Graph, low) -> dict[str, int]:
+    """Ciphertexts alive while each node runs (values produced earlier and read
+    later, skip sources included): the memory profile along the network."""
+    index = {id(n): k for k, n in enumerate(graph.nodes)}
+    last = {}
+    for k, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            last[id(v)] = k
+    for v in graph.outputs:
+        last[id(v)] = len(graph.nodes)
+    born = {id(v): -1 for v in graph.inputs}
+    for k, n in enumerate(graph.nodes):
+        for v in n.outputs:
+            born[id(v)] = k
+    n_ct = {vid: len(t.cts) for vid, t in low.t.items()}
+    out = {}
+    for k, n in enumerate(graph.nodes):
+        out[n.outputs[0].name] = sum(c for vid, c in n_ct.items()
+                                     if born.get(vid, k) < k <= last.get(vid, -1) or born.get(vid) == k)
+    return out
 
 
 def _mb(b: float) -> str:
@@ -251,10 +314,13 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
                  f"{r['peak_live_ciphertexts']} live ciphertexts at peak")
     lines.append("layers:")
-    lines.append(f"  {'node':<42} {'op':<17} {'rot':>4} {'diag':>5} {'2sqrt':>6} {'lvl':>7}  layout out")
+    lines.append(f"  {'node':<42} {'op':<17} {'rot':>4} {'diag':>5} {'2sqrt':>6} {'lvl':>7} {'live':>4}  layout out")
     for L in r["layers"]:
         lines.append(f"  {L['node'][-42:]:<42} {L['op']:<17} {L['rotations']:>4} {L['diagonals']:>5} "
-                     f"{L['bsgs_bound']:>6} {L['level_in']:>3}>{L['level_out']:<3}  {L['layout_out']}")
+                     f"{L['bsgs_bound']:>6} {L['level_in']:>3}>{L['level_out']:<3} {L.get('live_cts', 0):>4}  "
+                     f"{L['layout_out']}")
+    lines.append("  (rot: rotations; diag: plaintext diagonals = ct-pt mults; 2sqrt: the BSGS bound 2*sqrt(diag); "
+                 "lvl: level in > out; live: ciphertexts alive meanwhile, skip sources included)")
     f = r.get("fidelity")
     if f and "skipped" not in f:
         lines.append(f"fidelity (simulator with the CKKS noise model vs {f['reference']}, input {f['input']}): "
@@ -263,4 +329,10 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{'agrees' if f['argmax_agrees'] else 'DIFFERS'}")
     elif f:
         lines.append(f"fidelity: {f['skipped']}")
+    if f and f.get("note"):
+        lines.append(f"  note: {f['note']}")
+    if r.get("approximation"):
+        from .calibration import format_approximation
+
+        lines.extend(format_approximation(r["approximation"]))
     return "\n".join(lines) + "\n"

@@ -405,6 +405,22 @@ def _lift_reducesum(ctx: _Ctx) -> None:
     ctx.emit("ReduceSum", [x], {"axes": axes, "keepdims": ctx.attr("keepdims", 1)})
 
 
+@lifter("ReduceMean")
+def _lift_reducemean(ctx: _Ctx) -> None:
+    """torch.onnx's dynamo exporter writes AdaptiveAvgPool2d(1) / x.mean((2, 3)) as a ReduceMean over
+    the spatial axes: that is a GlobalAveragePool (plus a Reshape when keepdims=0)."""
+    x = ctx.value(0)
+    axes = _axes(ctx, x.type.rank, 1, required=False)
+    if x.type.rank != 4 or axes != [2, 3]:
+        raise ctx.fail(f"ReduceMean over axes {axes} of {x.type} is not supported (only the spatial mean over "
+                       f"axes [2, 3] of an NCHW tensor, i.e. global average pooling)")
+    if ctx.attr("keepdims", 1):
+        ctx.emit("GlobalAveragePool", [x])
+        return
+    gap = ctx.emit("GlobalAveragePool", [x], out=None, suffix=".gap")
+    _reshape_to(ctx, gap, list(x.type.shape[:2]))
+
+
 @lifter("Cast")
 def _lift_cast(ctx: _Ctx) -> None:
     x = ctx.value(0)

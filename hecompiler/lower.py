@@ -16,10 +16,13 @@ scalars are how depth stays minimal:
   can be adjusted;
 * at an output the client multiplies by what is still pending.
 
-Levels run down from the top (fresh) level; an op that needs more levels
-than its input has gets a ``refresh`` of that input first (greedy; optimal
-placement across skips is a later pass).  Scales are planned exactly: every
-rescale's result is the value the backends set, every add sees equal scales.
+Levels run down from the top (fresh) level.  Refreshes come from a
+:class:`~hecompiler.refresh.RefreshPlan` (the planner's exact placement) when
+one is given; an op that still needs more levels than its input has gets a
+``refresh`` of that input first (greedy fallback, counted).  A skip source
+read by several Adds is mod-switched once per level and fanned out.  Scales
+are planned exactly: every rescale's result is the value the backends set,
+every add sees equal scales.
 """
 
 from __future__ import annotations
@@ -43,12 +46,11 @@ SNAP = 1e-9
 
 @dataclass
 class Emission:
-    """The instructions of one linear op, kept so a later Add can still
-    change the op's multiplier and output scale."""
+    """The ``linear`` instruction of one linear op, kept so a later Add can
+    still change the op's multiplier and output scale."""
 
     lin: int
-    start: int
-    end: int
+    instr: int  # index of the ``linear`` instruction
     level_in: int
     scale_in: float
 
@@ -70,6 +72,8 @@ class LoweringOptions:
     key_cost: float = 0.0
     #: multiplex strided layouts (fill holes with channels); False keeps them gapped
     multiplex: bool = True
+    #: reuse a skip source's level alignment across the Adds it feeds (shared-source lowering)
+    share_alignment: bool = True
     #: BSGS plans by (op structure, layouts), shared by the planner's candidates
     plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -219,8 +223,8 @@ class Lowering:
     def shared_to_level(self, v: Value, t: Tensor, level: int) -> Tensor:
         """``to_level`` for a value read by several consumers (a skip source feeding
         several Adds): the mod-switched ciphertexts are made once and fanned out."""
-        if t.level == level:
-            return t
+        if t.level == level or not self.opts.share_alignment:
+            return self.to_level(t, level)
         key = (id(v), level)
         hit = self._aligned.get(key)
         if hit is not None and hit.cts and self.meta.get(hit.cts[0]) == (level, t.scale) and hit.alpha == t.alpha:
@@ -323,7 +327,7 @@ class Lowering:
         stat = LayerStat(self.node.outputs[0].name, self.node.op, lin_in.describe(), lout.describe(),
                          plan.rotations, plan.n_diagonals, 2 * math.sqrt(plan.n_diagonals), level, level - 1)
         self.layers.append(stat)
-        em = Emission(lid, start, len(self.prog.instrs), level, x.scale)
+        em = Emission(lid, start, level, x.scale)
         return Tensor(outs, lin.out_layout, level - 1, target, 1.0, em)
 
     def _replan(self, em: Emission, new_scale: float, mult: float = 1.0) -> None:
@@ -333,8 +337,8 @@ class Lowering:
         lin.bias_mult *= mult
         q = self.prog.primes[em.level_in]
         s_pt = new_scale * q / em.scale_in
-        ins = self.prog.instrs[em.start]
-        assert ins.op == "linear" and em.end == em.start + 1
+        ins = self.prog.instrs[em.instr]
+        assert ins.op == "linear"
         got = em.scale_in * s_pt / q
         assert abs(got - new_scale) <= SNAP * new_scale
         ins.plain = replace(ins.plain, scale=s_pt)
@@ -429,8 +433,19 @@ class Lowering:
         if deg < 1:
             raise LoweringError(f"{self._where()}: polynomial is constant; the result does not depend on the input")
         depth = _poly_depth(deg)
-        x = self.need(x_val, depth + (1 if _bad_alpha(self.tensor(x_val).alpha, HARD_ALPHA) else 0))
-        if _bad_alpha(x.alpha, HARD_ALPHA):  # powers of a far-off alpha would overflow
+        # degree >= 3 multiplies powers of the ciphertext itself, which holds t/alpha: with a small
+        # alpha (the 1/B an approximating pass puts in front to map [-B, B] to [-1, 1]) its high powers
+        # overflow, so fold alpha into the producing linear op when nothing else reads it (free), else
+        # multiply it out (one level)
+        t0 = self.tensor(x_val)
+        unit = deg >= 3 and abs(t0.alpha) < 0.5
+        fold = unit and t0.level >= depth and self._adjustable(x_val, t0, self.node)
+        extra = 1 if (_bad_alpha(t0.alpha, HARD_ALPHA) or unit) and not fold else 0
+        x = self.need(x_val, depth + extra)
+        if fold:
+            self._replan(x.emission, x.scale, x.alpha)
+            x = replace(x, alpha=1.0, emission=None)
+        elif _bad_alpha(x.alpha, HARD_ALPHA) or unit:  # powers of a far-off alpha would overflow
             x = self.materialize(x)
         a = x.alpha
         cs = c * a ** np.arange(deg + 1)  # coefficients in the ciphertext's own variable

@@ -42,7 +42,7 @@ from .ir import Graph
 from .verify import verify
 
 #: the exact canonicalisation pipeline run by default
-DEFAULT_PIPELINE = "fold-constants,remove-identity,stack-sum,fold-pad,fold-bn,fuse-gemm,fuse-poly,fold-constants,dce"
+DEFAULT_PIPELINE = "fold-constants,remove-identity,stack-sum,fold-pad,fold-bn,fuse-gemm,dirac-merge,fuse-poly,fold-constants,dce"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ Models (``MODELS`` maps each name to its builder ``build_<name>``):
                          ResNet-18/50 on 1x3x224x224 with polynomial
                          activations and AveragePool in place of the stem
                          MaxPool. Large (47 MB / 103 MB): built only on demand.
+* ``resnet18_relu_224``, ``resnet50_relu_224``  the same networks as users
+                         export them: ReLU, stem MaxPool, unfolded BN
+                         (compiled with calibration). Built only on demand.
 
 Every builder takes ``opset`` (13 or later; 13 and 17 are tested, and 18,
 where ReduceL2 takes its axes as an input) and ``seed``; the poly builders
@@ -418,13 +421,18 @@ def _cifar_resnet(g: GraphBuilder, x: str, in_ch: int, widths: Sequence[int],
 
 
 def _imagenet_resnet(g: GraphBuilder, x: str, block: str, layers: Sequence[int],
-                     num_classes: int, poly) -> None:
+                     num_classes: int, poly, stem_pool: str = "avg") -> None:
     """torchvision ResNet; the stem MaxPool is replaced by AveragePool(3, 2, 1)
-    (module still called ``maxpool``, as after ``model.maxpool = nn.AvgPool2d(...)``)."""
+    (module still called ``maxpool``, as after ``model.maxpool = nn.AvgPool2d(...)``),
+    unless ``stem_pool="max"`` (torchvision's own MaxPool(3, 2, 1))."""
     x = conv_bn(g, "conv1", "bn1", x, 3, 64, 7, stride=2, pad=3, gain=g.stem_gain)
     x = activation(g, "relu", x, poly)
-    x = g.op("AveragePool", [x], g.call("maxpool"), ceil_mode=0, count_include_pad=1,
-             kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    if stem_pool == "max":
+        x = g.op("MaxPool", [x], g.call("maxpool"), ceil_mode=0, dilations=[1, 1],
+                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    else:
+        x = g.op("AveragePool", [x], g.call("maxpool"), ceil_mode=0, count_include_pad=1,
+                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
     cin = 64
     for s, n in enumerate(layers):
         planes = 64 * 2 ** s
@@ -546,6 +554,30 @@ def build_resnet50_poly_224(opset: int = DEFAULT_OPSET, seed: int = 0, a: float 
                     image_size)
     return g.model("torchvision ResNet-50 with degree-2 polynomial activations and "
                    "AveragePool stem, 1x3x224x224.")
+
+
+def _resnet_relu_224(name, block, layers, opset, seed, image_size):
+    g = GraphBuilder(name, opset, seed)
+    x = g.add_input("input", [1, 3, image_size, image_size])
+    _imagenet_resnet(g, x, block, layers, 1000, None, stem_pool="max")
+    return g
+
+
+def build_resnet18_relu_224(opset: int = DEFAULT_OPSET, seed: int = 0,
+                            image_size: int = 224) -> onnx.ModelProto:
+    """torchvision ResNet-18 as users export it: ReLU, stem MaxPool(3, 2, 1),
+    unfolded BatchNormalization, 1000 logits (random weights). Compiling it
+    needs calibration data (ReLU and MaxPool are approximated)."""
+    g = _resnet_relu_224("resnet18_relu_224", "basic", [2, 2, 2, 2], opset, seed, image_size)
+    return g.model("torchvision ResNet-18 (ReLU, MaxPool, BatchNormalization), 1x3x224x224.")
+
+
+def build_resnet50_relu_224(opset: int = DEFAULT_OPSET, seed: int = 0,
+                            image_size: int = 224) -> onnx.ModelProto:
+    """torchvision ResNet-50 as users export it: ReLU, stem MaxPool(3, 2, 1),
+    bottlenecks [3,4,6,3], unfolded BatchNormalization, 1000 logits (random weights)."""
+    g = _resnet_relu_224("resnet50_relu_224", "bottleneck", [3, 4, 6, 3], opset, seed, image_size)
+    return g.model("torchvision ResNet-50 (ReLU, MaxPool, BatchNormalization), 1x3x224x224.")
 
 
 # ---------------------------------------------------------------------------
@@ -787,10 +819,12 @@ MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "dynamic_batch": build_dynamic_batch,
     "resnet18_poly_224": build_resnet18_poly_224,
     "resnet50_poly_224": build_resnet50_poly_224,
+    "resnet18_relu_224": build_resnet18_relu_224,
+    "resnet50_relu_224": build_resnet50_relu_224,
 }
 
 #: Built only when named explicitly (large).
-ON_DEMAND = ("resnet18_poly_224", "resnet50_poly_224")
+ON_DEMAND = ("resnet18_poly_224", "resnet50_poly_224", "resnet18_relu_224", "resnet50_relu_224")
 #: What ``main()`` writes when no names are given.
 DEFAULT_MODELS = tuple(n for n in MODELS if n not in ON_DEMAND)
 

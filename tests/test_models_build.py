@@ -52,7 +52,8 @@ def _attr(node: onnx.NodeProto, name: str):
 
 
 def test_registry():
-    assert set(build_models.ON_DEMAND) == {"resnet18_poly_224", "resnet50_poly_224"}
+    assert set(build_models.ON_DEMAND) == {"resnet18_poly_224", "resnet50_poly_224",
+                                           "resnet18_relu_224", "resnet50_relu_224"}
     assert set(SMALL) == set(build_models.MODELS) - set(build_models.ON_DEMAND)
     for name, fn in build_models.MODELS.items():
         assert fn.__name__ == f"build_{name}"

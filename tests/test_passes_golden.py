@@ -42,7 +42,9 @@ def test_golden(path):
     assert got == expected, f"{path.name}: output differs from golden (UPDATE_GOLDEN=1 to regenerate)"
     # the printed result parses back to the same text
     assert hc.print_graph(hc.parse_graph(got)) == got
-    # exact passes keep the function
+    # exact passes keep the function (approximating ones change it by design)
+    if not all(p.exact for p in hc.parse_pipeline(pipeline)):
+        return
     rng = np.random.default_rng(0)
     feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in g.inputs}
     for a, b in zip(hc.run_graph(before, feeds), hc.run_graph(g, feeds)):
