@@ -77,7 +77,7 @@ from hecompiler.errors import HecError
 from hecompiler.fileio import atomic_write_bytes, atomic_write_text
 from hecompiler.heprog import LINEAR_PRIMITIVES, HEProgram, Instr, print_program
 from hecompiler.plaintexts import PlaintextFactory
-from hecompiler.runtime import LinearPlans, run_linear
+from hecompiler.runtime import LinearPlans, pack_inputs, run_linear
 
 from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, SealError
 
@@ -256,22 +256,11 @@ class SealClient:
         return self.keys.without_secret()
 
     def encrypt_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[int, Any]:
-        prog = self.prog
-        out: dict[int, Any] = {}
-        for io in prog.inputs:
-            if io.name not in inputs:
-                raise SealBackendError(f"missing input {io.name!r}")
-            x = np.asarray(inputs[io.name], np.float64)
-            if x.shape != tuple(io.shape):
-                raise SealBackendError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
-            packed = prog.layouts[io.layout].pack(x)
-            for v, row in zip(io.values, packed):
-                out[v] = self._c.encrypt(row, prog.params.scale, 0)
-        extra = set(inputs) - {io.name for io in prog.inputs}
-        if extra:
-            raise SealBackendError(f"unknown input(s) {sorted(extra)}; the program takes "
-                                   f"{[io.name for io in prog.inputs]}")
-        return out
+        try:
+            packed = pack_inputs(self.prog, inputs)
+        except HecError as e:
+            raise SealBackendError(str(e)) from None
+        return {v: self._c.encrypt(row, self.prog.params.scale, 0) for v, row in packed.items()}
 
     def decrypt_outputs(self, cts: Mapping[int, Any]) -> dict[str, np.ndarray]:
         prog = self.prog

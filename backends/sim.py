@@ -22,7 +22,7 @@ from hecompiler.costmodel import CostModel, ct_bytes, instr_cost
 from hecompiler.errors import HecError
 from hecompiler.heprog import HEProgram
 from hecompiler.plaintexts import PlaintextFactory, rot
-from hecompiler.runtime import LinearPlans, run_linear
+from hecompiler.runtime import LinearPlans, pack_inputs, run_linear
 
 
 @dataclass
@@ -98,16 +98,9 @@ class Simulator:
         t0 = time.perf_counter()
         vals: dict[int, np.ndarray] = {}
         meta: dict[int, tuple[int, float]] = {}
-        for io in prog.inputs:
-            if io.name not in inputs:
-                raise HecError(f"missing input {io.name!r}")
-            x = np.asarray(inputs[io.name], np.float64)
-            if x.shape != tuple(io.shape):
-                raise HecError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
-            packed = prog.layouts[io.layout].pack(x)
-            for v, row in zip(io.values, packed):
-                vals[v] = row + (self._noise(prog.params.scale, S, "fresh") if self.noise else 0)
-                meta[v] = (prog.params.top_level, prog.params.scale)
+        for v, row in pack_inputs(prog, inputs).items():
+            vals[v] = row + (self._noise(prog.params.scale, S, "fresh") if self.noise else 0)
+            meta[v] = (prog.params.top_level, prog.params.scale)
         last = prog.last_uses()
         counts: dict[str, int] = {}
         by_op: dict[str, float] = {}

@@ -11,12 +11,30 @@ checks it is the plan the compiler recorded.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
 
 from .errors import HecError
 from .heprog import HEProgram, Instr, PlainRef
 from .linear import BsgsPlan, plan_with_n1
 from .plaintexts import PlaintextFactory
+
+
+def pack_inputs(prog: HEProgram, inputs: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Check the named inputs against the program and pack them: input value id -> slot vector."""
+    out: dict[int, np.ndarray] = {}
+    for io in prog.inputs:
+        if io.name not in inputs:
+            raise HecError(f"missing input {io.name!r}")
+        x = np.asarray(inputs[io.name], np.float64)
+        if x.shape != tuple(io.shape):
+            raise HecError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
+        out.update(zip(io.values, prog.layouts[io.layout].pack(x)))
+    extra = set(inputs) - {io.name for io in prog.inputs}
+    if extra:
+        raise HecError(f"unknown input(s) {sorted(extra)}; the program takes {[io.name for io in prog.inputs]}")
+    return out
 
 
 class Primitives(Protocol):

@@ -30,10 +30,10 @@ import numpy as np
 from hecompiler.calibration import stats_for
 from hecompiler.errors import PassError
 from hecompiler.passmanager import Pass, PassResult, register_pass
-from hecompiler.polyfit import Composite, best_composite, parse_composite
+from hecompiler.polyfit import Composite
 from hecompiler.rewrite import erase_if_dead
 
-from .relu_to_poly import FIT_METHODS, Builder, need_range_message, parse_range, relu_value
+from .relu_to_poly import FIT_METHODS, Builder, need_range_message, parse_range, parse_spec, relu_value
 
 
 def _onehot(C: int, kh: int, kw: int, i: int, j: int, dtype) -> np.ndarray:
@@ -59,15 +59,7 @@ class MaxPoolToPoly(Pass):
     def run(self, graph, ctx):
         if self.fit not in FIT_METHODS:
             raise PassError(f"{self.name}: fit={self.fit!r}; use one of {', '.join(FIT_METHODS)}")
-        if self.composite:
-            try:
-                spec = best_composite(tuple(parse_composite(self.composite)), self.eps)
-            except ValueError as e:
-                raise PassError(f"{self.name}: {e}") from None
-        else:
-            if not 2 <= self.degree <= 63:
-                raise PassError(f"{self.name}: degree {self.degree} out of range 2..63")
-            spec = self.degree
+        spec = parse_spec(self.name, self.composite or self.degree, self.eps)
         explicit = parse_range(self.ranges, self.name) if self.ranges else None
         record = ctx.options.setdefault("approximation", {})
         acts = record.setdefault("activations", [])

@@ -135,6 +135,25 @@ def relu_value(b: Builder, x, B: float, spec, method: str, density, hint: str):
     return y, [f.degree], f.depth, B * f.max_error
 
 
+def parse_spec(pass_name: str, spec, eps: float):
+    """A degree (int or digits) or a composite like ``7x7x7``: the degree, or the best Composite."""
+    if isinstance(spec, int):
+        d = spec
+    elif "x" in spec or ":" in spec:
+        try:
+            return best_composite(tuple(parse_composite(spec)), eps)
+        except ValueError as e:
+            raise PassError(f"{pass_name}: {e}") from None
+    else:
+        try:
+            d = int(spec)
+        except ValueError:
+            raise PassError(f"{pass_name}: {spec!r} is neither a degree nor a composite like 7x7x7") from None
+    if not 2 <= d <= 63:
+        raise PassError(f"{pass_name}: degree {d} out of range 2..63 (use a composite for more precision)")
+    return d
+
+
 @register_pass
 @dataclass(frozen=True)
 class ReluToPoly(Pass):
@@ -158,21 +177,7 @@ class ReluToPoly(Pass):
         return self._parse_spec(spec)
 
     def _parse_spec(self, spec):
-        if isinstance(spec, int):
-            d = spec
-        elif "x" in spec or ":" in spec:
-            try:
-                return best_composite(tuple(parse_composite(spec)), self.eps)
-            except ValueError as e:
-                raise PassError(f"{self.name}: {e}") from None
-        else:
-            try:
-                d = int(spec)
-            except ValueError:
-                raise PassError(f"{self.name}: {spec!r} is neither a degree nor a composite like 7x7x7") from None
-        if not 2 <= d <= 63:
-            raise PassError(f"{self.name}: degree {d} out of range 2..63 (use a composite for more precision)")
-        return d
+        return parse_spec(self.name, spec, self.eps)
 
     def run(self, graph, ctx):
         if self.fit not in FIT_METHODS:
