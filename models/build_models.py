@@ -25,6 +25,12 @@ Models (``MODELS`` maps each name to its builder ``build_<name>``):
 * ``resnet20_poly``      ResNet-20 with degree-2 polynomial activations.
 * ``diracnet``           DiracNet-style (no residual Adds), each 3x3 kernel
                          computed in the graph as ``alpha*I + beta*W/||W||``.
+* ``diracnet_poly``      diracnet with the degree-2 polynomial activation.
+* ``shared_source_resnet_poly``  1x3x16x16 CIFAR-style ResNet, stages of 3
+                         blocks (16, 32), polynomial activations, where every
+                         later block of a stage takes its skip from one shared
+                         source (the stage input, or the output of the
+                         downsampling block); Drucker & Zimerman (2023).
 * ``torchlike_cnn``      Clip (ReLU6), explicit Pad, MaxPool, 3-input Sum,
                          Dropout, Identity, Flatten + Gemm(transB=1).
 * ``torchlike_shape_chains``  torch's Shape/Gather/Unsqueeze/Concat/Reshape,
@@ -372,17 +378,33 @@ def linear_params(g: GraphBuilder, mod: str, fin: int, fout: int) -> tuple[str, 
 # ResNets
 # ---------------------------------------------------------------------------
 
-def _basic_block(g, mod, x, cin, cout, stride, poly):
-    """torchvision BasicBlock: conv-bn-act-conv-bn, (+ 1x1 conv/bn projection), add, act."""
+def _basic_branch(g, mod, x, cin, cout, stride, poly):
+    """The residual branch of a BasicBlock: conv-bn-act-conv-bn, the last conv damped."""
     out = conv_bn(g, f"{mod}.conv1", f"{mod}.bn1", x, cin, cout, 3, stride)
     out = activation(g, f"{mod}.relu", out, poly)
-    out = conv_bn(g, f"{mod}.conv2", f"{mod}.bn2", out, cout, cout, 3, gain=g.gain * g.residual_scale)
+    return conv_bn(g, f"{mod}.conv2", f"{mod}.bn2", out, cout, cout, 3, gain=g.gain * g.residual_scale)
+
+
+def _residual_join(g, mod, branch, skip, poly):
+    """``act(branch + skip)``: the Add in the block's own scope, then its second act call."""
+    out = g.op("Add", [branch, skip], g.path(mod))
+    return activation(g, f"{mod}.relu", out, poly)
+
+
+def _basic_block(g, mod, x, cin, cout, stride, poly):
+    """torchvision BasicBlock: conv-bn-act-conv-bn, (+ 1x1 conv/bn projection), add, act."""
+    out = _basic_branch(g, mod, x, cin, cout, stride, poly)
     if stride != 1 or cin != cout:
         idt = conv_bn(g, f"{mod}.downsample.0", f"{mod}.downsample.1", x, cin, cout, 1, stride, pad=0)
     else:
         idt = x
-    out = g.op("Add", [out, idt], g.path(mod))
-    return activation(g, f"{mod}.relu", out, poly)
+    return _residual_join(g, mod, out, idt, poly)
+
+
+def _shared_source_block(g, mod, x, source, c, poly):
+    """A width-``c`` BasicBlock whose skip operand is ``source`` (the stage's
+    shared skip source) instead of its own input ``x``: ``act(branch(x) + source)``."""
+    return _residual_join(g, mod, _basic_branch(g, mod, x, c, c, 1, poly), source, poly)
 
 
 def _bottleneck(g, mod, x, cin, planes, stride, poly, expansion=4):
@@ -526,6 +548,43 @@ def build_resnet20_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = PO
     return g.model("CIFAR ResNet-20 with degree-2 polynomial activations a*x^2+b*x+c.")
 
 
+def build_shared_source_resnet_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = POLY_A,
+                                    b: float = POLY_B, c: float = POLY_C) -> onnx.ModelProto:
+    """CIFAR-style ResNet on 1x3x16x16 whose skips within a stage all come from
+    one shared source (Drucker & Zimerman 2023), polynomial activations.
+
+    stem conv3x3 3->16 + BN + act -> s1; layer1 (width 16): block 0 is a
+    plain basic block (its skip is its input, s1), blocks 1 and 2 compute
+    ``act(branch(x_i) + s1)``; layer2: block 0 downsamples 16->32 (stride 2,
+    1x1 conv + BN projection) -> s2, blocks 1 and 2 compute
+    ``act(branch(x_i) + s2)``; GAP, Flatten, Gemm 32->10. So s1 is read by
+    the 3 Adds of layer1 (and layer1.0.conv1), s2 by the Adds of layer2.1
+    and layer2.2 (and layer2.1.conv1).
+    """
+    g = GraphBuilder("shared_source_resnet_poly", opset, seed)
+    poly = _poly_setup(g, a, b, c)
+    x = g.add_input("input", [1, 3, 16, 16])
+    x = conv_bn(g, "conv1", "bn1", x, 3, 16, 3, gain=g.stem_gain)
+    x = activation(g, "relu", x, poly)
+    cin = 16
+    for s, width in enumerate((16, 32)):
+        stride = 1 if s == 0 else 2
+        mod = f"layer{s + 1}"
+        first = _basic_block(g, f"{mod}.0", x, cin, width, stride, poly)
+        # the shared source: the stage input when the first block keeps the shape, else its output
+        source = x if (stride == 1 and cin == width) else first
+        x = first
+        for i in (1, 2):
+            x = _shared_source_block(g, f"{mod}.{i}", x, source, width, poly)
+        cin = width
+    x = global_avgpool(g, "avgpool", x)
+    x = flatten(g, x)
+    linear_gemm(g, "fc", x, cin, 10, outputs=["logits"])
+    g.add_output("logits", [1, 10])
+    return g.model("CIFAR-style ResNet (1x3x16x16) with shared-source skips: within a stage every "
+                   "later block adds the stage's shared source, degree-2 polynomial activations.")
+
+
 def _resnet_224(name, block, layers, opset, seed, a, b, c, image_size):
     g = GraphBuilder(name, opset, seed)
     poly = _poly_setup(g, a, b, c)
@@ -629,6 +688,34 @@ def dirac_conv_bn(g: GraphBuilder, conv_mod: str, bn_mod: str, x: str, c: int,
     return batchnorm(g, bn_mod, y, c, params)
 
 
+def _diracnet(name: str, opset: int, seed: int, poly) -> GraphBuilder:
+    """diracnet with ReLU (``poly=None``) or the polynomial activation. With
+    ReLU the stem gain is HE_GAIN (= g.gain, the original model byte for byte);
+    with the polynomial the stem scales to POLY_STEM_RMS and the transition conv
+    uses the linear He gain (_poly_setup), while the Dirac kernels keep their
+    alpha/beta ranges (their second-moment gain is ~1): pre-activations stay
+    below ~2 for N(0, 1) inputs (checked in tests/test_models_build.py)."""
+    g = GraphBuilder(name, opset, seed)
+    if poly is not None:
+        poly = _poly_setup(g, *poly)
+    x = g.add_input("input", [1, 3, 16, 16])
+    x = conv_bn(g, "conv0", "bn0", x, 3, 16, 3, gain=g.stem_gain)
+    x = activation(g, "relu0", x, poly)
+    for i in range(2):
+        x = dirac_conv_bn(g, f"stage1.{i}.conv", f"stage1.{i}.bn", x, 16, "reduce_l2")
+        x = activation(g, f"stage1.{i}.relu", x, poly)
+    x = conv_bn(g, "transition.conv", "transition.bn", x, 16, 32, 3, stride=2)
+    x = activation(g, "transition.relu", x, poly)
+    for i in range(2):
+        x = dirac_conv_bn(g, f"stage2.{i}.conv", f"stage2.{i}.bn", x, 32, "reduce_sum")
+        x = activation(g, f"stage2.{i}.relu", x, poly)
+    x = global_avgpool(g, "avgpool", x)
+    x = flatten(g, x)
+    linear_gemm(g, "fc", x, 32, 10, outputs=["logits"])
+    g.add_output("logits", [1, 10])
+    return g
+
+
 def build_diracnet(opset: int = DEFAULT_OPSET, seed: int = 0) -> onnx.ModelProto:
     """DiracNet-style CNN (Zagoruyko & Komodakis 2017) on 1x3x16x16, no residual Adds.
 
@@ -637,24 +724,21 @@ def build_diracnet(opset: int = DEFAULT_OPSET, seed: int = 0) -> onnx.ModelProto
     stage2: 2 x (DiracConv 32 + BN + ReLU), kernel norm via
     Mul/ReduceSum/Sqrt; GAP, Flatten, Gemm 32->10.
     """
-    g = GraphBuilder("diracnet", opset, seed)
-    x = g.add_input("input", [1, 3, 16, 16])
-    x = conv_bn(g, "conv0", "bn0", x, 3, 16, 3)
-    x = relu(g, "relu0", x)
-    for i in range(2):
-        x = dirac_conv_bn(g, f"stage1.{i}.conv", f"stage1.{i}.bn", x, 16, "reduce_l2")
-        x = relu(g, f"stage1.{i}.relu", x)
-    x = conv_bn(g, "transition.conv", "transition.bn", x, 16, 32, 3, stride=2)
-    x = relu(g, "transition.relu", x)
-    for i in range(2):
-        x = dirac_conv_bn(g, f"stage2.{i}.conv", f"stage2.{i}.bn", x, 32, "reduce_sum")
-        x = relu(g, f"stage2.{i}.relu", x)
-    x = global_avgpool(g, "avgpool", x)
-    x = flatten(g, x)
-    linear_gemm(g, "fc", x, 32, 10, outputs=["logits"])
-    g.add_output("logits", [1, 10])
+    g = _diracnet("diracnet", opset, seed, None)
     return g.model("DiracNet-style CNN: each 3x3 kernel is alpha*I + beta*W/||W||, "
                    "computed in the graph from initializers; no residual Adds.")
+
+
+def build_diracnet_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = POLY_A,
+                        b: float = POLY_B, c: float = POLY_C) -> onnx.ModelProto:
+    """diracnet with every ReLU replaced by a*x^2 + b*x + c (Mul/Add nodes).
+
+    The DiracNet baseline of Drucker & Zimerman (2023): no skip connections
+    at all, the identity lives in the kernels. Compiles without calibration.
+    """
+    g = _diracnet("diracnet_poly", opset, seed, (a, b, c))
+    return g.model("DiracNet-style CNN with degree-2 polynomial activations a*x^2+b*x+c: each "
+                   "3x3 kernel is alpha*I + beta*W/||W||, computed in the graph; no residual Adds.")
 
 
 # ---------------------------------------------------------------------------
@@ -813,6 +897,8 @@ MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet20": build_resnet20,
     "resnet20_poly": build_resnet20_poly,
     "diracnet": build_diracnet,
+    "diracnet_poly": build_diracnet_poly,
+    "shared_source_resnet_poly": build_shared_source_resnet_poly,
     "torchlike_cnn": build_torchlike_cnn,
     "torchlike_shape_chains": build_torchlike_shape_chains,
     "torchlike_stack_sum": build_torchlike_stack_sum,

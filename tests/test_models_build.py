@@ -186,6 +186,151 @@ def test_diracnet(opset):
     assert inits[p + "delta"][3, 3, 1, 1] == 1 and inits[p + "delta"].sum() == 16
 
 
+def _data_dependent(model: onnx.ModelProto):
+    """Predicate: does tensor ``t`` depend on the graph input (not only on
+    initializers and Constants)?"""
+    inits = {i.name for i in model.graph.initializer}
+    produced = {o: n for n in model.graph.node for o in n.output}
+    memo: dict[str, bool] = {}
+
+    def dep(t: str) -> bool:
+        if t not in memo:
+            if t in inits:
+                memo[t] = False
+            elif t not in produced:  # a graph input
+                memo[t] = True
+            else:
+                memo[t] = any(dep(i) for i in produced[t].input if i)
+        return memo[t]
+
+    return dep
+
+
+def _squares(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The ``Mul(x, x)`` of every polynomial activation (data-dependent squares
+    only: DiracNet's ``Mul(W, W)`` kernel norms are not activations)."""
+    dep = _data_dependent(model)
+    return [n for n in model.graph.node if n.op_type == "Mul" and n.input[0] == n.input[1] and dep(n.input[0])]
+
+
+def _max_preactivation(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """Largest |input| of any polynomial activation on input ``x``."""
+    m = onnx.load_from_string(model.SerializeToString())
+    pre = [n.input[0] for n in _squares(m)]
+    for t in pre:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(pre, {"input": x})
+    return max(float(np.abs(o).max()) for o in outs)
+
+
+@pytest.mark.parametrize("opset", (13, 17, 18))
+def test_diracnet_poly(opset):
+    """diracnet with the polynomial activation: same graph (node names, Dirac
+    kernels computed in the graph, no residual Adds), Relu -> a*x^2 + b*x + c."""
+    m = build_models.build_diracnet_poly(opset=opset)
+    onnx.checker.check_model(m, full_check=True)
+    relu_net = build_models.build_diracnet(opset=opset)
+    assert "Relu" not in _op_types(m)
+    relus = [n for n in relu_net.graph.node if n.op_type == "Relu"]
+    squares = _squares(m)
+    assert len(squares) == len(relus) == 6
+    # every Relu's scope holds one polynomial instead
+    assert sorted(n.name.rsplit("/", 1)[0] for n in squares) == sorted(n.name.rsplit("/", 1)[0] for n in relus)
+    names = lambda mm, ops: sorted(n.name for n in mm.graph.node if n.op_type in ops)  # noqa: E731
+    assert names(m, {"Conv", "ReduceL2", "ReduceSum", "Sqrt", "Div", "BatchNormalization", "Gemm"}) == \
+        names(relu_net, {"Conv", "ReduceL2", "ReduceSum", "Sqrt", "Div", "BatchNormalization", "Gemm"})
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    relu_inits = {i.name for i in relu_net.graph.initializer}
+    scopes = ("relu0", "stage1.0.relu", "stage1.1.relu", "transition.relu", "stage2.0.relu", "stage2.1.relu")
+    assert set(inits) == relu_inits | {f"{s}.{k}" for s in scopes for k in "abc"}
+    assert float(inits["relu0.a"]) == 0.125 and float(inits["stage2.1.relu.c"]) == 0.25
+    # still no residual Adds: an Add of data-dependent tensors only occurs inside an activation
+    dep = _data_dependent(m)
+    data_adds = [n for n in m.graph.node if n.op_type == "Add" and all(dep(i) for i in n.input)]
+    assert len(data_adds) == 6 and all(n.name.rsplit("/", 1)[0] in
+                                       {s.name.rsplit("/", 1)[0] for s in squares} for n in data_adds)
+    assert sum(n.op_type == "Conv" and n.input[1] not in inits for n in m.graph.node) == 4
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["hecompiler.model"] == "diracnet_poly" and props["seed"] == "0"
+    assert props["activation"] == "poly2: 0.125*x^2 + 0.5*x + 0.25"
+    custom = build_models.build_diracnet_poly(opset=opset, a=0.25, b=0.75, c=0.0)
+    cinits = {i.name: onnx.numpy_helper.to_array(i) for i in custom.graph.initializer}
+    assert float(cinits["stage1.0.relu.a"]) == 0.25 and float(cinits["stage1.0.relu.b"]) == 0.75
+
+
+def test_shared_source_resnet_poly():
+    """Within each stage every block after the first adds the stage's one shared
+    source: layer1's three Adds all read the stem output s1 (layer1.0 as its
+    identity skip, layer1.1 and layer1.2 as the shared source); layer2.1 and
+    layer2.2 both read s2, the output of the downsampling block layer2.0."""
+    m = _model("shared_source_resnet_poly")
+    count = lambda op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+    assert "Relu" not in _op_types(m)
+    assert count("Conv") == count("BatchNormalization") == 1 + 6 * 2 + 1   # stem, 6 blocks, 1 projection
+    assert len(_squares(m)) == 1 + 6 * 2
+    nodes = {n.name: n for n in m.graph.node}
+    for n in ("/conv1/Conv", "/bn1/BatchNormalization", "/relu/Mul", "/layer1/layer1.2/conv2/Conv",
+              "/layer1/layer1.2/Add", "/layer1/layer1.2/relu_1/Add_1",
+              "/layer2/layer2.0/downsample/downsample.0/Conv", "/layer2/layer2.2/Add",
+              "/avgpool/GlobalAveragePool", "/Flatten", "/fc/Gemm"):
+        assert n in nodes, n
+    inits = {i.name: i for i in m.graph.initializer}
+    assert list(inits["layer2.0.downsample.0.weight"].dims) == [32, 16, 1, 1]
+    assert list(inits["fc.weight"].dims) == [10, 32]
+    residual = {n.name: n for n in m.graph.node if n.op_type == "Add" and n.name.endswith("/Add")
+                and "/relu" not in n.name}
+    assert sorted(residual) == [f"/layer{s}/layer{s}.{i}/Add" for s in (1, 2) for i in range(3)]
+    s1 = nodes["/relu/Add_1"].output[0]                  # stem output
+    s2 = nodes["/layer2/layer2.0/relu_1/Add_1"].output[0]  # output of the downsampling block
+    readers = lambda t: sorted(n.name for n in m.graph.node if t in n.input)  # noqa: E731
+    adds_of = lambda t: sorted(n for n in readers(t) if n in residual)  # noqa: E731
+    assert adds_of(s1) == ["/layer1/layer1.0/Add", "/layer1/layer1.1/Add", "/layer1/layer1.2/Add"]
+    assert adds_of(s2) == ["/layer2/layer2.1/Add", "/layer2/layer2.2/Add"]
+    assert readers(s1) == ["/layer1/layer1.0/Add", "/layer1/layer1.0/conv1/Conv",
+                           "/layer1/layer1.1/Add", "/layer1/layer1.2/Add"]
+    assert readers(s2) == ["/layer2/layer2.1/Add", "/layer2/layer2.1/conv1/Conv", "/layer2/layer2.2/Add"]
+    # the non-first blocks' own inputs feed only their branch, not their Add
+    for blk in ("layer1.1", "layer1.2", "layer2.2"):
+        stage = blk.split(".")[0]
+        x_in = nodes[f"/{stage}/{blk}/conv1/Conv"].input[0]
+        assert readers(x_in) == [f"/{stage}/{blk}/conv1/Conv"], blk
+    # layer2.0's skip is its projection of layer1's output
+    proj = nodes["/layer2/layer2.0/downsample/downsample.1/BatchNormalization"].output[0]
+    assert proj in residual["/layer2/layer2.0/Add"].input
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["hecompiler.model"] == "shared_source_resnet_poly"
+    assert props["activation"] == "poly2: 0.125*x^2 + 0.5*x + 0.25"
+    custom = build_models.build_shared_source_resnet_poly(a=0.25, b=0.75, c=0.0)
+    cinits = {i.name: onnx.numpy_helper.to_array(i) for i in custom.graph.initializer}
+    assert float(cinits["layer2.2.relu.a"]) == 0.25 and float(cinits["layer2.2.relu.b"]) == 0.75
+
+
+@pytest.mark.parametrize("name", ["diracnet_poly", "shared_source_resnet_poly"])
+def test_skip_models_signal_level(name):
+    """Polynomial networks diverge once a pre-activation passes ~3.4: on N(0, 1)
+    and N(0, 4) inputs every activation input stays below 3.4 (below 2.5 for N(0, 1)),
+    and the logits depend on the input."""
+    m = _model(name)
+    rng = np.random.default_rng(5)
+    shape = _input_shape(m)
+    xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    assert max(_max_preactivation(m, x) for x in xs) < 2.5
+    assert max(_max_preactivation(m, 2 * x) for x in xs) < 3.4
+    ys = np.concatenate([_run(_bytes(name), x) for x in xs])
+    assert np.isfinite(ys).all() and all(0.1 < float(y.std()) < 10.0 for y in ys)
+    assert float(ys.std(axis=0).mean()) > 1e-3 * float(ys.std(axis=1).mean())
+
+
+def test_skip_models_build_fast():
+    import time
+
+    for name in ("diracnet_poly", "shared_source_resnet_poly"):
+        t0 = time.perf_counter()
+        build_models.MODELS[name]()
+        assert time.perf_counter() - t0 < 0.5, name
+
+
 @pytest.mark.parametrize("opset", OPSETS)
 def test_torchlike_cnn(opset):
     m = _model("torchlike_cnn", opset)

@@ -13,8 +13,8 @@ import pytest
 import hecompiler as hc
 from conftest import ort_run, rel_err
 
-SMALL = ["tiny_resnet", "tiny_resnet_poly", "resnet20", "resnet20_poly", "diracnet", "torchlike_cnn",
-         "torchlike_shape_chains", "torchlike_stack_sum", "dynamic_batch"]
+SMALL = ["tiny_resnet", "tiny_resnet_poly", "resnet20", "resnet20_poly", "diracnet", "diracnet_poly",
+         "shared_source_resnet_poly", "torchlike_cnn", "torchlike_shape_chains", "torchlike_stack_sum", "dynamic_batch"]
 CASES = [(name, opset) for name in SMALL for opset in (13, 17)]
 
 
