@@ -93,15 +93,21 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE (dotted name or .py file) first, to register your own passes")
     g = p.add_argument_group("HE compilation (.hec output)")
-    g.add_argument("--ring", default="8192,16384,32768", metavar="N[,N...]",
-                   help="ring degrees the planner may choose from (default: %(default)s)")
+    g.add_argument("--ring", default=None, metavar="N[,N...]",
+                   help="ring degrees the planner may choose from (default: 8192,16384,32768; "
+                        "65536 with --refresh bootstrap)")
     g.add_argument("--levels", type=int, default=None, metavar="L",
                    help="data levels (primes) in the modulus chain (default: planner tries several)")
     g.add_argument("--scale-bits", type=int, default=None, metavar="B", help="bits of the CKKS scale / data primes")
     g.add_argument("--max-memory", default="8G", metavar="SIZE",
                    help="memory budget for running the program, e.g. 4G or 512M (default: %(default)s)")
     g.add_argument("--max-refreshes", type=int, default=None, metavar="N",
-                   help="refuse plans with more client-aided refreshes than N (0: non-interactive)")
+                   help="refuse plans that refresh more ciphertexts than N (0: non-interactive)")
+    g.add_argument("--refresh", default="client", metavar="client|bootstrap[:SECONDS]",
+                   help="what a refresh is on the target: 'client' (client-aided re-encryption, what the SEAL "
+                        "backend runs; default) or 'bootstrap' (plan for a bootstrapping backend: the chain keeps "
+                        "room for the bootstrap circuit and a refresh costs SECONDS per ciphertext, estimated "
+                        "from the cost table when not given)")
     g.add_argument("--refresh-rtt-ms", type=float, default=20.0, metavar="MS",
                    help="client round trip assumed for one refresh, in the cost model (default: %(default)s)")
     g.add_argument("--security", choices=["128", "none"], default="128",
@@ -205,7 +211,7 @@ def _compile_hec(args) -> int:
     from tqdm import tqdm
 
     from .compiler import CompileOptions, compile_model
-    from .costmodel import CostModel, RefreshCost
+    from .costmodel import CostModel
     from .hecfile import save_hec
     from .passmanager import DEFAULT_PIPELINE
     from .planner import PlanOptions
@@ -213,9 +219,10 @@ def _compile_hec(args) -> int:
     if not args.output:
         raise HecError("compiling to .hec needs -o FILE.hec")
     try:
-        rings = tuple(int(r) for r in args.ring.split(","))
+        rings = tuple(int(r) for r in args.ring.split(",")) if args.ring else None
     except ValueError:
         raise HecError(f"--ring {args.ring!r}: give ring degrees like 8192,16384") from None
+    refresh = _refresh_arg(args.refresh, args.refresh_rtt_ms)
     sample = None
     if args.sample:
         sample = _load_npy(args.sample, "--sample")
@@ -226,7 +233,7 @@ def _compile_hec(args) -> int:
                           input_shapes=dict(args.input_shape), dump_after=args.dump_after,
                           dump_dir=args.dump_dir if args.dump_after else None, check=not args.no_check,
                           sample=sample, **_approx_kwargs(args))
-    cost = CostModel(refresh=RefreshCost(round_trip_s=args.refresh_rtt_ms / 1000.0))
+    cost = CostModel(refresh=refresh)
     bar = tqdm(desc="planning", unit=" candidates", disable=args.quiet or not sys.stderr.isatty(), leave=False)
     try:
         result = compile_model(args.model, opts, cost, progress=lambda c: bar.update(1))
@@ -238,6 +245,24 @@ def _compile_hec(args) -> int:
         sys.stderr.write(result.report_text)
         sys.stderr.write(f"wrote {args.output}\n")
     return 0
+
+
+def _refresh_arg(text: str, rtt_ms: float):
+    from .costmodel import RefreshCost
+
+    kind, _, price = text.partition(":")
+    if kind == "client" and not price:
+        return RefreshCost(round_trip_s=rtt_ms / 1000.0)
+    if kind == "bootstrap":
+        try:
+            seconds = float(price) if price else None
+        except ValueError:
+            seconds = -1.0
+        if seconds is not None and not seconds >= 0:
+            raise HecError(f"--refresh {text!r}: the bootstrap price must be seconds per ciphertext, e.g. "
+                           f"bootstrap:20")
+        return RefreshCost(kind="bootstrap", bootstrap_s=seconds)
+    raise HecError(f"--refresh {text!r}: expected 'client', 'bootstrap' or 'bootstrap:SECONDS'")
 
 
 def _approx_kwargs(args) -> dict:

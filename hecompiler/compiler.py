@@ -141,7 +141,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
                           to_dot(graph, title=f"{graph.name} lowered: {best.label}", annotate=best.lowering.annotate))
     seconds = time.perf_counter() - t0
     sha, fname = _sha256_of(model)
-    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds)
+    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost)
     if approx is not None:
         report["approximation"] = approx
     metadata = {
@@ -208,8 +208,11 @@ def _onnxruntime(model, x):
 # --------------------------------------------------------------------------- report
 
 def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidate], pipeline: PipelineReport,
-                 fidelity, seconds: float) -> dict[str, Any]:
+                 fidelity, seconds: float, cost: CostModel | None = None) -> dict[str, Any]:
+    cost = cost or CostModel()
     p = best.params
+    rc = cost.refresh
+    reserved = rc.reserved_bits(p.scale_bits)
     c = best.cost
     low = best.lowering
     live = _live_ciphertexts(graph, low)
@@ -224,8 +227,11 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "params": {"poly_degree": p.poly_degree, "slots": p.slots, "coeff_bits": list(p.coeff_bits),
                    "total_bits": sum(p.coeff_bits), "scale_bits": p.scale_bits, "top_level": p.top_level,
                    "security": p.security,
-                   "security_note": "128-bit (HE standard, SEAL CoeffModulus limits)" if p.security == "tc128"
-                   else "NOT 128-bit secure: explicitly requested"},
+                   "bootstrap_reserved_bits": reserved,
+                   "security_note": _security_note(p, reserved)},
+        "refresh_model": {"kind": rc.kind,
+                          "seconds_per_ciphertext": round(cost.refresh_seconds(p.poly_degree, p.top_level + 1), 4),
+                          "description": rc.describe(p.poly_degree, p.top_level + 1, cost)},
         "candidates": [{"params": cd.label, "predicted_seconds": round(cd.cost.seconds, 3) if cd.cost else None,
                         "memory_gib": round(cd.cost.memory_bytes / 2**30, 2) if cd.cost else None,
                         "refreshes": cd.cost.refreshes if cd.cost else None,
@@ -251,6 +257,18 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                    for r in pipeline.records],
         "fidelity": fidelity,
     }
+
+
+def _security_note(p, reserved_bits: int) -> str:
+    if p.security != "tc128":
+        return "NOT 128-bit secure: explicitly requested"
+    if reserved_bits:
+        return (f"128-bit with the bootstrap circuit's {reserved_bits} bits included "
+                f"({sum(p.coeff_bits) + reserved_bits} bits in all; "
+                + ("HE security guidelines ia.cr/2024/463 for N=2^16)" if p.poly_degree > 32768 else "HE standard)"))
+    if p.poly_degree > 32768:
+        return "128-bit (HE security guidelines ia.cr/2024/463 for N=2^16; SEAL cannot certify it, run it in the simulator)"
+    return "128-bit (HE standard, SEAL CoeffModulus limits)"
 
 
 def _live_ciphertexts(graph: Graph, low) -> dict[str, int]:
@@ -297,7 +315,10 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"ops: {ops.get('rotate', 0)} rotations, {ops.get('mul_plain', 0)} ct-pt mults, "
                  f"{ops.get('mul', 0)} ct-ct mults, {ops.get('rescale', 0)} rescales, "
                  f"{ops.get('add', 0) + ops.get('add_plain', 0)} adds, {ops.get('mod_switch', 0)} mod-switches, "
-                 f"{r['refreshes']} refreshes (client-aided)")
+                 f"{r['refreshes']} refreshes")
+    rm = r.get("refresh_model")
+    if rm:
+        lines.append(f"refresh: {rm['description']}")
     rp = r["refresh_placement"]
     lines.append(f"depth: {r['levels_used']} levels on the longest path; refreshes before: "
                  f"{', '.join(r['refresh_points']) or 'none'}")

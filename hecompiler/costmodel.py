@@ -11,6 +11,7 @@ SEAL's representation (8-byte words per coefficient per prime).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -26,12 +27,112 @@ _OP_ALIAS = {"mul": "mul_relin", "refresh": None}
 
 
 @dataclass(frozen=True)
-class RefreshCost:
-    """What one client-aided refresh of one ciphertext costs beyond compute:
-    the masked ciphertext goes to the client and a fresh one comes back."""
+class BootstrapCircuit:
+    """The shape of a CKKS bootstrap (ModRaise, CoeffsToSlots, EvalMod,
+    SlotsToCoeffs; Cheon et al. 2018, Bossuat et al. 2021), used to price a
+    refresh when the target backend bootstraps instead of asking the client.
 
+    The linear transforms are split into ``cts_levels`` / ``stc_levels``
+    sparse factors of the DFT, each a radix-``2^r`` butterfly with ``2^(r+1)-1``
+    diagonals evaluated with baby-step/giant-step; EvalMod evaluates a scaled
+    cosine of degree ``evalmod_degree`` (Paterson-Stockmeyer) followed by
+    ``double_angle`` squarings, on the real and imaginary halves.  Level
+    counts and prime sizes are typical of published 128-bit parameter sets at
+    N=2^16; a backend's own figures can replace them.
+    """
+
+    cts_levels: int = 3
+    stc_levels: int = 3
+    evalmod_levels: int = 8
+    evalmod_degree: int = 30
+    double_angle: int = 3
+    cts_prime_bits: int = 56
+    evalmod_prime_bits: int = 60
+
+    @property
+    def levels(self) -> int:
+        return self.cts_levels + self.evalmod_levels + self.stc_levels
+
+    def reserved_bits(self, scale_bits: int) -> int:
+        """Modulus bits the circuit consumes above the program's own chain
+        (SlotsToCoeffs runs at the data scale)."""
+        return (self.cts_levels * self.cts_prime_bits + self.evalmod_levels * self.evalmod_prime_bits
+                + self.stc_levels * scale_bits)
+
+    def op_counts(self, slots: int) -> list[tuple[str, int, int]]:
+        """(op, count, levels below the top of the bootstrap chain it runs at)."""
+        k = max(1, int(math.log2(slots)))
+        out: list[tuple[str, int, int]] = [("rotate", 1, 0)]  # conjugation: split real and imaginary parts
+        depth = 0
+        for levels in (self.cts_levels, None, self.stc_levels):
+            if levels is None:  # EvalMod on two ciphertexts (real and imaginary halves)
+                ps = 2 * math.isqrt(self.evalmod_degree) + math.ceil(math.log2(self.evalmod_degree))
+                total, per = 2 * (ps + self.double_angle), self.evalmod_levels
+                for j in range(per):
+                    muls = total // per + (1 if j < total % per else 0)
+                    out += [("mul_relin", muls, depth + j), ("rescale", muls, depth + j)]
+                depth += per
+                continue
+            r = math.ceil(k / levels)
+            diags = 2 ** (r + 1) - 1
+            rots = 2 * math.ceil(math.sqrt(diags))
+            for j in range(levels):
+                out += [("rotate", rots, depth + j), ("mul_plain", diags, depth + j),
+                        ("add", diags, depth + j), ("rescale", 1, depth + j)]
+            depth += levels
+        return out
+
+
+@dataclass(frozen=True)
+class RefreshCost:
+    """What one refresh of one ciphertext costs beyond compute.
+
+    ``kind="client"`` (what the SEAL backend does): the masked ciphertext goes
+    to the key holder and a fresh one comes back; priced as the client's
+    decrypt/encrypt, two ciphertext transfers, and one round trip per batch.
+
+    ``kind="bootstrap"``: the target backend bootstraps.  A refresh costs
+    ``bootstrap_s`` seconds per ciphertext, or, when that is None, the
+    :class:`BootstrapCircuit` priced with this machine's measured op
+    latencies; the circuit's levels are reserved above the program's chain
+    (so fewer levels fit the security budget).
+    """
+
+    kind: str = "client"
     bandwidth_bytes_per_s: float = 125e6  # 1 Gbit/s
     round_trip_s: float = 0.020  # a client on another network, not the same rack
+    bootstrap_s: float | None = None
+    circuit: BootstrapCircuit = BootstrapCircuit()
+
+    def __post_init__(self):
+        if self.kind not in ("client", "bootstrap"):
+            raise HecError(f"refresh kind {self.kind!r}: expected 'client' or 'bootstrap'")
+        if self.bootstrap_s is not None and not self.bootstrap_s >= 0:
+            raise HecError(f"bootstrap price {self.bootstrap_s!r} s: must be a non-negative number")
+
+    @property
+    def bootstraps(self) -> bool:
+        return self.kind == "bootstrap"
+
+    def reserved_bits(self, scale_bits: int) -> int:
+        return self.circuit.reserved_bits(scale_bits) if self.bootstraps else 0
+
+    def describe(self, n: int | None = None, top_primes: int | None = None, model: "CostModel | None" = None) -> str:
+        if not self.bootstraps:
+            return (f"client-aided re-encryption (round trip {self.round_trip_s * 1e3:g} ms per batch, "
+                    f"{self.bandwidth_bytes_per_s * 8 / 1e9:g} Gbit/s)")
+        c = self.circuit
+        if self.bootstrap_s is not None:
+            price = f"{self.bootstrap_s:g} s per ciphertext (given)"
+        elif model is not None and n is not None and top_primes is not None:
+            price = (f"{model.refresh_seconds(n, top_primes):.1f} s per ciphertext (estimated: the bootstrap "
+                     f"circuit priced with this machine's SEAL op latencies)")
+        else:
+            price = "estimated from the cost table"
+        return (f"bootstrap: {price}; circuit {c.cts_levels}+{c.evalmod_levels}+{c.stc_levels} levels "
+                f"(CoeffsToSlots+EvalMod+SlotsToCoeffs) reserved above the chain; not modelled: the "
+                f"bootstrap's own error (the precision check treats a refresh as a fresh encryption) "
+                f"and its keys (memory)")
 
 
 class CostModel:
@@ -69,13 +170,28 @@ class CostModel:
         return float(ys[k] * primes / xs[k])
 
     def refresh_seconds(self, n: int, primes_top: int) -> float:
-        """Server masks (add_plain), client decrypts and re-encrypts, server
-        unmasks, plus the transfer of two ciphertexts and a round trip."""
+        """One ciphertext's refresh.  Client-aided: the server masks
+        (add_plain), the client decrypts and re-encrypts, the server unmasks,
+        plus the transfer of two ciphertexts (the round trip is per batch).
+        Bootstrap: the given price, or the circuit at this ring."""
+        if self.refresh.bootstraps:
+            if self.refresh.bootstrap_s is not None:
+                return self.refresh.bootstrap_s
+            return self.bootstrap_seconds(n, primes_top)
         compute = (self.op_seconds("add_plain", n, 1) + self.op_seconds("decrypt", n, 1)
                    + self.op_seconds("encode", n, primes_top) + self.op_seconds("encrypt", n, primes_top)
                    + self.op_seconds("add_plain", n, primes_top))
         transfer = (ct_bytes(n, 1) + ct_bytes(n, primes_top)) / self.refresh.bandwidth_bytes_per_s
         return compute + transfer  # the round trip is paid once per batch: see program_cost
+
+    def bootstrap_seconds(self, n: int, primes_top: int) -> float:
+        """The :class:`BootstrapCircuit` priced op by op: it starts from the
+        program's top level plus the circuit's own levels and ends at the top
+        (plaintext diagonals precomputed, as bootstrapping libraries do)."""
+        c = self.refresh.circuit
+        start = primes_top + c.levels
+        return sum(count * self.op_seconds(op, n, start - below)
+                   for op, count, below in c.op_counts(n // 2) if count)
 
     def encode_seconds(self, n: int, primes: int) -> float:
         return self.op_seconds("encode", n, primes)
@@ -208,7 +324,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
-    if batches:
+    if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
     seconds = sum(by_op.values()) + enc
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,

@@ -47,6 +47,7 @@ import numpy as np
 from .errors import HecError, HecFileError, ParseError
 from .fileio import atomic_write_bytes
 from .heprog import OPS, HEProgram, LinearOp, PlainRef, ProgramError, parse_program, print_program, verify_program
+from .security import HE_STANDARD_MAX_BITS, source
 
 FORMAT = "hecompiler.hec"
 FORMAT_VERSION = 1
@@ -66,11 +67,6 @@ MAX_MANIFEST_BYTES = 1 * 2**20
 
 #: HomomorphicEncryption.org standard: max total coefficient-modulus bits (including the
 #: special prime) per ring degree, ternary secret, classical attacks (SEAL's MaxBitCount)
-HE_STANDARD_MAX_BITS = {
-    "tc128": {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
-    "tc192": {1024: 19, 2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
-    "tc256": {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
-}
 
 _WEIGHT_KINDS = "fiu"  # float, signed int, unsigned int
 _ARITY = {"rotate": 1, "add": 2, "sub": 2, "negate": 1, "add_plain": 1, "mul_plain": 1, "mul": 2,
@@ -464,7 +460,7 @@ def _check_security(prog: HEProgram, metadata: dict) -> None:
         if limit is None or total > limit:
             have = f"at most {limit}" if limit is not None else "no standard entry"
             raise _Insecure(f"params claim {sec} security but N={p.poly_degree} with a {total}-bit modulus "
-                               f"is not {sec}-secure by the HE standard ({have})")
+                               f"is not {sec}-secure by the {source(p.poly_degree)} ({have})")
         return
     if metadata.get("insecure_ok") is not True:
         raise _Insecure(f"params are not 128-bit secure (security {sec!r}, N={p.poly_degree}, {total}-bit "
@@ -797,7 +793,8 @@ def inspect_hec(path: str | os.PathLike) -> str:
         lines.append("passes run: " + (", ".join(map(str, passes)) if isinstance(passes, list) else str(passes)))
     total = sum(p.coeff_bits)
     if p.security in HE_STANDARD_MAX_BITS:
-        sec = f"{p.security} (HE standard, {total} <= {HE_STANDARD_MAX_BITS[p.security][p.poly_degree]} bits)"
+        sec = (f"{p.security} ({source(p.poly_degree)}, {total} <= "
+               f"{HE_STANDARD_MAX_BITS[p.security][p.poly_degree]} bits)")
     else:
         sec = f"{p.security} (NOT 128-bit secure; explicitly requested)"
     lines += [

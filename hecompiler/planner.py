@@ -11,26 +11,31 @@ limits) unless the user explicitly asks for ``security="none"``.
 Fewer, larger primes mean cheaper ops but more refreshes; the planner
 weighs both, since a client-aided refresh has a real cost (two ciphertext
 transfers and a round trip, see :class:`~hecompiler.costmodel.RefreshCost`).
+For a bootstrapping target (``RefreshCost(kind="bootstrap")``) a refresh is
+a bootstrap: the chain must leave room for the bootstrap circuit's levels,
+and each refreshed ciphertext costs the circuit's price.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .costmodel import CostModel, ProgramCost, program_cost
+from .costmodel import CostModel, ProgramCost, RefreshCost, program_cost
 from .errors import HecError, LoweringError
 from .heprog import HEProgram, Params
 from .ir import Graph
 from .lower import Lowering, LoweringOptions, lower
 from .refresh import RefreshPlan, plan_refreshes
+from .security import HE_STANDARD_MAX_BITS, max_bits
 
-#: the HE standard's 128-bit limits on log2(Q*P) per ring degree (SEAL CoeffModulus::MaxBitCount)
-MAX_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+#: rings tried when the user gives none: client-aided refresh / a bootstrapping target (a 128-bit
+#: bootstrap needs N=2^16 to hold its own ~770 bits of modulus)
+DEFAULT_RINGS = {"client": (8192, 16384, 32768), "bootstrap": (65536,)}
 
 
 @dataclass
 class PlanOptions:
-    ring_degrees: tuple[int, ...] = (8192, 16384, 32768)
+    ring_degrees: tuple[int, ...] | None = None  # None: DEFAULT_RINGS for the refresh kind
     security: str = "tc128"  # or "none": only when the user explicitly asks
     max_memory_bytes: int = 8 * 2**30
     max_refreshes: int | None = None
@@ -66,17 +71,19 @@ def chain_bits(n: int, scale_bits: int, levels: int) -> tuple[int, ...]:
     return (q0,) + (scale_bits,) * levels + (special,)
 
 
-def max_levels(n: int, scale_bits: int, security: str) -> int:
+def max_levels(n: int, scale_bits: int, security: str, reserved_bits: int = 0) -> int:
+    """Data levels that fit ring ``n`` with ``reserved_bits`` of modulus kept
+    for a bootstrap circuit above the chain."""
     if security == "none":
-        limit = 60 * 30 if n >= 32768 else MAX_BITS_128.get(n, 0) * 2
+        limit = 60 * 30 if n >= 32768 else (max_bits(n) or 0) * 2
     else:
-        if n not in MAX_BITS_128:
+        if max_bits(n) is None:
             raise HecError(f"ring degree {n} has no 128-bit parameters in the HE standard table "
-                           f"(supported: {sorted(MAX_BITS_128)}); pass --security none to go beyond")
-        limit = MAX_BITS_128[n]
+                           f"(supported: {sorted(HE_STANDARD_MAX_BITS['tc128'])}); pass --security none to go beyond")
+        limit = max_bits(n)
     q0 = min(60, scale_bits + 20)
     special = max(q0, scale_bits)
-    return max(0, (limit - q0 - special) // scale_bits)
+    return max(0, (limit - q0 - special - reserved_bits) // scale_bits)
 
 
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -90,27 +97,36 @@ def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(m.value()) for m in mods)[:-1]
 
 
-def candidate_params(opts: PlanOptions) -> list[Params]:
+def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None) -> list[Params]:
+    refresh = refresh or RefreshCost()
+    rings = opts.ring_degrees or DEFAULT_RINGS[refresh.kind]
     out = []
     too_small = []
-    for n in opts.ring_degrees:
+    for n in rings:
         if n < 1024 or n & (n - 1):
             raise HecError(f"ring degree {n} is not a power of two >= 1024")
         scales = [opts.scale_bits] if opts.scale_bits else ([40, 30] if n <= 8192 else [40])
         for sb in scales:
-            lmax = max_levels(n, sb, opts.security)
+            lmax = max_levels(n, sb, opts.security, refresh.reserved_bits(sb))
             if lmax < 1:
-                too_small.append(f"N={n} with {sb}-bit primes")
+                too_small.append(f"N={n} with {sb}-bit primes"
+                                 + (f" and {refresh.reserved_bits(sb)} bits kept for bootstrapping"
+                                    if refresh.bootstraps else ""))
                 continue
-            ls = [opts.levels] if opts.levels else sorted({lmax, max(1, lmax // 2)}, reverse=True)
+            # the maximum and about half; a bootstrapping target trades levels against bootstraps more
+            # finely (a bootstrap costs as much as dozens of convolutions), so it also tries quarters
+            fracs = (4, 3, 2, 1) if refresh.bootstraps else (4, 2)
+            ls = [opts.levels] if opts.levels else sorted({max(1, lmax * f // 4) for f in fracs}, reverse=True)
             for lv in ls:
                 if lv > lmax:
-                    raise HecError(f"{lv} levels do not fit N={n} at 128-bit security (at most {lmax})")
+                    raise HecError(f"{lv} levels do not fit N={n} at 128-bit security (at most {lmax}"
+                                   + (" beside the bootstrap circuit)" if refresh.bootstraps else ")"))
                 out.append(Params(n, chain_bits(n, sb, lv), sb, opts.security))
     if not out:
-        raise HecError(f"ring degree(s) {', '.join(map(str, opts.ring_degrees))} hold no multiplicative level "
+        raise HecError(f"ring degree(s) {', '.join(map(str, rings))} hold no multiplicative level "
                        f"at {'128-bit security' if opts.security == 'tc128' else 'these settings'} "
-                       f"({'; '.join(too_small)}); use --ring 8192 or larger")
+                       f"({'; '.join(too_small)}); use --ring "
+                       f"{'65536' if refresh.bootstraps else '8192 or larger'}")
     return out
 
 
@@ -122,7 +138,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     cost = cost or CostModel()
     cands: list[Candidate] = []
     best: Candidate | None = None
-    for params in candidate_params(opts):
+    for params in candidate_params(opts, cost.refresh):
         primes = make_primes(params.poly_degree, params.coeff_bits)
         try:
             prog, low = lower(graph, params, primes, opts.lowering)
