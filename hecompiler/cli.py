@@ -88,6 +88,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS|all",
                    help="write text and DOT snapshots after PASS (repeatable) or after every pass")
     p.add_argument("--dump-dir", default="hecompile-dump", help="where snapshots go (default: %(default)s)")
+    p.add_argument("--select", metavar="GLOB",
+                   help="with -o OUT.dot: draw only the nodes whose name matches GLOB, e.g. '/layer1/*'")
+    p.add_argument("--no-constants", action="store_true", help="with -o OUT.dot: leave weights and constants out")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=N,C,H,W",
                    help="fix the shape of an input whose dimensions are symbolic (batch defaults to 1)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -186,7 +189,10 @@ def cmd_compile(argv: Sequence[str]) -> int:
     if emit == "onnx":
         atomic_write_bytes(args.output, to_onnx(graph).SerializeToString())
     else:
-        text = print_graph(graph) if emit == "ir" else to_dot(graph)
+        if (args.select or args.no_constants) and emit != "dot":
+            raise HecError(f"{'--select' if args.select else '--no-constants'} shapes a picture: it needs a .dot output")
+        text = print_graph(graph) if emit == "ir" else to_dot(graph, select=args.select,
+                                                               show_constants=not args.no_constants)
         if args.output:
             atomic_write_text(args.output, text)
         else:

@@ -9,11 +9,13 @@ node (levels, layouts, skip marks) without changing this module.
 
 from __future__ import annotations
 
+import fnmatch
 import html
 from typing import Callable, Mapping
 
 import graphviz
 
+from .errors import HecError
 from .ir import Graph, Node, Value
 
 _COLOURS = {
@@ -53,12 +55,31 @@ def skip_edges(graph: Graph) -> set[tuple[int, int]]:
     return out
 
 
+def _selected(graph: Graph, select: str | None) -> set[int] | None:
+    """ids of the nodes whose source name or an output name matches the glob
+    ``select`` (None: every node)."""
+    if select is None:
+        return None
+    keep = {id(n) for n in graph.nodes
+            if fnmatch.fnmatchcase(n.name, select) or any(fnmatch.fnmatchcase(v.name, select) for v in n.outputs)}
+    if not keep:
+        raise HecError(f"--select {select!r}: matches no node (node names look like "
+                       f"{graph.nodes[0].name or graph.nodes[0].outputs[0].name!r})" if graph.nodes else
+                       f"--select {select!r}: the graph has no nodes")
+    return keep
+
+
 def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = None,
-           show_constants: bool = True) -> str:
+           show_constants: bool = True, select: str | None = None) -> str:
     """DOT source for ``graph``.  ``annotate(node)`` may return extra graphviz
     attributes for that node; a ``"lines"`` entry adds label lines.  Residual
     skip edges are drawn dashed and blue; a value feeding several skips (a
-    shared source) is drawn with a thick purple border and says how many."""
+    shared source) is drawn with a thick purple border and says how many.
+    ``select`` (a glob over node and value names, e.g. ``'/layer1/*'``) draws
+    only the matching nodes; values they read from elsewhere appear as small
+    ``from %name`` ellipses, so one stage of a large network stays readable."""
+    keep = _selected(graph, select)
+    used = None if keep is None else {id(v) for n in graph.nodes if id(n) in keep for v in n.inputs}
     d = graphviz.Digraph(name=graph.name, graph_attr={"rankdir": "TB", "fontname": "Helvetica",
                                                       "label": title or graph.name, "labelloc": "t"},
                          node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica",
@@ -66,11 +87,13 @@ def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = 
                          edge_attr={"fontname": "Helvetica", "fontsize": "8"})
     ids: dict[int, str] = {}
     for i, v in enumerate(graph.inputs):
+        if used is not None and id(v) not in used:
+            continue
         ids[id(v)] = f"in{i}"
         d.node(f"in{i}", f"input %{v.name}\n{v.type}", shape="ellipse", fillcolor="#fff3b0")
     if show_constants:
         for i, v in enumerate(graph.constants.values()):
-            if not v.uses:
+            if not v.uses or (used is not None and id(v) not in used):
                 continue
             ids[id(v)] = f"c{i}"
             d.node(f"c{i}", f"%{v.name}\n{v.type}\n{v.type.size} elems", fontsize="8", fillcolor="#f4f4f4",
@@ -80,11 +103,20 @@ def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = 
     for vid, _ in skips:
         fan[vid] = fan.get(vid, 0) + 1
     for i, v in enumerate(graph.inputs):
-        if fan.get(id(v), 0) > 1:
+        if fan.get(id(v), 0) > 1 and id(v) in ids:
             d.node(f"in{i}", f"input %{v.name}\n{v.type}\nshared skip source x{fan[id(v)]}", shape="ellipse",
                    fillcolor="#fff3b0", color="#7b2cbf", penwidth="3")
     for i, n in enumerate(graph.nodes):
         nid = f"n{i}"
+        if keep is not None and id(n) not in keep:
+            for k, v in enumerate(n.outputs):
+                if id(v) in used:  # read by a drawn node: a small stand-in
+                    ids[id(v)] = f"{nid}_{k}"
+                    shared = f"\nshared skip source x{fan[id(v)]}" if fan.get(id(v), 0) > 1 else ""
+                    d.node(f"{nid}_{k}", f"from %{v.name}{shared}", shape="ellipse", fontsize="8",
+                           fillcolor="#ffffff", color="#7b2cbf" if shared else "#999999",
+                           penwidth="3" if shared else "1")
+            continue
         for v in n.outputs:
             ids[id(v)] = nid
         extra = dict(annotate(n) or {}) if annotate else {}
@@ -108,6 +140,8 @@ def to_dot(graph: Graph, title: str | None = None, annotate: Annotator | None = 
             else:
                 d.edge(src, nid, label=_shape(v))
     for i, v in enumerate(graph.outputs):
+        if keep is not None and (v.producer is None or id(v.producer) not in keep):
+            continue
         d.node(f"out{i}", f"output %{v.name}\n{v.type}", shape="ellipse", fillcolor="#fff3b0")
         if id(v) in ids:
             d.edge(ids[id(v)], f"out{i}", label=_shape(v))

@@ -33,6 +33,16 @@ def test_emit_ir_dot_onnx(tiny, tmp_path, capsys):
     assert "BatchNormalization" not in g.op_counts()
     assert main([str(tiny), "-o", str(tmp_path / "t.dot"), "-q"]) == 0
     assert (tmp_path / "t.dot").read_text().startswith("digraph")
+    assert main([str(tiny), "-o", str(tmp_path / "s.dot"), "--select", "/layer2/*", "-q"]) == 0
+    part = (tmp_path / "s.dot").read_text()
+    assert "<br/>%/layer2/" in part and "<br/>%/layer1/" not in part  # only layer2's nodes are drawn
+    assert all("from %" in line for line in part.splitlines() if "layer1" in line)  # layer1 inputs: stand-ins
+    capsys.readouterr()
+    assert main([str(tiny), "-o", str(tmp_path / "s.ir"), "--select", "/layer2/*", "-q"]) == 1
+    assert "--select shapes a picture: it needs a .dot output" in capsys.readouterr().err
+    assert main([str(tiny), "-o", str(tmp_path / "n.dot"), "--no-constants", "-q"]) == 0
+    assert "elems" not in (tmp_path / "n.dot").read_text()
+    assert not (tmp_path / "s.ir").exists()
     assert main([str(tiny), "-o", str(tmp_path / "t.onnx"), "-q"]) == 0
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
     assert rel_err(ort_run(onnx.load(tmp_path / "t.onnx"), x)[0], ort_run(onnx.load(tiny), x)[0]) < 1e-4

@@ -132,3 +132,21 @@ def test_dot_has_ops_shapes_and_constant_sizes():
     dot = hc.to_dot(g)
     assert "<b>Conv</b>" in dot and "1x3x4x4" in dot
     assert "54 elems" in dot and 'label="1x2x4x4"' in dot
+
+
+def test_dot_select_draws_one_part_with_stand_ins_and_skips():
+    g = Graph("g")
+    x = g.add_input("x", TensorType((1, 2, 4, 4)))
+    w = g.add_constant(np.ones((2, 2, 3, 3), np.float32), "w")
+    a = g.add_node("Conv", [x, w], {"pads": [1, 1, 1, 1]}, name="/stem/conv")
+    b = g.add_node("Conv", [a.output, w], {"pads": [1, 1, 1, 1]}, name="/block/conv")
+    s = g.add_node("Add", [b.output, x], name="/block/add")
+    c = g.add_node("Conv", [s.output, w], {"pads": [1, 1, 1, 1]}, name="/head/conv")
+    g.outputs = [c.output]
+    dot = hc.to_dot(g, select="/block/*", show_constants=False)
+    assert dot.count("<b>Conv</b>") == 1 and "<b>Add</b>" in dot
+    assert f"from %{a.output.name}" in dot  # the branch input, drawn as a stand-in
+    assert "input %x" in dot and "style=dashed" in dot  # the skip from the graph input, still a skip
+    assert "output %" not in dot and "%w" not in dot
+    with pytest.raises(hc.HecError, match=r"--select '/nothing/\*': matches no node"):
+        hc.to_dot(g, select="/nothing/*")
