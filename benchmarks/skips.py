@@ -1,8 +1,9 @@
 """Skip connections under HE: the same networks with and without each skip feature.
 
-    python benchmarks/skips.py                     # ResNet-20 (poly): variants, SEAL runs for two of them
+    python benchmarks/skips.py                     # ResNet-20 (poly) and the two paper-architecture models
     python benchmarks/skips.py --big               # + ResNet-18 / ResNet-50 shaped 224x224 models (compile only)
     python benchmarks/skips.py --models resnet20_poly --no-seal
+    python benchmarks/skips.py --refresh bootstrap --max-memory 64G   # priced for a bootstrapping target
 
 Variants (rows):
   baseline       the compiler without its skip machinery: no dirac-merge, greedy refresh
@@ -12,6 +13,16 @@ Variants (rows):
   dirac          architectural rewrite: residual skips removed, identity folded into the convs,
                  weights re-fitted by least squares on calibration data (approximating)
   shared-source  architectural rewrite: each stage's skips from one shared source, re-fitted
+  no-skips       a cost reference, not a model: every residual Add dropped (its branch kept), so
+                 about what any realisation of the skips could reach (the planner may still land a
+                 few percent either side of it); a different function, so no fidelity
+
+diracnet_poly and shared_source_resnet_poly (models/build_models.py) are already in the paper's
+architectures; they get the baseline and exact rows (and no-skips for the shared-source one).
+
+--refresh client (default) prices a refresh as the SEAL backend runs it (client-aided); --refresh
+bootstrap[:SECONDS] prices it as a bootstrap on a bootstrapping target (planned at N=2^16 with room
+for the bootstrap circuit; SEAL cannot run those programs, so no SEAL column).
 
 Columns: graph Adds, skip edges and their mean live range (graph nodes between the skip source and
 its Add), peak live ciphertexts (memory), refreshed ciphertexts, rotations, depth, predicted SEAL latency, measured SEAL latency
@@ -31,9 +42,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
-SMALL = ["resnet20_poly"]
+SMALL = ["resnet20_poly", "diracnet_poly", "shared_source_resnet_poly"]
+#: models already in the paper's architectures: compiled exactly (the rewrites have nothing to do)
+PAPER = {"diracnet_poly": ["baseline", "exact"], "shared_source_resnet_poly": ["baseline", "exact", "no-skips"]}
 BIG = ["resnet18_poly_224", "resnet50_poly_224"]
-VARIANTS = ["baseline", "exact", "dirac", "shared-source"]
+VARIANTS = ["baseline", "exact", "dirac", "shared-source", "no-skips"]
 
 
 def _model(name: str) -> Path:
@@ -59,12 +72,33 @@ def _skip_stats(graph) -> tuple[int, int, float]:
     return adds, len(edges), (sum(ranges) / len(ranges) if ranges else 0.0)
 
 
-def step(name: str, variant: str, seal: bool) -> dict:
+def drop_skips(graph) -> int:
+    """Replace every two-input Add of encrypted values by its deeper operand (the
+    residual branch), so the skip and any projection on it disappear (after DCE).
+    Returns the number of Adds dropped."""
+    depth: dict[int, int] = {id(v): 0 for v in graph.inputs}
+    dropped = 0
+    for n in list(graph.nodes):
+        d = 1 + max((depth.get(id(v), 0) for v in n.inputs if not v.is_constant), default=0)
+        if n.op == "Add" and len(n.inputs) == 2 and not any(v.is_constant for v in n.inputs):
+            keep = max(n.inputs, key=lambda v: depth.get(id(v), 0))
+            graph.replace_all_uses(n.outputs[0], keep)
+            graph.remove_node(n)
+            dropped += 1
+            continue
+        for o in n.outputs:
+            depth[id(o)] = d
+    return dropped
+
+
+def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memory: str = "8G") -> dict:
     import numpy as np
     import onnx
 
     import hecompiler as hc
+    from hecompiler.cli import _refresh_arg, _size_arg
     from hecompiler.compiler import CompileOptions, compile_model
+    from hecompiler.costmodel import CostModel
     from hecompiler.planner import PlanOptions
     from hecompiler.lower import LoweringOptions
     from hecompiler.passmanager import DEFAULT_PIPELINE
@@ -86,17 +120,26 @@ def step(name: str, variant: str, seal: bool) -> dict:
         row["rewrite"] = {"top1_before": h["before_refit"]["top1_agree"], "top1_after": h["after_refit"]["top1_agree"],
                           "mean_before": h["before_refit"]["mean_abs"], "mean_after": h["after_refit"]["mean_abs"]}
         model = hc.to_onnx(g)
+    elif variant == "no-skips":
+        from hecompiler.passmanager import PassManager
+
+        g = hc.load_onnx(model)
+        PassManager(DEFAULT_PIPELINE).run(g)  # activations fused into Poly nodes first: their Adds stay
+        row["dropped_adds"] = drop_skips(g)
+        model = hc.to_onnx(g)
     passes = DEFAULT_PIPELINE if variant != "baseline" else DEFAULT_PIPELINE.replace("dirac-merge,", "")
     lowering = LoweringOptions(share_alignment=variant != "baseline")
-    popts = PlanOptions(lowering=lowering, optimal_refresh=variant != "baseline")
+    popts = PlanOptions(lowering=lowering, optimal_refresh=variant != "baseline", max_memory_bytes=_size_arg(max_memory))
+    cost = CostModel(refresh=_refresh_arg(refresh, 20.0))
     t0 = time.perf_counter()
-    res = compile_model(model, CompileOptions(passes=passes, plan=popts, check=not big))
+    res = compile_model(model, CompileOptions(passes=passes, plan=popts, check=not big), cost)
     row["compile_s"] = time.perf_counter() - t0
     r = res.metadata["report"]
     row["adds"], row["skips"], row["skip_range"] = _skip_stats(res.graph)
     row.update(params=res.chosen.label, rotations=r["ops"].get("rotate", 0), refreshes=r["refreshes"],
                depth=r["levels_used"], pred_s=r["predicted_seconds"], fidelity=r.get("fidelity"),
-               live=r["peak_live_ciphertexts"], mem=r["predicted_memory_bytes"])
+               live=r["peak_live_ciphertexts"], mem=r["predicted_memory_bytes"],
+               refresh_s=res.chosen.cost.by_op.get("refresh", 0.0))
     if seal:
         from hecompiler.backends.seal import run_encrypted
 
@@ -119,31 +162,38 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--no-seal", action="store_true")
+    ap.add_argument("--refresh", default="client", metavar="client|bootstrap[:SECONDS]")
+    ap.add_argument("--max-memory", default="8G", metavar="SIZE", help="planner memory budget (default: %(default)s)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--_step", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._step:
         name, variant, seal = args._step
-        print(json.dumps(step(name, variant, seal == "1")))
+        print(json.dumps(step(name, variant, seal == "1", args.refresh, args.max_memory)))
         return 0
     models = args.models or (SMALL + (BIG if args.big else []))
     rows = []
     for name in models:
         for v in args.variants:
-            seal = not args.no_seal and name not in BIG and v in ("baseline", "exact")
+            if name in PAPER and v not in PAPER[name]:
+                continue
+            seal = (not args.no_seal and name not in BIG and v in ("baseline", "exact")
+                    and args.refresh == "client")
             print(f"[{name} / {v}] ...", file=sys.stderr, flush=True)
-            row = _child(["--_step", name, v, "1" if seal else "0"])
+            row = _child(["--_step", name, v, "1" if seal else "0", "--refresh", args.refresh,
+                          "--max-memory", args.max_memory])
             row.setdefault("model", name)
             row.setdefault("variant", v)
             rows.append(row)
-    hdr = (f"{'model':<18} {'variant':<14} {'adds':>4} {'skips':>5} {'range':>5} {'live':>5} {'refr':>5} {'rot':>7} "
-           f"{'depth':>5} {'pred':>9} {'SEAL':>7}  fidelity")
+    print(f"refresh priced as: {args.refresh}")
+    hdr = (f"{'model':<25} {'variant':<14} {'adds':>4} {'skips':>5} {'range':>5} {'live':>5} {'params':<22} "
+           f"{'refr':>5} {'refr s':>7} {'rot':>7} {'depth':>5} {'pred':>9} {'x base':>6} {'SEAL':>7}  fidelity")
     print(hdr)
     print("-" * (len(hdr) + 30))
     base = {}
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<18} {r['variant']:<14} ERROR {r['error']}")
+            print(f"{r['model']:<25} {r['variant']:<14} ERROR {r['error']}")
             continue
         if r["variant"] == "baseline":
             base[r["model"]] = r["pred_s"]
@@ -152,14 +202,17 @@ def main(argv=None) -> int:
             h = r["rewrite"]
             fid = (f"held-out vs original: top-1 {100 * h['top1_after']:.0f}%, mean logit err {h['mean_after']:.1e} "
                    f"(before re-fit {100 * h['top1_before']:.0f}%, {h['mean_before']:.1e})")
+        elif r["variant"] == "no-skips":
+            fid = f"cost reference only: {r['dropped_adds']} residual Adds dropped (a different function)"
         elif "relative_to_range" in f:
             fid = f"err {f['relative_to_range']:.1e} of range vs onnxruntime"
         else:
             fid = f.get("skipped", "-")[:40]
-        speed = f" ({base[r['model']] / r['pred_s']:.2f}x)" if r["model"] in base and r["variant"] != "baseline" else ""
+        speed = f"{base[r['model']] / r['pred_s']:.2f}x" if r["model"] in base else "-"
         seal = f"{r['seal_s']:.1f}s" if "seal_s" in r else "-"
-        print(f"{r['model']:<18} {r['variant']:<14} {r['adds']:>4} {r['skips']:>5} {r['skip_range']:>5.1f} "
-              f"{r['live']:>5} {r['refreshes']:>5} {r['rotations']:>7} {r['depth']:>5} {r['pred_s']:>8.1f}s {seal:>7}  {fid}{speed}")
+        print(f"{r['model']:<25} {r['variant']:<14} {r['adds']:>4} {r['skips']:>5} {r['skip_range']:>5.1f} "
+              f"{r['live']:>5} {r['params']:<22} {r['refreshes']:>5} {r['refresh_s']:>6.1f}s {r['rotations']:>7} "
+              f"{r['depth']:>5} {r['pred_s']:>8.1f}s {speed:>6} {seal:>7}  {fid}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
