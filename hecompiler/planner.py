@@ -150,14 +150,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         c = Candidate(params, primes, prog, low, program_cost(prog, cost))
         c.greedy_refreshed = low.refreshed_cts
         if low.refreshed_cts and opts.optimal_refresh:
-            # exact refresh placement on the level model the greedy lowering observed
-            rplan = plan_refreshes(low.level_model())
-            prog2, low2 = lower(graph, params, primes, opts.lowering, rplan)
-            c2 = Candidate(params, primes, prog2, low2, program_cost(prog2, cost))
-            c2.greedy_refreshed = low.refreshed_cts
-            c2.refresh_plan = rplan
-            if (c2.cost.refreshes, c2.cost.seconds) <= (c.cost.refreshes, c.cost.seconds):
-                c = c2
+            c = _place_refreshes(graph, c, opts, cost)
         if c.cost.memory_bytes > opts.max_memory_bytes:
             c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
         elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
@@ -177,6 +170,37 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
     return best, cands
+
+
+#: re-plans when a lowering deviates from its refresh plan (see _place_refreshes)
+REPLANS = 3
+
+
+def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: CostModel) -> Candidate:
+    """Exact refresh placement (DP) on the level model the greedy lowering
+    observed.  Where the lowering then deviates from the plan (an Add's
+    alignment or a pending scalar spends a level the model did not show, and
+    a refresh the plan did not foresee follows), plan again on what that
+    lowering observed, a few times; keep the best program."""
+    best = greedy
+    model = greedy.lowering.level_model()
+    tried = set()
+    for _ in range(REPLANS):
+        rplan = plan_refreshes(model)
+        key = tuple(sorted(rplan.before.items()))
+        if key in tried:
+            break
+        tried.add(key)
+        prog, low = lower(graph, greedy.params, greedy.primes, opts.lowering, rplan)
+        c = Candidate(greedy.params, greedy.primes, prog, low, program_cost(prog, cost))
+        c.greedy_refreshed = greedy.lowering.refreshed_cts
+        c.refresh_plan = rplan
+        if (c.cost.refreshes, c.cost.seconds) <= (best.cost.refreshes, best.cost.seconds):
+            best = c
+        if not low.unplanned_refreshes:
+            break
+        model = low.level_model()
+    return best
 
 
 def ranked(cands: list[Candidate]) -> list[Candidate]:

@@ -81,3 +81,26 @@ def test_lowering_follows_the_optimal_plan_and_stays_correct(models, levels):
     y = Simulator(prog).run({g.inputs[0].name: x})[0][g.outputs[0].name]
     ref = hc.run_graph(g, x)[0]
     assert np.abs(y - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+
+
+def test_replanning_when_the_lowering_deviates_from_the_plan(models, monkeypatch):
+    """resnet20_poly at N=2^14, 5 levels: the first plan (on the greedy lowering's level model)
+    promises 10 ciphertexts, but an Add's alignment spends a level the model did not show and the
+    lowering needs an 11th, so the greedy program (10) would be kept; planning again on what that
+    lowering observed gives a plan of 10 that the lowering follows exactly."""
+    import hecompiler.planner as planner
+    from hecompiler.refresh import plan_refreshes
+
+    g = hc.load_onnx(models.MODELS["resnet20_poly"]())
+    hc.run_pipeline(g)
+    opts = planner.PlanOptions(ring_degrees=(16384,), levels=5, scale_bits=40)
+    monkeypatch.setattr(planner, "REPLANS", 1)
+    once, _ = planner.plan(g, opts)
+    assert once.refresh_plan is None and once.cost.refreshes == once.greedy_refreshed == 10
+    first = plan_refreshes(once.lowering.level_model())
+    _, deviated = lower(g, once.params, once.primes, refresh_plan=first)
+    assert first.ciphertexts == 10 and deviated.unplanned_refreshes == 1 and deviated.refreshed_cts == 11
+    monkeypatch.setattr(planner, "REPLANS", 3)
+    best, _ = planner.plan(g, opts)
+    assert best.refresh_plan is not None and best.lowering.unplanned_refreshes == 0
+    assert best.cost.refreshes == best.refresh_plan.ciphertexts == 10
