@@ -18,7 +18,7 @@ and each refreshed ciphertext costs the circuit's price.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .costmodel import CostModel, ProgramCost, RefreshCost, program_cost
 from .errors import HecError, LoweringError
@@ -138,7 +138,10 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     cost = cost or CostModel()
     cands: list[Candidate] = []
     best: Candidate | None = None
-    for params in candidate_params(opts, cost.refresh):
+    queue = candidate_params(opts, cost.refresh)
+    extra_done = not cost.refresh.bootstraps or opts.levels is not None
+    while queue:
+        params = queue.pop(0)
         primes = make_primes(params.poly_degree, params.coeff_bits)
         try:
             prog, low = lower(graph, params, primes, opts.lowering)
@@ -166,10 +169,49 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
             c.prog = c.lowering = None
         if progress is not None:
             progress(c)
+        if not queue and not extra_done and best is not None and best.cost.refreshes:
+            # a bootstrap costs as much as many convolutions, so the chain length matters to within a
+            # level: add the chains the refresh DP says are worth lowering
+            extra_done = True
+            tried = {(p.poly_degree, p.scale_bits, p.top_level) for p in (cd.params for cd in cands)}
+            p0 = best.params
+            lmax = max_levels(p0.poly_degree, p0.scale_bits, opts.security, cost.refresh.reserved_bits(p0.scale_bits))
+            for lv in promising_levels(best, cost, lmax):
+                if (p0.poly_degree, p0.scale_bits, lv) not in tried:
+                    queue.append(Params(p0.poly_degree, chain_bits(p0.poly_degree, p0.scale_bits, lv),
+                                        p0.scale_bits, opts.security))
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
     return best, cands
+
+
+def promising_levels(cand: Candidate, cost: CostModel, lmax: int, k: int = 2) -> list[int]:
+    """The ``k`` chain lengths most likely to be cheapest for a program like
+    ``cand``: the refresh DP on its level model gives the refreshed
+    ciphertexts at every chain length (a residual network refreshes least
+    when the chain fits whole blocks); a length is a candidate when it
+    refreshes fewer than every shorter one, and is ranked by the compute of
+    ``cand`` scaled to that length's mean rotation cost plus its refreshes."""
+    model = cand.lowering.level_model()
+    n, l0 = cand.params.poly_degree, cand.params.top_level
+    compute0 = cand.cost.seconds - cand.cost.by_op.get("refresh", 0.0)
+
+    def mean_rotate(levels: int) -> float:
+        return sum(cost.op_seconds("rotate", n, p) for p in range(2, levels + 2)) / levels
+
+    est: dict[int, float] = {}
+    fewest = None
+    for lv in range(1, lmax + 1):
+        try:
+            r = plan_refreshes(replace(model, top=lv)).ciphertexts
+        except LoweringError:
+            continue
+        if fewest is not None and r >= fewest:
+            continue
+        fewest = r
+        est[lv] = compute0 * mean_rotate(lv) / mean_rotate(l0) + r * cost.refresh_seconds(n, lv + 1)
+    return sorted(est, key=est.get)[:k]
 
 
 #: re-plans when a lowering deviates from its refresh plan (see _place_refreshes)

@@ -107,3 +107,29 @@ def test_cli_refresh_flag(models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"hecompile: error: --refresh {bad!r}") and msg in err
         assert not bad_out.exists()
+
+
+def test_bootstrap_planning_adds_chains_the_refresh_dp_proposes(models):
+    """ResNet-20 blocks take 4 levels: the quarter grid (21, 15, 10, 5 levels) misses 4, where every
+    refresh falls on a block boundary; the DP over chain lengths proposes it and it wins."""
+    import dataclasses
+
+    from hecompiler.planner import plan, promising_levels
+    from hecompiler.refresh import plan_refreshes
+
+    g = hc.load_onnx(models.MODELS["resnet20_poly"]())
+    hc.run_pipeline(g)
+    cost = CostModel(refresh=RefreshCost(kind="bootstrap"))
+    best, cands = plan(g, PlanOptions(max_memory_bytes=200 * 2**30), cost)
+    levels = [c.params.top_level for c in cands]
+    assert levels[:4] == [21, 15, 10, 5] and 4 in levels[4:]
+    assert best.params.top_level == 4
+    assert best.cost.seconds == min(c.cost.seconds for c in cands)
+    # the chosen program follows its plan; the DP over chain lengths estimates the others from its
+    # level model (an estimate: an Add's alignment can spend a level differently on another chain)
+    model = best.lowering.level_model()
+    assert plan_refreshes(model).ciphertexts == best.cost.refreshes == 10
+    for c in cands:
+        est = plan_refreshes(dataclasses.replace(model, top=c.params.top_level)).ciphertexts
+        assert abs(est - c.cost.refreshes) <= 1
+    assert 4 in promising_levels(best, cost, 21)
