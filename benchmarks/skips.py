@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     base = {}
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<25} {r['variant']:<14} ERROR {r['error']}")
+            err = r["error"] if len(r["error"]) <= 160 else r["error"][:157] + "..."
+            print(f"{r['model']:<25} {r['variant']:<14} ERROR {err}")
             continue
         if r["variant"] == "baseline":
             base[r["model"]] = r["pred_s"]

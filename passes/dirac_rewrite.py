@@ -70,7 +70,10 @@ def _why_not(b: ResidualBlock) -> str | None:
             return f"{c.label} has an even kernel {kh}x{kw}"
     if not b.channels_match():
         cin, cout = b.input.shape[1], b.output.shape[1]
-        return f"channels change {cin}->{cout}: an identity cannot realise the projection shortcut"
+        if cin != cout:
+            return f"channels change {cin}->{cout}: an identity cannot realise the projection shortcut"
+        chain = "->".join(str(c.inputs[0].shape[1]) for c in b.convs) + f"->{cout}"
+        return f"its convs change channels ({chain}): an identity fits only a conv from C to C channels"
     return None
 
 

@@ -112,6 +112,20 @@ def test_dirac_rewrite_structure(canon):
         assert [u.op for u in c2.output.users] == ["Poly"] and c2.output.users[0].output.name == b.output.name
 
 
+def test_dirac_rewrite_says_why_bottlenecks_stay(models):
+    """A bottleneck keeps C channels end to end but its 1x1 convs change them: no identity fits."""
+    g = models.GraphBuilder("bottleneck_poly", 17, 0)
+    poly = models._poly_setup(g, models.POLY_A, models.POLY_B, models.POLY_C)
+    x = g.add_input("input", [1, 8, 4, 4])
+    x = models._bottleneck(g, "layer1.0", x, 8, 2, 1, poly)
+    g.add_output(x, [1, 8, 4, 4])
+    graph = _load_canonical(g.model("one identity bottleneck"))
+    rep = hc.run_pipeline(graph, "dirac")
+    assert rep.records[0].op_delta == {}
+    assert any("identity block kept (its convs change channels (8->2->2->8): an identity fits only a conv "
+               "from C to C channels)" in n for n in rep.records[0].notes)
+
+
 def test_shared_source_structure(canon):
     _, g = canon("resnet20_poly")
     orig = g.clone()
