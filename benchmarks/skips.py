@@ -13,9 +13,12 @@ Variants (rows):
   dirac          architectural rewrite: residual skips removed, identity folded into the convs,
                  weights re-fitted by least squares on calibration data (approximating)
   shared-source  architectural rewrite: each stage's skips from one shared source, re-fitted
-  no-skips       a cost reference, not a model: every residual Add dropped (its branch kept), so
-                 about what any realisation of the skips could reach (the planner may still land a
-                 few percent either side of it); a different function, so no fidelity
+  no-id-skips    a cost reference, not a model: the identity skips dropped (their Adds, branch
+                 kept), projection shortcuts kept: about what removing the identity skips (as
+                 `dirac` does) could reach; a different function, so no fidelity
+  no-skips       the same with every residual Add dropped, projection convs included: about what
+                 any realisation of the skips could reach (the planner may land a few percent
+                 either side of it)
 
 diracnet_poly and shared_source_resnet_poly (models/build_models.py) are already in the paper's
 architectures; they get the baseline and exact rows (and no-skips for the shared-source one).
@@ -46,7 +49,7 @@ SMALL = ["resnet20_poly", "diracnet_poly", "shared_source_resnet_poly"]
 #: models already in the paper's architectures: compiled exactly (the rewrites have nothing to do)
 PAPER = {"diracnet_poly": ["baseline", "exact"], "shared_source_resnet_poly": ["baseline", "exact", "no-skips"]}
 BIG = ["resnet18_poly_224", "resnet50_poly_224"]
-VARIANTS = ["baseline", "exact", "dirac", "shared-source", "no-skips"]
+VARIANTS = ["baseline", "exact", "dirac", "shared-source", "no-id-skips", "no-skips"]
 
 
 def _model(name: str) -> Path:
@@ -72,9 +75,10 @@ def _skip_stats(graph) -> tuple[int, int, float]:
     return adds, len(edges), (sum(ranges) / len(ranges) if ranges else 0.0)
 
 
-def drop_skips(graph) -> int:
+def drop_skips(graph, identity_only: bool = False) -> int:
     """Replace every two-input Add of encrypted values by its deeper operand (the
-    residual branch), so the skip and any projection on it disappear (after DCE).
+    residual branch), so the skip and any projection on it disappear (after DCE);
+    with ``identity_only``, only Adds whose skip is not a projection (a Conv).
     Returns the number of Adds dropped."""
     depth: dict[int, int] = {id(v): 0 for v in graph.inputs}
     dropped = 0
@@ -82,6 +86,11 @@ def drop_skips(graph) -> int:
         d = 1 + max((depth.get(id(v), 0) for v in n.inputs if not v.is_constant), default=0)
         if n.op == "Add" and len(n.inputs) == 2 and not any(v.is_constant for v in n.inputs):
             keep = max(n.inputs, key=lambda v: depth.get(id(v), 0))
+            skip = n.inputs[1] if keep is n.inputs[0] else n.inputs[0]
+            if identity_only and skip.producer is not None and skip.producer.op == "Conv":
+                for o in n.outputs:
+                    depth[id(o)] = d
+                continue
             graph.replace_all_uses(n.outputs[0], keep)
             graph.remove_node(n)
             dropped += 1
@@ -120,12 +129,12 @@ def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memor
         row["rewrite"] = {"top1_before": h["before_refit"]["top1_agree"], "top1_after": h["after_refit"]["top1_agree"],
                           "mean_before": h["before_refit"]["mean_abs"], "mean_after": h["after_refit"]["mean_abs"]}
         model = hc.to_onnx(g)
-    elif variant == "no-skips":
+    elif variant in ("no-skips", "no-id-skips"):
         from hecompiler.passmanager import PassManager
 
         g = hc.load_onnx(model)
         PassManager(DEFAULT_PIPELINE).run(g)  # activations fused into Poly nodes first: their Adds stay
-        row["dropped_adds"] = drop_skips(g)
+        row["dropped_adds"] = drop_skips(g, identity_only=variant == "no-id-skips")
         model = hc.to_onnx(g)
     passes = DEFAULT_PIPELINE if variant != "baseline" else DEFAULT_PIPELINE.replace("dirac-merge,", "")
     lowering = LoweringOptions(share_alignment=variant != "baseline")
@@ -203,7 +212,7 @@ def main(argv=None) -> int:
             h = r["rewrite"]
             fid = (f"held-out vs original: top-1 {100 * h['top1_after']:.0f}%, mean logit err {h['mean_after']:.1e} "
                    f"(before re-fit {100 * h['top1_before']:.0f}%, {h['mean_before']:.1e})")
-        elif r["variant"] == "no-skips":
+        elif r["variant"] in ("no-skips", "no-id-skips"):
             fid = f"cost reference only: {r['dropped_adds']} residual Adds dropped (a different function)"
         elif "relative_to_range" in f:
             fid = f"err {f['relative_to_range']:.1e} of range vs onnxruntime"

@@ -28,3 +28,15 @@ def test_drop_skips_keeps_the_branches(models):
     assert "Add" not in counts
     assert counts["Conv"] == convs - 1  # the 1x1 projection of the downsampling skip is gone
     assert counts["Poly"] == 5  # every activation stays
+
+
+def test_drop_identity_skips_keeps_projection_blocks(models):
+    skips = _skips_module()
+    g = hc.load_onnx(models.MODELS["tiny_resnet_poly"]())
+    hc.run_pipeline(g)
+    convs = g.op_counts()["Conv"]
+    assert skips.drop_skips(g, identity_only=True) == 1  # the identity block only
+    hc.run_pipeline(g, "dce")
+    hc.verify(g)
+    counts = g.op_counts()
+    assert counts["Add"] == 1 and counts["Conv"] == convs  # the projection block keeps its Add and 1x1 conv
