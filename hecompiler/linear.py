@@ -37,7 +37,7 @@ from .layout import Layout
 
 # --------------------------------------------------------------------------- tensor-space matrices
 
-def _conv_entries(lin: LinearOp, w: np.ndarray, co_range=None):
+def _conv_entries(lin: LinearOp, w: np.ndarray):
     """(rows, cols, vals) of a convolution / pooling in (c, h, w) flat order."""
     p = lin.params
     C, H, W = lin.in_shape
@@ -47,7 +47,7 @@ def _conv_entries(lin: LinearOp, w: np.ndarray, co_range=None):
     d0, d1 = p.get("dilations", (1, 1))
     group = p.get("group", 1)
     _, cg, kh, kw = w.shape
-    co = np.arange(M) if co_range is None else np.arange(*co_range)
+    co = np.arange(M)
     cil = np.arange(cg)
     ci = (co[:, None] // (M // group)) * cg + cil[None, :]  # [co, cil]
     oh, ow = np.arange(OH), np.arange(OW)
@@ -63,6 +63,33 @@ def _conv_entries(lin: LinearOp, w: np.ndarray, co_range=None):
     cols = np.broadcast_to((ci[:, :, None, None, None, None] * H + ih[None, None, :, None, :, None]) * W
                            + iw[None, None, None, :, None, :], sh)
     vals = np.broadcast_to(w[co][:, :, :, :, None, None], sh)
+    m = valid & (vals != 0)
+    return rows[m], cols[m], vals[m]
+
+
+def _conv_entries_rows(lin: LinearOp, w: np.ndarray, out_rows: np.ndarray):
+    """``_conv_entries`` restricted to the output elements ``out_rows`` (flat
+    (c, h, w) indices): enumerates only their taps, so one ciphertext's share
+    of a large layer costs its own size, not its channels' whole images."""
+    p = lin.params
+    C, H, W = lin.in_shape
+    M, OH, OW = lin.out_shape
+    s0, s1 = p["strides"]
+    pt, pl = p["pads"][0], p["pads"][1]
+    d0, d1 = p.get("dilations", (1, 1))
+    group = p.get("group", 1)
+    _, cg, kh, kw = w.shape
+    r = np.asarray(out_rows, np.int64)
+    co, rem = np.divmod(r, OH * OW)
+    oh, ow = np.divmod(rem, OW)
+    ci = (co // (M // group))[:, None] * cg + np.arange(cg)[None, :]  # [R, cg]
+    ih = oh[:, None] * s0 + (np.arange(kh) * d0)[None, :] - pt  # [R, kh]
+    iw = ow[:, None] * s1 + (np.arange(kw) * d1)[None, :] - pl  # [R, kw]
+    sh = (len(r), cg, kh, kw)
+    valid = np.broadcast_to(((ih >= 0) & (ih < H))[:, None, :, None] & ((iw >= 0) & (iw < W))[:, None, None, :], sh)
+    rows = np.broadcast_to(r[:, None, None, None], sh)
+    cols = (ci[:, :, None, None] * H + ih[:, None, :, None]) * W + iw[:, None, None, :]
+    vals = w[co]
     m = valid & (vals != 0)
     return rows[m], cols[m], vals[m]
 
@@ -91,21 +118,26 @@ def _pool_weights(lin: LinearOp) -> tuple[np.ndarray, np.ndarray | None]:
 def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np.ndarray | None = None) -> sp.csr_matrix:
     """The op as a sparse [out_size, in_size] matrix over (c, h, w) flat tensors
     (including ``mult``, excluding the bias).  With ``rows_subset`` only those
-    output elements' rows are filled (convolutions then only enumerate the
-    output channels involved, which bounds memory on large layers)."""
+    output elements' rows are filled (convolutions and pools then enumerate
+    only those elements' taps, which bounds time and memory on large layers)."""
     out_size = int(np.prod(lin.out_shape))
     in_size = int(np.prod(lin.in_shape))
-    co_range = None
-    if rows_subset is not None and lin.kind in ("conv", "pool"):
-        hw = lin.out_shape[1] * lin.out_shape[2]
-        co_range = (int(rows_subset.min()) // hw, int(rows_subset.max()) // hw + 1)
+    subset_done = False  # the entries below are already only rows_subset's
+
+    def conv_entries(op: LinearOp, w: np.ndarray):
+        nonlocal subset_done
+        if rows_subset is None:
+            return _conv_entries(op, w)
+        subset_done = True
+        return _conv_entries_rows(op, w, np.unique(rows_subset))
+
     if lin.kind == "conv":
-        rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64), co_range)
+        rows, cols, vals = conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64))
     elif lin.kind == "pool":
         w, cnt = _pool_weights(lin)
         pl = LinearOp("conv", 0, 0, lin.in_shape, lin.out_shape,
                       {"strides": lin.params["strides"], "pads": lin.params["pads"], "group": lin.in_shape[0]})
-        rows, cols, vals = _conv_entries(pl, w, co_range)
+        rows, cols, vals = conv_entries(pl, w)
         vals = vals / cnt.reshape(-1)[rows % (lin.out_shape[1] * lin.out_shape[2])]
     elif lin.kind == "matrix":
         m = np.asarray(weights[lin.params["weight"]], np.float64)
@@ -125,7 +157,7 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
         rows, cols, vals = idx, idx, scale[idx // (H * W)]
     else:
         raise LoweringError(f"linear op kind {lin.kind!r} is unknown")
-    if rows_subset is not None:
+    if rows_subset is not None and not subset_done:
         keep = np.isin(rows, rows_subset)
         rows, cols, vals = rows[keep], cols[keep], np.asarray(vals)[keep]
     return sp.csr_matrix((np.asarray(vals, np.float64) * lin.mult, (rows, cols)), shape=(out_size, in_size))

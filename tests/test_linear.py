@@ -88,6 +88,35 @@ def test_bsgs_schedule_computes_the_matrix(seed):
         assert not np.any(y.reshape(-1)[mask])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_one_output_ciphertext_at_a_time_equals_the_whole(seed):
+    """The backends build one output ciphertext's diagonals at a time (rows_subset): the same
+    values as the whole op's, for convs and pools whose channels straddle ciphertexts."""
+    rng = np.random.default_rng(200 + seed)
+    for n in range(12):
+        lin, ws, lin_in, lout = _random_conv(rng)
+        if n % 3 == 2:  # an average pool of the same kernel, stride and padding
+            C, H, W = lin.in_shape
+            k, s, pd = ws["w"].shape[-1], lin.params["strides"][0], lin.params["pads"][0]
+            out = (C, (H + 2 * pd - k) // s + 1, (W + 2 * pd - k) // s + 1)
+            if min(out[1:]) < 1:
+                continue
+            lin = LinearOp("pool", 0, 1, lin.in_shape, out, {"kernel": [k, k], "strides": [s, s], "pads": [pd] * 4,
+                                                             "count_include_pad": int(rng.integers(0, 2))})
+            lout = lin_in.strided(out, s, False)
+        whole = L.diagonals(lin, ws, lin_in, lout)
+        full = L.tensor_matrix(lin, ws).toarray()
+        for j in range(lout.n_ct):
+            rows = np.flatnonzero(lout.positions // lin_in.slots == j)
+            part = L.tensor_matrix(lin, ws, rows).toarray()
+            np.testing.assert_array_equal(part[rows], full[rows])
+            assert not np.any(np.delete(part, rows, axis=0))
+            got = L.diagonals(lin, ws, lin_in, lout, j)
+            assert got.keys() == {k for k in whole if k[0] == j}
+            for key, v in got.items():
+                np.testing.assert_allclose(v, whole[key], atol=1e-12)
+
+
 def test_bsgs_rotations_near_the_bound_for_dense_convs():
     """A 16->16 3x3 conv on 32x32 in 4096-slot ciphertexts: rotations within
     1.5x of 2*sqrt(#diagonals)."""
