@@ -87,14 +87,11 @@ def drop_skips(graph, identity_only: bool = False) -> int:
         if n.op == "Add" and len(n.inputs) == 2 and not any(v.is_constant for v in n.inputs):
             keep = max(n.inputs, key=lambda v: depth.get(id(v), 0))
             skip = n.inputs[1] if keep is n.inputs[0] else n.inputs[0]
-            if identity_only and skip.producer is not None and skip.producer.op == "Conv":
-                for o in n.outputs:
-                    depth[id(o)] = d
+            if not (identity_only and skip.producer is not None and skip.producer.op == "Conv"):
+                graph.replace_all_uses(n.outputs[0], keep)
+                graph.remove_node(n)
+                dropped += 1
                 continue
-            graph.replace_all_uses(n.outputs[0], keep)
-            graph.remove_node(n)
-            dropped += 1
-            continue
         for o in n.outputs:
             depth[id(o)] = d
     return dropped

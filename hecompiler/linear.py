@@ -37,16 +37,22 @@ from .layout import Layout
 
 # --------------------------------------------------------------------------- tensor-space matrices
 
-def _conv_entries(lin: LinearOp, w: np.ndarray):
-    """(rows, cols, vals) of a convolution / pooling in (c, h, w) flat order."""
+def _conv_geometry(lin: LinearOp, w: np.ndarray):
     p = lin.params
-    C, H, W = lin.in_shape
-    M, OH, OW = lin.out_shape
     s0, s1 = p["strides"]
-    pt, pl = p["pads"][0], p["pads"][1]
     d0, d1 = p.get("dilations", (1, 1))
-    group = p.get("group", 1)
-    _, cg, kh, kw = w.shape
+    return (lin.in_shape, lin.out_shape, (s0, s1), (p["pads"][0], p["pads"][1]), (d0, d1),
+            p.get("group", 1), w.shape[1:])
+
+
+def _conv_entries(lin: LinearOp, w: np.ndarray, out_rows: np.ndarray | None = None):
+    """(rows, cols, vals) of a convolution / pooling in (c, h, w) flat order;
+    only those of the output elements ``out_rows`` (flat indices) when given,
+    enumerating just their taps, so one ciphertext's share of a large layer
+    costs its own size, not its channels' whole images."""
+    if out_rows is not None:
+        return _conv_entries_rows(lin, w, out_rows)
+    (C, H, W), (M, OH, OW), (s0, s1), (pt, pl), (d0, d1), group, (cg, kh, kw) = _conv_geometry(lin, w)
     co = np.arange(M)
     cil = np.arange(cg)
     ci = (co[:, None] // (M // group)) * cg + cil[None, :]  # [co, cil]
@@ -68,17 +74,7 @@ def _conv_entries(lin: LinearOp, w: np.ndarray):
 
 
 def _conv_entries_rows(lin: LinearOp, w: np.ndarray, out_rows: np.ndarray):
-    """``_conv_entries`` restricted to the output elements ``out_rows`` (flat
-    (c, h, w) indices): enumerates only their taps, so one ciphertext's share
-    of a large layer costs its own size, not its channels' whole images."""
-    p = lin.params
-    C, H, W = lin.in_shape
-    M, OH, OW = lin.out_shape
-    s0, s1 = p["strides"]
-    pt, pl = p["pads"][0], p["pads"][1]
-    d0, d1 = p.get("dilations", (1, 1))
-    group = p.get("group", 1)
-    _, cg, kh, kw = w.shape
+    (C, H, W), (M, OH, OW), (s0, s1), (pt, pl), (d0, d1), group, (cg, kh, kw) = _conv_geometry(lin, w)
     r = np.asarray(out_rows, np.int64)
     co, rem = np.divmod(r, OH * OW)
     oh, ow = np.divmod(rem, OW)
@@ -122,22 +118,14 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
     only those elements' taps, which bounds time and memory on large layers)."""
     out_size = int(np.prod(lin.out_shape))
     in_size = int(np.prod(lin.in_shape))
-    subset_done = False  # the entries below are already only rows_subset's
-
-    def conv_entries(op: LinearOp, w: np.ndarray):
-        nonlocal subset_done
-        if rows_subset is None:
-            return _conv_entries(op, w)
-        subset_done = True
-        return _conv_entries_rows(op, w, np.unique(rows_subset))
-
+    subset = None if rows_subset is None else np.unique(rows_subset)
     if lin.kind == "conv":
-        rows, cols, vals = conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64))
+        rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64), subset)
     elif lin.kind == "pool":
         w, cnt = _pool_weights(lin)
         pl = LinearOp("conv", 0, 0, lin.in_shape, lin.out_shape,
                       {"strides": lin.params["strides"], "pads": lin.params["pads"], "group": lin.in_shape[0]})
-        rows, cols, vals = conv_entries(pl, w)
+        rows, cols, vals = _conv_entries(pl, w, subset)
         vals = vals / cnt.reshape(-1)[rows % (lin.out_shape[1] * lin.out_shape[2])]
     elif lin.kind == "matrix":
         m = np.asarray(weights[lin.params["weight"]], np.float64)
@@ -157,8 +145,8 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
         rows, cols, vals = idx, idx, scale[idx // (H * W)]
     else:
         raise LoweringError(f"linear op kind {lin.kind!r} is unknown")
-    if rows_subset is not None and not subset_done:
-        keep = np.isin(rows, rows_subset)
+    if subset is not None and lin.kind not in ("conv", "pool"):  # conv and pool enumerated the subset only
+        keep = np.isin(rows, subset)
         rows, cols, vals = rows[keep], cols[keep], np.asarray(vals)[keep]
     return sp.csr_matrix((np.asarray(vals, np.float64) * lin.mult, (rows, cols)), shape=(out_size, in_size))
 
