@@ -19,20 +19,21 @@ Levels.  This module uses the program's convention (``level`` = rescales a
 ciphertext can still take; fresh = ``params.top_level``).  The wrapper counts
 the other way; the conversion is ``seal_level = top_level - level``.
 
-Refresh (client-aided; SEAL has no bootstrapping).  The server adds a random
-mask ``r`` (uniform in [-1, 1] in every slot, encoded at the ciphertext's
-level and scale), the client decrypts the masked ciphertext and encrypts it
-again at the top level with scale ``2**scale_bits``, the server subtracts
-``r`` encoded at the top level with that scale.  The masks stay on the server
-(in :class:`EvalState`, and in the state bundle file, never in a request).
-NOTE: a mask of amplitude 1 only blinds values that are small compared to
-it; it is the protocol shape, not a proof of privacy against the key holder.
+Refresh (client-aided; SEAL has no bootstrapping).  The server sends the
+ciphertexts to refresh, the client decrypts each and encrypts it again at the
+top level with scale ``2**scale_bits``.  There is no mask: the key holder SEES
+these intermediate activations in the clear.  A mask that hides them
+statistically would need ~2^40 times their magnitude, which no CKKS level can
+hold at the bottom of the chain, and a small mask hides little (uniform noise in
+[-1, 1] left the activations readable: correlation 0.28-0.98 on ResNet-20), so
+the protocol does not pretend.  Client-aided refresh is for a key holder who may
+see the activations (for instance one who also owns the model); the report says so.
 
 Files (for separate client and server commands)
 -----------------------------------------------
-Key directory (:func:`write_keys` / :func:`read_keys`)::
+Key directory (:func:`write_key_dirs` / :func:`read_keys`)::
 
-    keys.json    {"format", "params", "primes", "params_fingerprint",
+    keys.json    {"format", "key_set", "params", "primes", "params_fingerprint",
                   "program_sha256", "galois_steps", "relin", "has_secret",
                   "files": {name: sha256}}
     public.key   relin.key (if the program multiplies)   galois.key (if it rotates)
@@ -40,26 +41,36 @@ Key directory (:func:`write_keys` / :func:`read_keys`)::
 
 Every ``*.key`` is the wrapper's ``to_bytes`` envelope (kind, parameter id,
 CRC-32, SEAL's own format).  ``keys.json`` binds the keys to one program
-(sha256 of its text form, :func:`program_sha256`) and one parameter set;
-using them with another program or other parameters is an error.
+(sha256 of its text form, :func:`program_sha256`), one parameter set and one
+key set: ``key_set`` is :meth:`KeySet.fingerprint`, the sha256 of public.key.
+The client and server directories of one keygen share it.  :func:`client_keygen`
+writes both directories all or nothing, under an exclusive lock on each, and
+refuses directories that already hold a key set.
 
 Bundle (:class:`Bundle`, used for inputs, refresh requests and responses,
 server state and outputs)::
 
-    b"HECBNDL1"                       magic + format version
+    b"HECBNDL2"                       magic + format version
     uint64 LE  header length H
-    H bytes    header, UTF-8 JSON: {"kind", "program_sha256",
+    H bytes    header, UTF-8 JSON: {"kind", "program_sha256", "key_set",
                "params_fingerprint", "meta", "items": [[name, size], ...]}
     payloads   the items' bytes, in header order
     32 bytes   sha256 of everything above
 
 Item names: ``ct:<value id>`` (a ciphertext, wrapper envelope) and, in a
-server state only, ``mask:<value id>`` (float64 little-endian slot vector).
-Files are written atomically (:func:`hecompiler.fileio.atomic_write_bytes`).
+server state waiting for a refresh, ``req:<value id>`` (the request's ciphertexts).
+Every bundle names the key set its ciphertexts are encrypted under; each step
+(encrypt, eval, refresh, decrypt) checks it against its key directory and
+refuses a mismatch with one line naming the file and both fingerprints, before
+writing anything.  Files are written atomically
+(:func:`hecompiler.fileio.atomic_write_bytes`).  The state file is the commit
+point of ``eval``: it holds the pending request (or the outputs), so an ``eval``
+killed after writing it can write them again (:func:`server_reemit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,8 +95,8 @@ from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, 
 __all__ = [
     "SealBackendError", "SealStats", "EvalState", "Bundle", "SealClient", "SealServer",
     "run_encrypted", "program_sha256", "params_fingerprint", "make_context",
-    "write_keys", "read_keys", "client_keygen", "client_encrypt", "client_refresh", "client_decrypt",
-    "server_start", "server_step",
+    "write_keys", "write_key_dirs", "read_keys", "client_keygen", "client_encrypt", "client_refresh",
+    "client_decrypt", "server_start", "server_step", "server_reemit", "short",
 ]
 
 #: relative difference within which a rescaled scale may be relabelled to the planned one
@@ -274,9 +285,10 @@ class SealClient:
             outs[io.name] = (lay.unpack(packed) * io.alpha).reshape(io.shape)
         return outs
 
-    def refresh(self, masked_ct: Any) -> Any:
-        """Decrypt and encrypt again at the top level with scale 2**scale_bits."""
-        return self._c.reencrypt(masked_ct, scale=self.prog.params.scale, level=0)
+    def refresh(self, ct: Any) -> Any:
+        """Decrypt and encrypt again at the top level with scale 2**scale_bits (the key holder
+        sees this intermediate value: client-aided refresh is not private against it)."""
+        return self._c.reencrypt(ct, scale=self.prog.params.scale, level=0)
 
 
 # =========================================================================== server
@@ -287,15 +299,13 @@ class EvalState:
 
     ``pc``: index of the next instruction; ``live``: value id -> Ciphertext;
     while waiting for the client: ``pending`` (indices of the refresh
-    instructions), ``request`` (refresh output id -> masked ciphertext, what is
-    sent), ``masks`` (refresh output id -> mask vector, server only) and
-    ``request_id`` (echoed by the response)."""
+    instructions), ``request`` (refresh output id -> the ciphertext to refresh,
+    what is sent) and ``request_id`` (echoed by the response)."""
 
     pc: int = 0
     live: dict[int, Any] = field(default_factory=dict)
     pending: list[int] = field(default_factory=list)
     request: dict[int, Any] = field(default_factory=dict)
-    masks: dict[int, np.ndarray] = field(default_factory=dict)
     request_id: str = ""
     stats: SealStats = field(default_factory=SealStats)
 
@@ -331,7 +341,6 @@ class SealServer:
         self._pf = PlaintextFactory(prog)
         self._plans = LinearPlans(prog, self._pf)
         self._last = prog.last_uses()
-        self._rng = np.random.default_rng(secrets.randbits(128))
         n_keys = len(keys.rotation_steps())
         self._key_stats = {
             "galois_keys": n_keys,
@@ -461,10 +470,9 @@ class SealServer:
 
         If ``state`` waits for a refresh, ``response`` (refresh output id ->
         re-encrypted ciphertext) must answer it (and ``request_id``, if
-        given, must match).  At a refresh the server masks the operand of
-        that refresh and of the refreshes directly after it, stores the masks
-        in the state and the masked ciphertexts in ``state.request``, and
-        returns.  The state is modified in place and returned."""
+        given, must match).  At a refresh the server puts the operand of
+        that refresh and of the refreshes directly after it in
+        ``state.request``, and returns.  The state is modified in place and returned."""
         prog = self.prog
         stats = state.stats
         t_run = time.perf_counter()
@@ -481,7 +489,7 @@ class SealServer:
                 k = state.pc
                 ins = instrs[k]
                 if ins.op == "refresh":
-                    self._mask_batch(state)
+                    self._request_batch(state)
                     return state
                 missing = [a for a in ins.args if a not in state.live]
                 if missing:
@@ -511,7 +519,7 @@ class SealServer:
             stats.eval_seconds += time.perf_counter() - t_run
             stats.peak_rss_bytes = max(stats.peak_rss_bytes, _peak_rss_bytes())
 
-    def _mask_batch(self, state: EvalState) -> None:
+    def _request_batch(self, state: EvalState) -> None:
         prog = self.prog
         t = time.perf_counter()
         k = state.pc
@@ -521,16 +529,8 @@ class SealServer:
             x = ins.args[0]
             if x not in state.live:
                 raise SealBackendError(f"{_where(k, ins)}: operand %{x} is not live (bad state)")
-            ct = state.live[x]
-            try:
-                lv = self._level(ct)
-                r = self._rng.uniform(-1.0, 1.0, prog.params.slots)
-                masked = self._s.add_plain(ct, self._s.encode(r, float(ct.scale), self.top - lv))
-            except SealError as e:
-                raise SealBackendError(f"{_where(k, ins)}: masking failed: {e}") from None
             state.pending.append(k)
-            state.masks[ins.out] = r
-            state.request[ins.out] = masked
+            state.request[ins.out] = state.live[x]
             made.add(ins.out)
             self._free(k, ins, state.live)
             k += 1
@@ -558,16 +558,15 @@ class SealServer:
                 if lv != self.top or float(ct.scale) != D:
                     raise SealBackendError(f"{_where(k, ins)}: the client returned level {lv}, scale "
                                            f"{float(ct.scale)!r}; expected level {self.top}, scale {D!r}")
-                out = self._s.sub_plain(ct, self._s.encode(state.masks[ins.out], D, 0))
             except SealError as e:
-                raise SealBackendError(f"{_where(k, ins)}: unmasking failed: {e}") from None
-            self._check(k, ins, out)
-            state.live[ins.out] = out
+                raise SealBackendError(f"{_where(k, ins)}: bad refreshed ciphertext: {e}") from None
+            self._check(k, ins, ct)
+            state.live[ins.out] = ct
             if progress is not None:
                 progress(1)
         n = len(state.pending)
         state.pc = state.pending[-1] + 1
-        state.pending, state.request, state.masks, state.request_id = [], {}, {}, ""
+        state.pending, state.request, state.request_id = [], {}, ""
         state.stats.refreshes += n
         state.stats.add("refresh", time.perf_counter() - t, n=n)
         self._note_live(state)
@@ -579,7 +578,7 @@ class SealServer:
 
     def run(self, cts: Mapping[int, Any], refresh_fn: Callable[[Any], Any],
             progress: Callable[[int], Any] | None = None) -> tuple[dict[int, Any], SealStats]:
-        """Execute the whole program; ``refresh_fn(masked_ct) -> fresh ct`` is the client."""
+        """Execute the whole program; ``refresh_fn(ct) -> fresh ct`` is the client."""
         state = self.run_until_refresh(self.start(cts), progress=progress)
         while state.pending:
             t = time.perf_counter()
@@ -616,46 +615,157 @@ def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray],
 
 _KEY_FILES = {"public_key": "public.key", "relin_keys": "relin.key", "galois_keys": "galois.key",
               "secret_key": "secret.key"}
-KEYS_FORMAT = 1
+KEYS_FORMAT = 2
+
+
+def short(fingerprint: str) -> str:
+    """How a key-set fingerprint is shown to users: its first 16 hex digits."""
+    return str(fingerprint)[:16]
+
+
+def _key_dir_files(prog: HEProgram, keys: KeySet, include_secret: bool) -> dict[str, bytes]:
+    """The files of a key directory, ``keys.json`` last: serialized in memory before any is written."""
+    if include_secret and keys.secret_key is None:
+        raise SealBackendError("write_keys: include_secret=True but the key set has no secret key")
+    out: dict[str, bytes] = {}
+    for name, data in keys.to_bytes_dict(include_secret=include_secret).items():
+        out[_KEY_FILES[name]] = data
+    meta = {"format": KEYS_FORMAT, "key_set": hashlib.sha256(out["public.key"]).hexdigest(),
+            "params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes],
+            "params_fingerprint": params_fingerprint(prog), "program_sha256": program_sha256(prog),
+            "galois_steps": list(prog.galois_steps), "relin": keys.relin_keys is not None,
+            "has_secret": "secret.key" in out, "files": {fn: hashlib.sha256(b).hexdigest() for fn, b in out.items()}}
+    if meta["key_set"] != keys.fingerprint():
+        raise SealBackendError("write_keys: the public key does not serialize to its fingerprint")
+    out["keys.json"] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
+    return out
+
+
+class _LockedKeyDir:
+    """A key directory being written: created if missing (0700), locked exclusively
+    (``flock`` on the directory itself, so nothing is left behind), refused if it
+    already holds a key set.  ``write`` writes the files; on failure ``rollback``
+    removes what this writer wrote."""
+
+    def __init__(self, path: str | os.PathLike, role: str):
+        import fcntl
+
+        self.path = Path(path)
+        self.role = role
+        self.written: list[Path] = []
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SealBackendError(f"{path}: cannot create the {role} key directory: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise SealBackendError(f"{path}: another keygen is writing this {role} key directory; "
+                                   "wait for it or use another directory") from None
+        if role == "server" and (self.path / "secret.key").exists():
+            self.close()
+            raise SealBackendError(f"{path}: holds a secret.key; refusing to write server keys there "
+                                   "(use a separate directory for the server)")
+        if (self.path / "keys.json").exists():
+            self.close()
+            fp = _peek_key_set(self.path)
+            raise SealBackendError(f"{path}: already holds key set {short(fp)}; keygen never replaces keys "
+                                   "(ciphertexts under them could not be decrypted again): remove the directory "
+                                   "or choose another")
+
+    def write(self, files: Mapping[str, bytes]) -> None:
+        for fn, data in files.items():
+            target = self.path / fn
+            atomic_write_bytes(target, data, mode=0o600 if fn == "secret.key" else None)
+            self.written.append(target)
+
+    def rollback(self) -> None:
+        for f in self.written:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _peek_key_set(d: Path) -> str:
+    try:
+        return str(json.loads((d / "keys.json").read_text()).get("key_set", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+def write_key_dirs(prog: HEProgram, keys: KeySet, client_dir: str | os.PathLike,
+                   server_dir: str | os.PathLike | None) -> None:
+    """Write the client directory (secret + public key) and the server directory (public,
+    relin, Galois keys; never the secret key) all or nothing: every file is serialized first,
+    both directories are locked, ``keys.json`` (what makes a directory a key directory) is
+    written last, and any failure removes everything this call wrote."""
+    plan = [(client_dir, "client", _key_dir_files(prog, KeySet(keys.ctx, keys.secret_key, keys.public_key),
+                                                   include_secret=True))]
+    if server_dir is not None:
+        if Path(client_dir).resolve() == Path(server_dir).resolve():
+            raise SealBackendError("client and server key directories must differ (the server must not get "
+                                   "secret.key)")
+        plan.append((server_dir, "server", _key_dir_files(prog, keys.without_secret(), include_secret=False)))
+    dirs: list[_LockedKeyDir] = []
+    try:
+        for path, role, _ in plan:
+            dirs.append(_LockedKeyDir(path, role))
+        for d, (_, _, files) in zip(dirs, plan):
+            d.write({fn: b for fn, b in files.items() if fn != "keys.json"})
+        for d, (_, _, files) in zip(dirs, plan):
+            d.write({"keys.json": files["keys.json"]})
+    except BaseException:
+        for d in dirs:
+            d.rollback()
+        raise
+    finally:
+        for d in dirs:
+            d.close()
 
 
 def write_keys(prog: HEProgram, keys: KeySet, keys_dir: str | os.PathLike, include_secret: bool) -> None:
-    """Write ``keys`` for ``prog`` into ``keys_dir`` (created if needed).  The secret key is written
-    only with ``include_secret``; a server directory that already holds a secret.key is refused."""
-    d = Path(keys_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    if not include_secret and (d / "secret.key").exists():
-        raise SealBackendError(f"{d}: holds a secret.key; refusing to write server keys there "
-                               "(use a separate directory for the server)")
-    if include_secret and keys.secret_key is None:
-        raise SealBackendError("write_keys: include_secret=True but the key set has no secret key")
-    blobs = keys.to_bytes_dict(include_secret=include_secret)
-    files = {}
-    for name, data in blobs.items():
-        fn = _KEY_FILES[name]
-        atomic_write_bytes(d / fn, data, mode=0o600 if name == "secret_key" else None)
-        files[fn] = hashlib.sha256(data).hexdigest()
-    meta = {"format": KEYS_FORMAT, "params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes],
-            "params_fingerprint": params_fingerprint(prog), "program_sha256": program_sha256(prog),
-            "galois_steps": list(prog.galois_steps), "relin": keys.relin_keys is not None,
-            "has_secret": "secret.key" in files, "files": files}
-    atomic_write_text(d / "keys.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    """Write one key directory (see :func:`write_key_dirs`): the secret key only with
+    ``include_secret``; a directory that already holds keys, or a secret.key for a server
+    directory, is refused."""
+    d = _LockedKeyDir(keys_dir, "client" if include_secret else "server")
+    try:
+        d.write(_key_dir_files(prog, keys, include_secret))
+    except BaseException:
+        d.rollback()
+        raise
+    finally:
+        d.close()
 
 
 def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evaluation: bool = True) -> KeySet:
     """Load the key set in ``keys_dir`` for ``prog``; with ``secret`` the secret key is required,
-    without it secret.key is never read.  ``evaluation=False`` skips the relin and Galois keys
-    (the client does not need them).  Keys made for another program or other parameters are refused."""
+    without it secret.key is never read, and a directory holding one is refused for evaluation (the
+    server must not be handed the client's directory).  ``evaluation=False`` skips the relin and
+    Galois keys (the client does not need them).  Keys made for another program or other parameters
+    are refused.  The returned key set's :meth:`KeySet.fingerprint` is the directory's key set."""
     d = Path(keys_dir)
     mpath = d / "keys.json"
+    if not d.is_dir():
+        raise SealBackendError(f"{d}: no such key directory")
     try:
         meta = json.loads(mpath.read_text())
     except FileNotFoundError:
-        raise SealBackendError(f"{d}: not a key directory (no keys.json)") from None
+        raise SealBackendError(f"{d}: not a key directory (no keys.json; an interrupted keygen leaves none)") from None
     except (OSError, ValueError) as e:
         raise SealBackendError(f"{mpath}: unreadable: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != KEYS_FORMAT:
-        raise SealBackendError(f"{mpath}: unsupported key directory format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        fmt = meta.get("format") if isinstance(meta, dict) else meta
+        raise SealBackendError(f"{mpath}: key directory format {fmt!r}, expected {KEYS_FORMAT}"
+                               + (" (made by an older hecompiler: run keygen again)" if fmt == 1 else ""))
     if meta.get("params_fingerprint") != params_fingerprint(prog):
         raise SealBackendError(f"{d}: the keys were made for other encryption parameters "
                                f"({meta.get('params')}) than the program's ({prog.params.to_dict()})")
@@ -663,6 +773,9 @@ def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evalua
         raise SealBackendError(f"{d}: the keys were made for another program (program sha256 "
                                f"{str(meta.get('program_sha256'))[:16]}..., this program "
                                f"{program_sha256(prog)[:16]}...)")
+    if not secret and evaluation and (meta.get("has_secret") or (d / "secret.key").exists()):
+        raise SealBackendError(f"{d}: holds the secret key; the server gets the server key directory, never "
+                               "the client's")
     ctx = make_context(prog)
     files = meta.get("files", {})
     blobs = {}
@@ -674,7 +787,7 @@ def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evalua
         try:
             data = (d / fn).read_bytes()
         except OSError as e:
-            raise SealBackendError(f"{d / fn}: {e}") from None
+            raise SealBackendError(f"{d / fn}: {e.strerror or e}") from None
         if hashlib.sha256(data).hexdigest() != files[fn]:
             raise SealBackendError(f"{d / fn}: corrupt or replaced (sha256 does not match keys.json)")
         blobs[name] = data
@@ -682,31 +795,53 @@ def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evalua
         raise SealBackendError(f"{d}: no secret.key (this is a server key directory)")
     if "public_key" not in blobs:
         raise SealBackendError(f"{d}: no public.key")
+    fp = hashlib.sha256(blobs["public_key"]).hexdigest()
+    if meta.get("key_set") != fp:
+        raise SealBackendError(f"{d}: keys.json names key set {short(meta.get('key_set', ''))} but public.key is "
+                               f"key set {short(fp)}")
     try:
         keys = KeySet.from_bytes_dict(ctx, blobs)
     except SealError as e:
         raise SealBackendError(f"{d}: {e}") from None
+    keys._fingerprint = fp
+    if secret:
+        _check_key_pair(keys, d)
     return keys
+
+
+def _check_key_pair(keys: KeySet, d: Path) -> None:
+    """The secret key belongs to the public key: an encryption of zero under the public key
+    decrypts to (almost) zero with the secret key; with another secret key it decrypts to noise
+    of the size of the modulus."""
+    client = CkksClient(keys.ctx, keys)
+    ct = client.encrypt(np.zeros(keys.ctx.slot_count), 2.0 ** 20, 0)
+    if not float(np.abs(client.decrypt(ct)).max()) < 1.0:
+        raise SealBackendError(f"{d}: secret.key does not belong to public.key (key set {short(keys.fingerprint())}): "
+                               "the directory mixes two key sets")
 
 
 # =========================================================================== bundles
 
-_MAGIC = b"HECBNDL1"
+_MAGIC = b"HECBNDL2"
+_OLD_MAGICS = (b"HECBNDL1",)
 _KINDS = ("inputs", "request", "response", "state", "outputs")
 
 
 @dataclass
 class Bundle:
-    """A file of serialized ciphertexts (and server masks) with a JSON header; see module doc."""
+    """A file of serialized ciphertexts with a JSON header; see module doc.  ``source`` (not
+    stored) is where it was read from, for messages."""
 
     kind: str
     program_sha256: str
     params_fingerprint: str
+    key_set: str
     meta: dict = field(default_factory=dict)
     items: dict[str, bytes] = field(default_factory=dict)
+    source: str = field(default="", compare=False)
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({"kind": self.kind, "program_sha256": self.program_sha256,
+        head = json.dumps({"kind": self.kind, "program_sha256": self.program_sha256, "key_set": self.key_set,
                            "params_fingerprint": self.params_fingerprint, "meta": self.meta,
                            "items": [[n, len(b)] for n, b in self.items.items()]},
                           sort_keys=True).encode("utf-8")
@@ -716,6 +851,9 @@ class Bundle:
     @staticmethod
     def from_bytes(data: bytes, source: str = "<bundle>") -> "Bundle":
         data = bytes(data)
+        if data[:8] in _OLD_MAGICS:
+            raise SealBackendError(f"{source}: a bundle of an older hecompiler (not bound to a key set); "
+                                   "encrypt again")
         if data[:8] != _MAGIC:
             raise SealBackendError(f"{source}: not a ciphertext bundle (bad magic)")
         if len(data) < 8 + 8 + 32:
@@ -728,7 +866,7 @@ class Bundle:
             raise SealBackendError(f"{source}: corrupt header length {hlen}")
         try:
             head = json.loads(body[16:16 + hlen].decode("utf-8"))
-            kind, items = head["kind"], head["items"]
+            kind, items, key_set = head["kind"], head["items"], str(head["key_set"])
             psha, pfp, meta = head["program_sha256"], head["params_fingerprint"], head["meta"]
         except (ValueError, KeyError, TypeError) as e:
             raise SealBackendError(f"{source}: corrupt header: {e}") from None
@@ -743,7 +881,7 @@ class Bundle:
             off += size
         if off != len(body):
             raise SealBackendError(f"{source}: {len(body) - off} trailing bytes")
-        return Bundle(kind, psha, pfp, meta, out)
+        return Bundle(kind, psha, pfp, key_set, meta, out, source)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(path, self.to_bytes())
@@ -753,7 +891,7 @@ class Bundle:
         try:
             data = Path(path).read_bytes()
         except OSError as e:
-            raise SealBackendError(f"{path}: {e}") from None
+            raise SealBackendError(f"{path}: {e.strerror or e}") from None
         return Bundle.from_bytes(data, str(path))
 
 
@@ -761,65 +899,62 @@ def _as_bundle(b: "Bundle | str | os.PathLike") -> Bundle:
     return b if isinstance(b, Bundle) else Bundle.load(b)
 
 
-def _new_bundle(prog: HEProgram, kind: str, meta: dict | None = None) -> Bundle:
-    return Bundle(kind, program_sha256(prog), params_fingerprint(prog), dict(meta or {}))
+def _new_bundle(prog: HEProgram, kind: str, keys: KeySet, meta: dict | None = None) -> Bundle:
+    return Bundle(kind, program_sha256(prog), params_fingerprint(prog), keys.fingerprint(), dict(meta or {}))
 
 
-def _check_bundle(b: Bundle, prog: HEProgram, kind: str) -> None:
+def _check_bundle(b: Bundle, prog: HEProgram, kind: str, keys: KeySet, keys_dir: str | os.PathLike | None) -> None:
+    """``b`` is a ``kind`` bundle of ``prog`` under the key set ``keys`` (read from ``keys_dir``)."""
+    src = b.source or f"the {b.kind} bundle"
     if b.kind != kind:
-        raise SealBackendError(f"expected a {kind} bundle, got a {b.kind} bundle")
+        raise SealBackendError(f"{src}: expected a {kind} bundle, got a {b.kind} bundle")
     if b.params_fingerprint != params_fingerprint(prog):
-        raise SealBackendError(f"the {kind} bundle was made for other encryption parameters")
+        raise SealBackendError(f"{src}: the {kind} bundle was made for other encryption parameters")
     if b.program_sha256 != program_sha256(prog):
-        raise SealBackendError(f"the {kind} bundle was made for another program")
+        raise SealBackendError(f"{src}: the {kind} bundle was made for another program")
+    if b.key_set != keys.fingerprint():
+        where = f"{keys_dir} holds" if keys_dir is not None else "these keys are"
+        raise SealBackendError(f"{src}: encrypted under key set {short(b.key_set)}, but {where} key set "
+                               f"{short(keys.fingerprint())}: wrong keys")
 
 
-def _put_cts(b: Bundle, ctx: CkksContext, cts: Mapping[int, Any]) -> None:
+def _put_cts(b: Bundle, ctx: CkksContext, cts: Mapping[int, Any], prefix: str = "ct:") -> None:
     for v, ct in cts.items():
-        b.items[f"ct:{int(v)}"] = ctx.to_bytes(ct)
+        b.items[f"{prefix}{int(v)}"] = ctx.to_bytes(ct)
 
 
-def _get_cts(b: Bundle, ctx: CkksContext) -> dict[int, Any]:
+def _get_cts(b: Bundle, ctx: CkksContext, prefix: str = "ct:") -> dict[int, Any]:
     out = {}
     for name, data in b.items.items():
-        if name.startswith("ct:"):
+        if name.startswith(prefix):
             try:
-                out[int(name[3:])] = ctx.from_bytes("ciphertext", data)
-            except SealError as e:
-                raise SealBackendError(f"{b.kind} bundle, ciphertext %{name[3:]}: {e}") from None
+                out[int(name[len(prefix):])] = ctx.from_bytes("ciphertext", data)
+            except (SealError, ValueError) as e:
+                raise SealBackendError(f"{b.source or b.kind + ' bundle'}, ciphertext {name}: {e}") from None
     return out
 
 
-def state_to_bundle(prog: HEProgram, ctx: CkksContext, st: EvalState) -> Bundle:
-    """Server-side state file (holds the masks: never send it to the client)."""
-    b = _new_bundle(prog, "state", {"pc": st.pc, "pending": st.pending, "request_id": st.request_id,
-                                    "request": sorted(st.request), "stats": st.stats.to_dict()})
-    _put_cts(b, ctx, st.live)
-    for v, ct in st.request.items():
-        b.items[f"req:{v}"] = ctx.to_bytes(ct)
-    for v, m in st.masks.items():
-        b.items[f"mask:{v}"] = np.asarray(m, "<f8").tobytes()
+def state_to_bundle(prog: HEProgram, keys: KeySet, st: EvalState) -> Bundle:
+    """Server-side state file: the live ciphertexts and the pending request."""
+    b = _new_bundle(prog, "state", keys, {"pc": st.pc, "pending": st.pending, "request_id": st.request_id,
+                                          "request": sorted(st.request), "stats": st.stats.to_dict()})
+    _put_cts(b, keys.ctx, st.live)
+    _put_cts(b, keys.ctx, st.request, "req:")
     return b
 
 
-def state_from_bundle(prog: HEProgram, ctx: CkksContext, b: Bundle) -> EvalState:
-    _check_bundle(b, prog, "state")
+def state_from_bundle(prog: HEProgram, keys: KeySet, b: Bundle, keys_dir=None) -> EvalState:
+    _check_bundle(b, prog, "state", keys, keys_dir)
     m = b.meta
-    st = EvalState(pc=int(m["pc"]), live=_get_cts(b, ctx), pending=[int(k) for k in m["pending"]],
-                   request_id=str(m["request_id"]), stats=SealStats.from_dict(m["stats"]))
-    S = prog.params.slots
-    for name, data in b.items.items():
-        if name.startswith("mask:"):
-            if len(data) != 8 * S:
-                raise SealBackendError(f"state bundle: mask {name} has {len(data)} bytes, expected {8 * S}")
-            st.masks[int(name[5:])] = np.frombuffer(data, "<f8").copy()
-        elif name.startswith("req:"):
-            try:
-                st.request[int(name[4:])] = ctx.from_bytes("ciphertext", data)
-            except SealError as e:
-                raise SealBackendError(f"state bundle, request %{name[4:]}: {e}") from None
-    if set(st.masks) != set(st.request) or len(st.pending) != len(st.request):
-        raise SealBackendError("state bundle: inconsistent pending refreshes / masks")
+    try:
+        st = EvalState(pc=int(m["pc"]), pending=[int(k) for k in m["pending"]], request_id=str(m["request_id"]),
+                       stats=SealStats.from_dict(m["stats"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SealBackendError(f"{b.source or 'state bundle'}: corrupt state: {e}") from None
+    st.live = _get_cts(b, keys.ctx)
+    st.request = _get_cts(b, keys.ctx, "req:")
+    if len(st.pending) != len(st.request):
+        raise SealBackendError(f"{b.source or 'state bundle'}: inconsistent pending refreshes")
     return st
 
 
@@ -828,30 +963,32 @@ def state_from_bundle(prog: HEProgram, ctx: CkksContext, b: Bundle) -> EvalState
 def client_keygen(prog: HEProgram, client_dir: str | os.PathLike,
                   server_dir: str | os.PathLike) -> SealClient:
     """Generate keys for ``prog``: secret + public key into ``client_dir`` (all the client needs),
-    public + relin + Galois keys into ``server_dir`` (never the secret key)."""
+    public + relin + Galois keys into ``server_dir`` (never the secret key); all or nothing."""
     if Path(client_dir).resolve() == Path(server_dir).resolve():
         raise SealBackendError("client and server key directories must differ (the server must not get secret.key)")
     client = SealClient.create(prog)
-    k = client.keys
-    write_keys(prog, KeySet(k.ctx, k.secret_key, k.public_key), client_dir, include_secret=True)
-    write_keys(prog, client.public_keys(), server_dir, include_secret=False)
+    write_key_dirs(prog, client.keys, client_dir, server_dir)
     return client
 
 
+def _client(prog: HEProgram, keys_dir) -> SealClient:
+    return SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+
+
 def client_encrypt(prog: HEProgram, keys_dir: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> Bundle:
-    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
-    b = _new_bundle(prog, "inputs")
+    client = _client(prog, keys_dir)
+    b = _new_bundle(prog, "inputs", client.keys)
     _put_cts(b, client.ctx, client.encrypt_inputs(inputs))
     return b
 
 
 def client_refresh(prog: HEProgram, keys_dir: str | os.PathLike, request: "Bundle | str | os.PathLike") -> Bundle:
-    """Answer a refresh request: decrypt each masked ciphertext and encrypt it again at the top level."""
+    """Answer a refresh request: decrypt each ciphertext and encrypt it again at the top level."""
     req = _as_bundle(request)
-    _check_bundle(req, prog, "request")
-    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+    client = _client(prog, keys_dir)
+    _check_bundle(req, prog, "request", client.keys, keys_dir)
     cts = _get_cts(req, client.ctx)
-    resp = _new_bundle(prog, "response", {"request_id": req.meta.get("request_id", "")})
+    resp = _new_bundle(prog, "response", client.keys, {"request_id": req.meta.get("request_id", "")})
     _put_cts(resp, client.ctx, {v: client.refresh(ct) for v, ct in cts.items()})
     return resp
 
@@ -859,8 +996,8 @@ def client_refresh(prog: HEProgram, keys_dir: str | os.PathLike, request: "Bundl
 def client_decrypt(prog: HEProgram, keys_dir: str | os.PathLike,
                    outputs: "Bundle | str | os.PathLike") -> dict[str, np.ndarray]:
     b = _as_bundle(outputs)
-    _check_bundle(b, prog, "outputs")
-    client = SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
+    client = _client(prog, keys_dir)
+    _check_bundle(b, prog, "outputs", client.keys, keys_dir)
     return client.decrypt_outputs(_get_cts(b, client.ctx))
 
 
@@ -871,30 +1008,49 @@ def _server(prog: HEProgram, keys_dir) -> SealServer:
 def server_start(prog: HEProgram, keys_dir: str | os.PathLike, input_bundle: "Bundle | str | os.PathLike") -> Bundle:
     """Initial server state (a ``state`` bundle) from an ``inputs`` bundle."""
     b = _as_bundle(input_bundle)
-    _check_bundle(b, prog, "inputs")
     server = _server(prog, keys_dir)
+    _check_bundle(b, prog, "inputs", server.keys, keys_dir)
     st = server.start(_get_cts(b, server.ctx))
-    return state_to_bundle(prog, server.ctx, st)
+    return state_to_bundle(prog, server.keys, st)
+
+
+def _emit(prog: HEProgram, server: SealServer, st: EvalState) -> tuple[Bundle | None, Bundle | None]:
+    """What a state has for the client: ``(request, None)`` while it waits, ``(None, outputs)`` at the end."""
+    if st.pending:
+        req = _new_bundle(prog, "request", server.keys, {"request_id": st.request_id})
+        _put_cts(req, server.ctx, st.request)
+        return req, None
+    outs = _new_bundle(prog, "outputs", server.keys, {"stats": st.stats.to_dict()})
+    _put_cts(outs, server.ctx, server.outputs(st))
+    return None, outs
 
 
 def server_step(prog: HEProgram, keys_dir: str | os.PathLike, state: "Bundle | str | os.PathLike",
                 response: "Bundle | str | os.PathLike | None" = None,
                 progress: Callable[[int], Any] | None = None) -> tuple[Bundle, Bundle | None, Bundle | None]:
     """Continue the evaluation: returns ``(state, request, None)`` when the client must refresh
-    (send ``request``, call again with its response), or ``(state, None, outputs)`` at the end."""
+    (send ``request``, call again with its response), or ``(state, None, outputs)`` at the end.
+    Save the state first: it is the commit point (:func:`server_reemit` rebuilds the rest)."""
     server = _server(prog, keys_dir)
-    st = state_from_bundle(prog, server.ctx, _as_bundle(state))
+    st = state_from_bundle(prog, server.keys, _as_bundle(state), keys_dir)
     resp_cts = rid = None
     if response is not None:
         rb = _as_bundle(response)
-        _check_bundle(rb, prog, "response")
+        _check_bundle(rb, prog, "response", server.keys, keys_dir)
         rid = str(rb.meta.get("request_id", ""))
         resp_cts = _get_cts(rb, server.ctx)
     server.run_until_refresh(st, resp_cts, progress=progress, request_id=rid)
-    if st.pending:
-        req = _new_bundle(prog, "request", {"request_id": st.request_id})
-        _put_cts(req, server.ctx, st.request)
-        return state_to_bundle(prog, server.ctx, st), req, None
-    outs = _new_bundle(prog, "outputs", {"stats": st.stats.to_dict()})
-    _put_cts(outs, server.ctx, server.outputs(st))
-    return state_to_bundle(prog, server.ctx, st), None, outs
+    req, outs = _emit(prog, server, st)
+    return state_to_bundle(prog, server.keys, st), req, outs
+
+
+def server_reemit(prog: HEProgram, keys_dir: str | os.PathLike,
+                  state: "Bundle | str | os.PathLike") -> tuple[Bundle | None, Bundle | None]:
+    """The request (or the outputs) of a saved state, again: an ``eval`` interrupted after it
+    saved its state loses nothing."""
+    server = _server(prog, keys_dir)
+    st = state_from_bundle(prog, server.keys, _as_bundle(state), keys_dir)
+    if not st.pending and not st.done(prog):
+        raise SealBackendError(f"{state}: the evaluation neither waits for a refresh nor is finished "
+                               f"(next instruction {st.pc}): give --response")
+    return _emit(prog, server, st)

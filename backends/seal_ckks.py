@@ -55,9 +55,8 @@ needs no key.
 
 Serialization.  tenseal.sealapi only exposes ``save(path)`` / ``load(context, path)``
 (no stream or bytes API; the ``Serializable`` return types of ``create_*_keys()`` cannot be
-converted to Python), so :meth:`CkksContext.to_bytes` goes through a private temporary
-file (``mkstemp``, mode 0600, removed immediately; directory from ``$HEC_SEAL_TMPDIR`` or the
-system default).  Bytes are SEAL's own (zstd-compressed) format inside a 44-byte envelope:
+converted to Python), so :meth:`CkksContext.to_bytes` goes through an anonymous in-memory
+file (``memfd_create``: no directory entry, nothing on disk, gone when the process dies).  Bytes are SEAL's own (zstd-compressed) format inside a 44-byte envelope:
 ``b"HECKKS" | format version (1 byte) | kind (1 byte) | key parms_id (4 x uint64 LE) |
 CRC-32 of the SEAL bytes (uint32 LE)``.  Loading checks the envelope (kind, parameters,
 checksum), SEAL's header (declared size == length), then SEAL's full validity check
@@ -75,11 +74,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -303,31 +302,44 @@ class CkksParams:
 
 
 # --------------------------------------------------------------------------- helpers
-def _tmpdir() -> str | None:
-    return os.environ.get("HEC_SEAL_TMPDIR") or None
+@contextlib.contextmanager
+def _memory_file(data: bytes = b""):
+    """A path to an anonymous in-memory file (``memfd_create``) holding ``data``.
+
+    SEAL (through tenseal.sealapi) serializes only to and from a path.  The file
+    lives in memory, has no name in any directory and disappears with its last
+    descriptor, so keys and ciphertexts never touch a disk, and a killed process
+    leaves nothing behind.  Linux only (``os.memfd_create``)."""
+    if not hasattr(os, "memfd_create"):
+        raise SealError("serialization needs os.memfd_create (Linux): keys must not pass through temporary files")
+    fd = os.memfd_create("hec-seal", os.MFD_CLOEXEC)
+    try:
+        if data:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        yield fd, f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _seal_save(obj: Any) -> bytes:
-    fd, path = tempfile.mkstemp(prefix="hec-seal-", suffix=".bin", dir=_tmpdir())
-    os.close(fd)
-    try:
+    with _memory_file() as (fd, path):
         obj.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        size = os.fstat(fd).st_size
+        out = bytearray(size)
+        view, off = memoryview(out), 0
+        while off < size:  # one read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [view[off:]], off)
+            if n <= 0:
+                raise SealError(f"serialization: read {off} of {size} bytes")
+            off += n
+        return bytes(out)
 
 
 def _seal_load(obj: Any, context: Any, data: bytes) -> None:
-    fd, path = tempfile.mkstemp(prefix="hec-seal-", suffix=".bin", dir=_tmpdir())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    with _memory_file(data) as (_fd, path):
         obj.load(context, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def _pid_bytes(pid: Sequence[int]) -> bytes:
@@ -705,6 +717,7 @@ class KeySet:
         self.relin_keys = relin_keys
         self.galois_keys = galois_keys
         self._steps_cache: list[int] | None = None
+        self._fingerprint: str | None = None
         for name, cls in (("secret_key", seal.SecretKey), ("public_key", seal.PublicKey),
                           ("relin_keys", seal.RelinKeys), ("galois_keys", seal.GaloisKeys)):
             obj = getattr(self, name)
@@ -785,10 +798,20 @@ class KeySet:
                 self._steps_cache = [k for k in range(1, n // 2) if gk.has_key(pow(3, k, 2 * n))]
         return list(self._steps_cache)
 
+    def fingerprint(self) -> str:
+        """The key-set id: sha256 (hex) of the serialized public key.  Every key directory and
+        every file of ciphertexts is bound to it."""
+        if self._fingerprint is None:
+            if self.public_key is None:
+                raise SealError("KeySet.fingerprint: the key set has no public key")
+            self._fingerprint = hashlib.sha256(self.ctx.to_bytes(self.public_key)).hexdigest()
+        return self._fingerprint
+
     def without_secret(self) -> "KeySet":
         """The evaluation keys a server may hold (no secret key)."""
         ks = KeySet(self.ctx, None, self.public_key, self.relin_keys, self.galois_keys)
         ks._steps_cache = self._steps_cache
+        ks._fingerprint = self._fingerprint
         return ks
 
     def to_bytes_dict(self, include_secret: bool = False) -> dict[str, bytes]:

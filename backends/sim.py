@@ -9,6 +9,12 @@ latency from the measured cost table.  Fast enough for ResNet-sized programs.
 ``noise`` adds an estimate of CKKS error (fresh-encryption and rescale
 rounding noise of the right order for the scale), to see how precision
 degrades; without it the simulator is exact up to float64 rounding.
+
+It also checks what encryption would get silently wrong: a value whose
+magnitude times its scale reaches half the ciphertext modulus of its level
+(``Q_l / 2``, the product of the primes still in the chain) wraps around on
+decryption.  Such a run raises :class:`ModulusOverflow` (``strict``, the
+default) and is recorded in ``RunStats.modulus_use`` either way.
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ class RunStats:
     peak_ciphertext_bytes: int = 0
     wall_seconds: float = 0.0
     per_node: dict[str, float] = field(default_factory=dict)  # predicted seconds per graph node
+    #: max over results of |value| * scale / (Q_level / 2): at 1 a real decryption wraps around
+    modulus_use: float = 0.0
+    modulus_use_at: str = ""
+
+
+class ModulusOverflow(HecError):
+    """A value too large for the ciphertext modulus at its level: encrypted, it would wrap around."""
 
 
 #: noise constants k in std = k * N / scale (see Simulator._noise)
@@ -74,8 +87,12 @@ class _NumpyPrimitives:
 class Simulator:
     name = "sim"
 
-    def __init__(self, prog: HEProgram, cost: CostModel | None = None, noise: bool = False, seed: int = 0):
+    def __init__(self, prog: HEProgram, cost: CostModel | None = None, noise: bool = False, seed: int = 0,
+                 strict: bool = True):
         self.prog = prog
+        self.strict = strict
+        # log2(Q_l / 2) for each level l (primes q_0 .. q_l remain)
+        self._half_q_bits = np.cumsum([np.log2(float(q)) for q in prog.primes]) - 1.0
         self.cost = cost or CostModel()
         self.noise = noise
         self.rng = np.random.default_rng(seed)
@@ -89,7 +106,27 @@ class Simulator:
         k = NOISE_K[kind]
         return self.rng.normal(0.0, k * self.prog.params.poly_degree / scale, n)
 
+    def _note_magnitude(self, k: int, ins, rs, stats: RunStats) -> None:
+        peak = max(float(np.abs(r).max()) for r in rs) if rs else 0.0
+        if peak == 0.0:
+            return
+        use = (2.0 ** (np.log2(peak) + np.log2(ins.scale) - self._half_q_bits[ins.level])
+               if np.isfinite(peak) else np.inf)  # inf or NaN: overflowed float64 long before
+        if use > stats.modulus_use:
+            stats.modulus_use = float(use)
+            stats.modulus_use_at = f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
+        if self.strict and use >= 1.0:
+            raise ModulusOverflow(
+                f"{stats.modulus_use_at}: a value of magnitude {peak:.4g} at level {ins.level} (scale "
+                f"2^{np.log2(ins.scale):.1f}) exceeds half the ciphertext modulus 2^{self._half_q_bits[ins.level] + 1:.1f}: "
+                f"encrypted, it would wrap around and the output would be garbage (is the input much larger than "
+                f"the program was planned for?)")
+
     def run(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], RunStats]:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported per value
+            return self._run(inputs, progress)
+
+    def _run(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], RunStats]:
         prog = self.prog
         S = prog.params.slots
         N = prog.params.poly_degree
@@ -139,6 +176,7 @@ class Simulator:
             for o, r in zip(ins.results, rs):
                 vals[o] = r
                 meta[o] = (ins.level, ins.scale)
+            self._note_magnitude(k, ins, rs, stats)
             by, enc, cnt = instr_cost(ins, prog, self.cost)
             for op_, n_ in cnt.items():
                 counts[op_] = counts.get(op_, 0) + n_

@@ -68,12 +68,19 @@ def _load_plugin(spec: str) -> None:
         raise HecError(f"--plugin {spec}: failed to import: {type(e).__name__}: {e}") from None
 
 
-def _check_output_dir(path: str | None) -> None:
-    """Fail before doing any work when the output cannot be written."""
-    if path:
-        d = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(d):
-            raise HecError(f"-o {path}: directory {d} does not exist")
+def _check_outputs(outputs: dict, inputs: dict | None = None) -> None:
+    """Fail before doing any work when an output cannot be written or would replace an input."""
+    from .fileio import check_outputs
+
+    check_outputs(outputs, inputs)
+
+
+def _warn_insecure(prog) -> None:
+    """Every step of an insecure program says so (the compile report is not the only place)."""
+    if prog.params.security != "tc128":
+        sys.stderr.write(f"hecompile: warning: this program is NOT 128-bit secure (compiled with --security none, "
+                         f"N={prog.params.poly_degree}, {sum(prog.params.coeff_bits)} modulus bits): for tests "
+                         f"only, never for real data\n")
 
 
 def _compile_parser() -> argparse.ArgumentParser:
@@ -167,7 +174,9 @@ def cmd_compile(argv: Sequence[str]) -> int:
             emit = "ir"
     if emit == "onnx" and not args.output:
         raise HecError("--emit onnx needs -o FILE.onnx")
-    _check_output_dir(args.output)
+    _check_outputs({"-o": args.output}, {"model": args.model, "--calibration": args.calibration,
+                                         "--sample": args.sample, "--labels": args.labels,
+                                         "--heldout": args.heldout, "--heldout-labels": args.heldout_labels})
 
     if emit == "hec":
         return _compile_hec(args)
@@ -282,14 +291,34 @@ def _approx_kwargs(args) -> dict:
 
 
 def _load_npy(path: str, what: str):
-    import numpy as np
+    from .inputs import load_array
 
-    if not os.path.exists(path):
-        raise HecError(f"{what} {path}: no such file")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise HecError(f"{what} {path}: not a readable .npy array ({type(e).__name__})") from None
+    return load_array(path, what)
+
+
+def _load_input(prog, meta, path: str, precheck: bool = True):
+    """The ``--input`` of a one-input program: shape, dtype and finiteness checked, and its range
+    against what the program was planned for (refused beyond what the chain holds, warned
+    outside the planned interval).  With ``precheck`` the program first runs on it in the slot
+    simulator, which refuses an input that makes any intermediate value overflow the modulus
+    chain (a polynomial activation far outside its fitted interval diverges): encrypted, such a
+    run would decrypt to garbage with no error."""
+    from .inputs import check_input
+
+    if len(prog.inputs) != 1:
+        raise HecError(f"the program has {len(prog.inputs)} inputs; use the Python API")
+    io = prog.inputs[0]
+    x = _load_npy(path, "--input")
+    for line in check_input(prog, meta, io.name, x, f"--input {path}"):
+        sys.stderr.write(line + "\n")
+    if precheck:
+        from .backends.sim import ModulusOverflow, Simulator
+
+        try:
+            Simulator(prog).run({io.name: x})
+        except ModulusOverflow as e:
+            raise HecError(f"--input {path}: refused before encryption: {e}") from None
+    return io, x
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -306,18 +335,19 @@ def cmd_run(argv: Sequence[str]) -> int:
     p.add_argument("--backend", choices=["sim", "seal"], default="seal",
                    help="seal: real encryption (default); sim: the slot simulator")
     p.add_argument("--reference", metavar="MODEL.onnx", help="compare with this model in onnxruntime")
-    p.add_argument("-o", "--output", metavar="Y.npy", help="write the decrypted output")
+    p.add_argument("-o", "--output", metavar="Y.npy|Y.npz",
+                   help="write the decrypted output (.npy), or every output of a multi-output model (.npz)")
+    p.add_argument("--no-precheck", action="store_true",
+                   help="do not run the input through the slot simulator first (it refuses inputs that would "
+                        "overflow the modulus chain and decrypt to garbage)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    _check_output_dir(args.output)
+    _check_outputs({"-o": args.output}, {"program": args.program, "--input": args.input,
+                                         "--reference": args.reference})
     prog, meta = load_hec(args.program)
-    x = _load_npy(args.input, "--input")
-    if len(prog.inputs) != 1:
-        raise HecError(f"{args.program}: the program has {len(prog.inputs)} inputs; use the Python API")
-    io = prog.inputs[0]
-    if tuple(x.shape) != tuple(io.shape):
-        raise HecError(f"--input {args.input}: shape {list(x.shape)} but the program's input {io.name!r} is "
-                       f"{list(io.shape)}")
+    _check_output_kind(prog, args.output)
+    _warn_insecure(prog)
+    io, x = _load_input(prog, meta, args.input, precheck=args.backend != "sim" and not args.no_precheck)
     n = len(prog.instrs)
     bar = tqdm(total=n, desc=f"{args.backend}", unit=" ops", disable=args.quiet or not sys.stderr.isatty(),
                leave=False)
@@ -352,24 +382,41 @@ def cmd_run(argv: Sequence[str]) -> int:
 
         for line in run_time_range_check(meta, x, args.reference, io.name):
             sys.stderr.write(line + "\n")
-    _emit_array(y, args.output)
+    _emit_outputs(prog, outs, args.output)
     return 0
 
 
-def _emit_array(y, path: str | None) -> None:
-    """Write ``y`` as .npy atomically, or print it when no path is given."""
+def _check_output_kind(prog, path: str | None) -> None:
+    """A multi-output program writes all its outputs (.npz) or refuses: never only the first."""
+    if not path:
+        return
+    names = [o.name for o in prog.outputs]
+    if len(names) > 1 and not path.endswith(".npz"):
+        raise HecError(f"-o {path}: the program has {len(names)} outputs ({', '.join(names)}); give -o Y.npz "
+                       f"to write them all")
+
+
+def _emit_outputs(prog, outs, path: str | None) -> None:
+    """Write the outputs atomically (.npy: the one output; .npz: every output by name), or print them."""
     import io as _io
 
     import numpy as np
 
     from .fileio import atomic_write_bytes
 
-    if path:
-        buf = _io.BytesIO()
-        np.save(buf, np.asarray(y))
-        atomic_write_bytes(path, buf.getvalue())
+    names = [o.name for o in prog.outputs]
+    if not path:
+        for name in names:
+            if len(names) > 1:
+                print(f"{name}:")
+            print(np.array2string(np.asarray(outs[name]), precision=5, max_line_width=120))
+        return
+    buf = _io.BytesIO()
+    if path.endswith(".npz"):
+        np.savez(buf, **{name: np.asarray(outs[name]) for name in names})
     else:
-        print(np.array2string(np.asarray(y), precision=5, max_line_width=120))
+        np.save(buf, np.asarray(outs[names[0]]))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _seal_summary(stats) -> str:
@@ -431,7 +478,7 @@ def _step_parser(name: str, desc: str) -> argparse.ArgumentParser:
 
 
 def cmd_keygen(argv: Sequence[str]) -> int:
-    from .backends.seal import client_keygen
+    from .backends.seal import client_keygen, short
     from .hecfile import load_hec
 
     p = _step_parser("keygen", "Generate keys: secret+public for the client, evaluation keys for the server.")
@@ -439,11 +486,10 @@ def cmd_keygen(argv: Sequence[str]) -> int:
     p.add_argument("--server-dir", required=True)
     args = p.parse_args(argv)
     prog, _ = load_hec(args.program)
-    for d in (args.client_dir, args.server_dir):
-        os.makedirs(d, exist_ok=True)
-    client_keygen(prog, args.client_dir, args.server_dir)
-    print(f"keys: {args.client_dir} (secret, keep it), {args.server_dir} (evaluation keys, "
-          f"{len(prog.galois_steps)} rotation steps)")
+    _warn_insecure(prog)
+    client = client_keygen(prog, args.client_dir, args.server_dir)
+    print(f"key set {short(client.keys.fingerprint())}: {args.client_dir} (secret, keep it), {args.server_dir} "
+          f"(evaluation keys, {len(prog.galois_steps)} rotation steps)")
     return 0
 
 
@@ -456,21 +502,21 @@ def cmd_encrypt(argv: Sequence[str]) -> int:
     p.add_argument("--input", required=True, metavar="X.npy")
     p.add_argument("-o", "--output", required=True, metavar="X.bundle")
     args = p.parse_args(argv)
-    _check_output_dir(args.output)
-    prog, _ = load_hec(args.program)
-    x = _load_npy(args.input, "--input")
-    io = prog.inputs[0]
-    if tuple(x.shape) != tuple(io.shape):
-        raise HecError(f"--input {args.input}: shape {list(x.shape)} but the program's input is {list(io.shape)}")
+    _check_outputs({"-o": args.output}, {"program": args.program, "--input": args.input})
+    prog, meta = load_hec(args.program)
+    _warn_insecure(prog)
+    io, x = _load_input(prog, meta, args.input)
     client_encrypt(prog, args.keys, {io.name: x}).save(args.output)
     return 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from .backends.seal import server_start, server_step
+    from .backends.seal import server_reemit, server_start, server_step
     from .hecfile import load_hec
 
-    p = _step_parser("eval", "Server: evaluate the program on encrypted inputs (stops at each refresh).")
+    p = _step_parser("eval", "Server: evaluate the program on encrypted inputs (stops at each refresh). The "
+                             "state file is written first and holds everything: if eval is interrupted after "
+                             "writing it, run eval with --state alone to write its request (or outputs) again.")
     p.add_argument("--keys", required=True, help="the server key directory (no secret key)")
     p.add_argument("--state", required=True, metavar="ST.bundle", help="server state file (written, then resumed)")
     p.add_argument("--input", metavar="X.bundle", help="encrypted inputs (first call)")
@@ -478,17 +524,22 @@ def cmd_eval(argv: Sequence[str]) -> int:
     p.add_argument("--request", metavar="Q.bundle", help="where to write a refresh request (default: STATE.request)")
     p.add_argument("-o", "--output", required=True, metavar="Y.bundle", help="encrypted outputs, when done")
     args = p.parse_args(argv)
-    if bool(args.input) == bool(args.response):
-        raise HecError("give --input for the first call, or --response to resume after a refresh")
-    _check_output_dir(args.output)
+    if args.input and args.response:
+        raise HecError("give --input for the first call, or --response to resume after a refresh, not both")
+    req_path = args.request or args.state + ".request"
+    _check_outputs({"--state": args.state, "--request": req_path, "-o": args.output},
+                   {"program": args.program, "--input": args.input, "--response": args.response})
     prog, _ = load_hec(args.program)
-    state = server_start(prog, args.keys, args.input) if args.input else args.state
-    st, req, outs = server_step(prog, args.keys, state, args.response)
-    st.save(args.state)
+    _warn_insecure(prog)
+    if args.input or args.response:
+        state = server_start(prog, args.keys, args.input) if args.input else args.state
+        st, req, outs = server_step(prog, args.keys, state, args.response)
+        st.save(args.state)  # the commit point: request and outputs can be rebuilt from it
+    else:
+        req, outs = server_reemit(prog, args.keys, args.state)
     if req is not None:
-        path = args.request or args.state + ".request"
-        req.save(path)
-        print(f"refresh needed: hecompile refresh {args.program} --keys CLIENT --request {path} -o "
+        req.save(req_path)
+        print(f"refresh needed: hecompile refresh {args.program} --keys CLIENT --request {req_path} -o "
               f"{args.state}.response, then hecompile eval ... --response {args.state}.response")
         return 0
     outs.save(args.output)
@@ -500,13 +551,15 @@ def cmd_refresh(argv: Sequence[str]) -> int:
     from .backends.seal import client_refresh
     from .hecfile import load_hec
 
-    p = _step_parser("refresh", "Client: answer a refresh request (decrypt and re-encrypt masked ciphertexts).")
+    p = _step_parser("refresh", "Client: answer a refresh request (decrypt and re-encrypt the ciphertexts; "
+                                "the key holder sees these intermediate values).")
     p.add_argument("--keys", required=True, help="the client key directory")
     p.add_argument("--request", required=True)
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
-    _check_output_dir(args.output)
+    _check_outputs({"-o": args.output}, {"program": args.program, "--request": args.request})
     prog, _ = load_hec(args.program)
+    _warn_insecure(prog)
     client_refresh(prog, args.keys, args.request).save(args.output)
     return 0
 
@@ -518,12 +571,13 @@ def cmd_decrypt(argv: Sequence[str]) -> int:
     p = _step_parser("decrypt", "Client: decrypt the encrypted outputs.")
     p.add_argument("--keys", required=True, help="the client key directory")
     p.add_argument("--ciphertext", required=True, metavar="Y.bundle")
-    p.add_argument("-o", "--output", metavar="Y.npy")
+    p.add_argument("-o", "--output", metavar="Y.npy|Y.npz")
     args = p.parse_args(argv)
-    _check_output_dir(args.output)
+    _check_outputs({"-o": args.output}, {"program": args.program, "--ciphertext": args.ciphertext})
     prog, _ = load_hec(args.program)
-    outs = client_decrypt(prog, args.keys, args.ciphertext)
-    _emit_array(outs[prog.outputs[0].name], args.output)
+    _check_output_kind(prog, args.output)
+    _warn_insecure(prog)
+    _emit_outputs(prog, client_decrypt(prog, args.keys, args.ciphertext), args.output)
     return 0
 
 
@@ -574,8 +628,8 @@ def cmd_rewrite(argv: Sequence[str]) -> int:
         raise HecError("--calibration X.npy is required (N inputs, same shape as the model input)")
     if not os.path.exists(args.model):
         raise HecError(f"{args.model}: no such file")
-    _check_output_dir(args.output)
-    _check_output_dir(args.report)
+    _check_outputs({"-o": args.output, "--report": args.report},
+                   {"model": args.model, "--calibration": args.calibration, "--heldout": args.heldout})
     cal = _load_npy(args.calibration, "--calibration")
     held = _load_npy(args.heldout, "--heldout") if args.heldout else None
     try:

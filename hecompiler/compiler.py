@@ -134,9 +134,9 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     prog = best.prog
     if opts.dump_dir and opts.dump_after:
         from .dot import to_dot
-        from .fileio import atomic_write_text
+        from .fileio import atomic_write_text, makedirs
 
-        os.makedirs(opts.dump_dir, exist_ok=True)
+        makedirs(opts.dump_dir, "--dump-dir")
         atomic_write_text(os.path.join(opts.dump_dir, f"{len(pipeline.records) + 1:02d}-lowered.dot"),
                           to_dot(graph, title=f"{graph.name} lowered: {best.label}", annotate=best.lowering.annotate))
     seconds = time.perf_counter() - t0
@@ -144,6 +144,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost)
     if approx is not None:
         report["approximation"] = approx
+    if opts.check and len(graph.inputs) == 1 and fidelity is not None and "skipped" not in fidelity:
+        report["input_limits"] = planned_input_limits(graph, prog, opts)
     metadata = {
         "source_model": fname,
         "source_sha256": sha,
@@ -153,6 +155,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
         "report_text": format_report(report),
         "insecure_ok": best.params.security != "tc128",
     }
+    if "input_limits" in report:
+        metadata["input_limits"] = report["input_limits"]
     return CompileResult(graph, prog, best, cands, pipeline, fidelity, metadata, metadata["report_text"], seconds)
 
 
@@ -164,12 +168,10 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
 
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         return {"skipped": "fidelity check needs one input and one output"}
-    x_shape = graph.inputs[0].type.shape
-    x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32) if sample is None else \
-        np.asarray(sample, np.float32).reshape(x_shape)
-    outs, stats = Simulator(prog).run({graph.inputs[0].name: x})
+    x = _check_input(graph, sample, seed)
+    outs, stats = Simulator(prog, strict=False).run({graph.inputs[0].name: x})
     y_exact = outs[graph.outputs[0].name]
-    outs, _ = Simulator(prog, noise=True, seed=seed).run({graph.inputs[0].name: x})
+    outs, _ = Simulator(prog, noise=True, seed=seed, strict=False).run({graph.inputs[0].name: x})
     y = outs[graph.outputs[0].name]
     ref = _onnxruntime(model, x) if not isinstance(model, Graph) and not approximated else None
     if approximated:  # the approximation's own error is reported separately (report["approximation"])
@@ -191,7 +193,47 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
         "exact_relative_to_range": float(np.abs(y_exact - ref).max()) / rng,
         "argmax_agrees": bool(np.argmax(y) == np.argmax(ref)),
         "simulated_seconds": stats.wall_seconds,
+        "modulus_use": stats.modulus_use,
+        "modulus_use_at": stats.modulus_use_at,
     }
+
+
+def _check_input(graph: Graph, sample, seed: int) -> np.ndarray:
+    """The input the compile-time check runs: the sample, or seeded N(0,1)."""
+    x_shape = graph.inputs[0].type.shape
+    if sample is None:
+        return np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
+    return np.asarray(sample, np.float32).reshape(x_shape)
+
+
+def planned_input_limits(graph: Graph, prog: HEProgram, opts: CompileOptions, n_probes: int = 4) -> dict[str, Any]:
+    """``metadata["input_limits"]``: the range the program was planned on and the largest input
+    magnitude its modulus chain holds (see :mod:`hecompiler.inputs`), measured on the
+    ``n_probes`` planning inputs of largest magnitude."""
+    from .backends.sim import Simulator
+    from .inputs import input_limits
+
+    name = graph.inputs[0].name
+    if opts.calibration is not None:
+        from .calibration import as_batch
+
+        x, planned_on = np.asarray(as_batch(opts.calibration, graph.inputs[0].type.shape), np.float64), \
+            "calibration set"
+    elif opts.sample is not None:
+        x, planned_on = _check_input(graph, opts.sample, opts.seed)[None], "sample"
+    else:
+        x, planned_on = _check_input(graph, None, opts.seed)[None], f"N(0,1) sample (seed {opts.seed})"
+    peaks = np.abs(x.reshape(len(x), -1)).max(axis=1)
+    shape = graph.inputs[0].type.shape
+    probes = [x[i].reshape(shape) for i in np.argsort(-peaks, kind="stable")[:n_probes]]
+
+    def headroom(s: float) -> float:
+        return max(Simulator(prog, strict=False).run({name: (p * s).astype(np.float32)})[1].modulus_use
+                   for p in probes)
+
+    lim = input_limits(probes, planned_on, headroom)
+    lim["planned_range"] = [float(np.min(x)), float(np.max(x))]
+    return {name: lim}
 
 
 def _onnxruntime(model, x):
@@ -352,6 +394,16 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"fidelity: {f['skipped']}")
     if f and f.get("note"):
         lines.append(f"  note: {f['note']}")
+    for name, lim in (r.get("input_limits") or {}).items():
+        lo, hi = lim["planned_range"]
+        held = (f"the modulus chain holds inputs up to |{name}| <= {lim['max_abs']:.4g} (run/encrypt refuse larger)"
+                if lim["max_abs"] is not None else "the chain OVERFLOWS on the planning input itself")
+        lines.append(f"inputs: planned on the {lim['planned_on']}, {name} in [{lo:.4g}, {hi:.4g}] (run/encrypt warn "
+                     f"outside it); {held}; modulus use on the sample {lim['modulus_use']:.1e} of the wrap-around point")
+    if r["refreshes"] and (rm or {}).get("kind", "client") == "client":
+        lines.append("privacy: client-aided refresh: the key holder decrypts the refreshed ciphertexts and SEES those "
+                     "intermediate activations in the clear (no masking); use it only when the key holder may see them, "
+                     "e.g. when it also owns the model. A bootstrapping target has no such exposure.")
     if r.get("approximation"):
         from .calibration import format_approximation
 

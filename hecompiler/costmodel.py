@@ -109,6 +109,11 @@ class RefreshCost:
             raise HecError(f"refresh kind {self.kind!r}: expected 'client' or 'bootstrap'")
         if self.bootstrap_s is not None and not self.bootstrap_s >= 0:
             raise HecError(f"bootstrap price {self.bootstrap_s!r} s: must be a non-negative number")
+        if not (self.round_trip_s >= 0 and math.isfinite(self.round_trip_s)):
+            raise HecError(f"refresh round trip {self.round_trip_s!r} s (--refresh-rtt-ms): must be a non-negative "
+                           "number")
+        if not self.bandwidth_bytes_per_s > 0:
+            raise HecError(f"refresh bandwidth {self.bandwidth_bytes_per_s!r} B/s: must be positive")
 
     @property
     def bootstraps(self) -> bool:

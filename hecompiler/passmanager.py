@@ -249,13 +249,15 @@ class PassManager:
             if bad:
                 raise PassError(f"--dump-after names pass(es) not in the pipeline: {', '.join(sorted(bad))}; "
                                 f"pipeline: {', '.join(p.name for p in self.passes)}")
+            from .fileio import makedirs
+
+            makedirs(self.dump_dir, "--dump-dir")  # fail before the work, not after it
 
     def _dump(self, graph: Graph, index: int, tag: str) -> None:
         from .dot import to_dot
         from .fileio import atomic_write_text
         from .text import print_graph
 
-        os.makedirs(self.dump_dir, exist_ok=True)
         base = os.path.join(self.dump_dir, f"{index:02d}-{tag}")
         atomic_write_text(base + ".ir", print_graph(graph))
         atomic_write_text(base + ".dot", to_dot(graph, title=f"{graph.name} after {tag}"))

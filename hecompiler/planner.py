@@ -45,6 +45,19 @@ class PlanOptions:
     #: place refreshes with the exact DP (hecompiler.refresh) instead of greedily
     optimal_refresh: bool = True
 
+    def __post_init__(self):
+        if self.security not in ("tc128", "none"):
+            raise HecError(f"security {self.security!r}: expected 'tc128' or 'none'")
+        if self.levels is not None and not (isinstance(self.levels, int) and self.levels >= 1):
+            raise HecError(f"--levels {self.levels}: a program needs at least 1 data level")
+        if self.scale_bits is not None and not (isinstance(self.scale_bits, int) and 20 <= self.scale_bits <= 60):
+            raise HecError(f"--scale-bits {self.scale_bits}: the scale must have 20 to 60 bits (SEAL primes are "
+                           f"at most 60 bits; below 20 CKKS keeps no useful precision)")
+        if self.max_refreshes is not None and self.max_refreshes < 0:
+            raise HecError(f"--max-refreshes {self.max_refreshes}: must be 0 (non-interactive) or more")
+        if not self.max_memory_bytes > 0:
+            raise HecError(f"--max-memory {self.max_memory_bytes}: must be positive")
+
 
 @dataclass
 class Candidate:
@@ -119,7 +132,8 @@ def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None) -> l
             ls = [opts.levels] if opts.levels else sorted({max(1, lmax * f // 4) for f in fracs}, reverse=True)
             for lv in ls:
                 if lv > lmax:
-                    raise HecError(f"{lv} levels do not fit N={n} at 128-bit security (at most {lmax}"
+                    raise HecError(f"{lv} levels do not fit N={n} at "
+                                   f"{'128-bit security' if opts.security == 'tc128' else 'these settings'} (at most {lmax}"
                                    + (" beside the bootstrap circuit)" if refresh.bootstraps else ")"))
                 out.append(Params(n, chain_bits(n, sb, lv), sb, opts.security))
     if not out:

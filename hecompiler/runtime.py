@@ -17,17 +17,19 @@ import numpy as np
 
 from .errors import HecError
 from .heprog import HEProgram, Instr, PlainRef
+from .inputs import check_array
 from .linear import BsgsPlan, plan_with_n1
 from .plaintexts import PlaintextFactory
 
 
 def pack_inputs(prog: HEProgram, inputs: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """Check the named inputs against the program and pack them: input value id -> slot vector."""
+    """Check the named inputs against the program (shape, dtype, finite values) and pack them:
+    input value id -> slot vector."""
     out: dict[int, np.ndarray] = {}
     for io in prog.inputs:
         if io.name not in inputs:
             raise HecError(f"missing input {io.name!r}")
-        x = np.asarray(inputs[io.name], np.float64)
+        x = check_array(inputs[io.name], f"input {io.name!r}")
         if x.shape != tuple(io.shape):
             raise HecError(f"input {io.name!r}: expected shape {list(io.shape)}, got {list(x.shape)}")
         out.update(zip(io.values, prog.layouts[io.layout].pack(x)))

@@ -227,6 +227,8 @@ def test_cli_flags_tiny_model(models, tmp_path, capsys):
     np.save(d / "y.npy", rng.integers(0, 10, 10))
     np.save(d / "x0.npy", x[:1])
     np.save(d / "xbig.npy", 5 * x[:1])
+    np.save(d / "xwide.npy", 1.4 * x[:1])
+    np.save(d / "xdiverge.npy", 1.45 * x[:1])
     hec = str(d / "m.hec")
     assert main([str(d / "relu.onnx"), "-o", hec, "--calibration", str(d / "cal.npy"), "--labels", str(d / "y.npy"),
                  "--heldout", str(d / "cal.npy"), "--relu-degree", "8", "--relu-composite", "",
@@ -240,9 +242,19 @@ def test_cli_flags_tiny_model(models, tmp_path, capsys):
     assert main(["run", hec, "--backend", "sim", "--input", str(d / "x0.npy"), "--reference",
                  str(d / "relu.onnx")]) == 0
     assert "all 5 approximated op inputs inside their fitted intervals" in capsys.readouterr().err
-    assert main(["run", hec, "--backend", "sim", "--input", str(d / "xbig.npy"), "--reference",
+    assert main(["run", hec, "--backend", "sim", "--input", str(d / "xwide.npy"), "--reference",
                  str(d / "relu.onnx"), "-o", str(d / "y.npy")]) == 0
     assert "outside the fitted interval" in capsys.readouterr().err
+    # far beyond the calibrated range the polynomials diverge and the chain would overflow: refused
+    assert main(["run", hec, "--backend", "sim", "--input", str(d / "xbig.npy"), "-o", str(d / "y2.npy")]) == 1
+    assert "the most this program's modulus chain was shown to hold" in capsys.readouterr().err
+    assert not (d / "y2.npy").exists()
+    # inside that magnitude but driving a composite ReLU into divergence: the precheck refuses it before
+    # encrypting (SEAL would decrypt garbage and exit 0)
+    assert main(["run", hec, "--input", str(d / "xdiverge.npy"), "-o", str(d / "y3.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "refused before encryption" in err and "exceeds half the ciphertext modulus" in err
+    assert not (d / "y3.npy").exists()
     # the approximated graph can be written back as ONNX
     assert main([str(d / "relu.onnx"), "-o", str(d / "approx.onnx"), "--calibration", str(d / "cal.npy"), "-q"]) == 0
     ops = {n.op_type for n in onnx.load(d / "approx.onnx").graph.node}

@@ -138,7 +138,7 @@ def test_corrupt_bundles_are_refused(tiny, keydirs, tmp_path):
     name = next(iter(b.items))
     ct = bytearray(b.items[name])
     ct[len(ct) // 2] ^= 0x01
-    bad = SB.Bundle(b.kind, b.program_sha256, b.params_fingerprint, b.meta, {name: bytes(ct)})
+    bad = SB.Bundle(b.kind, b.program_sha256, b.params_fingerprint, b.key_set, b.meta, {name: bytes(ct)})
     bad = SB.Bundle.from_bytes(bad.to_bytes())
     with pytest.raises(SB.SealBackendError, match="checksum"):
         SB.server_start(tiny.prog, sdir, bad)
@@ -175,8 +175,9 @@ def test_separate_steps_flow_through_files(tiny, keydirs, encrypted, tmp_path):
         if request is None:
             break
         trips += 1
-        assert any(n.startswith("mask:") for n in state.items)  # masks stay in the server state
-        assert all(n.startswith("ct:") for n in request.items)  # ... and never go to the client
+        assert any(n.startswith("req:") for n in state.items)  # the state holds its pending request
+        assert request.items and all(n.startswith("ct:") for n in request.items)
+        assert request.key_set == state.key_set == SB.read_keys(prog, sdir, secret=False).fingerprint()
         request.save(tmp_path / "request.bundle")
         SB.client_refresh(prog, cdir, tmp_path / "request.bundle").save(tmp_path / "response.bundle")
         if first_response is None:
