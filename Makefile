@@ -4,7 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test models bench clean
+.PHONY: demo test models bench clean lattigo
+
+# The Lattigo backend's shared library (Go, cgo); rebuilt when its Go sources or go.mod/go.sum change.
+GO ?= go
+LATTIGO_LIB := backends/lattigo/libheclattigo.so
+LATTIGO_SRC := $(wildcard backends/lattigo/capi/*.go) go.mod go.sum
+
+$(LATTIGO_LIB): $(LATTIGO_SRC)
+	@command -v $(GO) >/dev/null 2>&1 || { echo "error: $(GO) not found; install Go >= 1.21 or set GO=/path/to/go" >&2; exit 1; }
+	CGO_ENABLED=1 $(GO) build -buildmode=c-shared -trimpath -buildvcs=false -o $@ ./backends/lattigo/capi
+
+lattigo: $(LATTIGO_LIB)
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -16,20 +27,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@touch $(STAMP)
 
 DEMO_MODEL := models/tiny_resnet_poly
-demo: $(STAMP)
+demo: $(STAMP) $(LATTIGO_LIB)
 	@mkdir -p out
 	$(BIN)/hecompile $(DEMO_MODEL).onnx -o out/demo.hec --dump-after all --dump-dir out/dump
 	$(BIN)/hecompile run out/demo.hec --input $(DEMO_MODEL).input.npy --reference $(DEMO_MODEL).onnx -o out/demo.y.npy
 	@echo "demo: program out/demo.hec (hecompile inspect out/demo.hec), per-pass IR/DOT snapshots in out/dump/"
 
-test: $(STAMP)
+test: $(STAMP) $(LATTIGO_LIB)
 	$(BIN)/python -m pytest tests
 
 models: $(STAMP)
 	$(BIN)/python models/build_models.py --out models
 
-bench: $(STAMP)
+bench: $(STAMP) $(LATTIGO_LIB)
 	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	rm -f $(LATTIGO_LIB) $(LATTIGO_LIB:.so=.h)
