@@ -3,11 +3,19 @@
 What it does, in order:
 
 1. loads the file and runs ``onnx.checker`` (a malformed model is refused
-   with the checker's reason and the file name);
-2. checks the default-domain opset is one we support (13 to 21);
+   with the checker's reason and the file name).  Only regular files are read
+   (a FIFO or device is refused before reading, opened without blocking), the
+   model file is at most 2 GiB (protobuf's own limit) and external data files
+   at most :data:`MAX_EXTERNAL_BYTES` in total, checked before reading them;
+2. checks the default-domain opset is one we support (13 to 25: opsets 22-25
+   changed none of the ops we lift beyond widening their type lists, which
+   ``tests/test_security_files.py`` checks against the ONNX schemas);
 3. fixes the input shapes: a symbolic batch dimension becomes 1 (or what
    ``input_shapes`` says), any other symbolic dimension is an error that
-   tells the user to pass ``--input-shape``;
+   tells the user to pass ``--input-shape``; a zero dimension, or a tensor of
+   more than :data:`MAX_TENSOR_ELEMENTS` elements, is refused before anything
+   is allocated (intermediate tensors too, from ONNX shape inference and our
+   own);
 4. runs ONNX shape inference on the fixed model, to cross-check our types;
 5. walks the nodes in order.  A node whose inputs are all known at compile
    time (initializers, ``Constant`` outputs, ``Shape`` of a static tensor, and
@@ -21,7 +29,9 @@ What it does, in order:
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -30,9 +40,17 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import FrontendError, UnsupportedError, VerificationError
-from .ir import Graph, TensorType, Value, dtype_of
+from .ir import DTYPES, Graph, TensorType, Value, dtype_of
 
-MIN_OPSET, MAX_OPSET = 13, 21
+MIN_OPSET, MAX_OPSET = 13, 25
+
+#: protobuf cannot parse a message over 2 GiB: a larger .onnx keeps its weights as external data
+MAX_MODEL_BYTES = 2**31
+#: all external data files of one model together
+MAX_EXTERNAL_BYTES = 4 * 2**30
+#: elements of any one tensor (input, constant or intermediate): 2^27 is 1 GiB as float64 and far
+#: beyond what a CNN under HE can hold (a 224x224 ResNet-50's largest tensor has 0.8 M)
+MAX_TENSOR_ELEMENTS = 2**27
 
 _ONNX_TO_DTYPE = {
     onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.DOUBLE: "f64", onnx.TensorProto.FLOAT16: "f16",
@@ -89,6 +107,9 @@ class _Ctx:
                 dtype_of(arr)
             except TypeError:
                 raise self.fail(f"input {name!r} has unsupported dtype {arr.dtype}") from None
+            problem = _shape_problem(f"constant {name!r}", arr.shape, str(arr.dtype))
+            if problem:
+                raise FrontendError(f"{self.where}: {problem}")
             v = self.graph.add_constant(arr, name)
             self.values[name] = v
             return v
@@ -116,6 +137,9 @@ class _Ctx:
             node = self.graph.add_node(op, list(inputs), attrs, out_names=names, name=n.name)
         except VerificationError as e:
             raise FrontendError(f"{self.where}: {str(e).split(': ', 1)[-1]}") from None
+        problem = _shape_problem(f"output {names[0]!r}", node.output.type.shape, node.output.type.dtype)
+        if problem:
+            raise FrontendError(f"{self.where}: {problem}")
         if out is not None:
             self.values[n.output[out]] = node.output
         return node.output
@@ -127,6 +151,41 @@ class _Ctx:
         for name in self.node.output[keep:]:
             if name and name in used:
                 raise self.fail(f"output {name!r} is used but only the first {keep} output(s) are supported")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, k in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def _size_problem(what: str, shape: Sequence[int], dtype: str = "f32") -> str | None:
+    """Why a tensor of ``shape`` is too large to compile (more than MAX_TENSOR_ELEMENTS elements),
+    or None.  Python integers only: nothing is allocated."""
+    shape = [int(d) for d in shape]
+    n = math.prod(shape)
+    if n <= MAX_TENSOR_ELEMENTS:
+        return None
+    itemsize = np.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES else 4
+    return (f"{what} has shape {shape}: {n} elements ({_fmt_bytes(n * itemsize)} as {dtype}), over the limit of "
+            f"{MAX_TENSOR_ELEMENTS} elements per tensor (far beyond what a program under HE can hold)")
+
+
+def _shape_problem(what: str, shape: Sequence[int], dtype: str = "f32") -> str | None:
+    """Why a run-time tensor (or a constant it is computed with) of ``shape`` cannot be compiled:
+    a zero dimension (an empty tensor) or too many elements; None if it can."""
+    if any(int(d) == 0 for d in shape):
+        return (f"{what} has a zero dimension (shape {[int(d) for d in shape]}): an empty tensor cannot be "
+                f"encrypted or computed on; fix the model")
+    return _size_problem(what, shape, dtype)
+
+
+def _onnx_type_name(code) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(int(code))
+    except (ValueError, TypeError):
+        return f"unknown type {code!r}"
 
 
 # --------------------------------------------------------------------------- lifters
@@ -426,22 +485,114 @@ def _lift_cast(ctx: _Ctx) -> None:
     x = ctx.value(0)
     to = _ONNX_TO_DTYPE.get(ctx.attr("to"))
     if to != x.type.dtype:
-        raise ctx.fail(f"casting a run-time tensor {x.type} to {to or ctx.attr('to')} is not supported")
+        # our dtype name when the IR has the type (as the tensor is shown), else ONNX's name: never a number
+        raise ctx.fail(f"casting a run-time tensor {x.type} to {to or _onnx_type_name(ctx.attr('to'))} is not "
+                       f"supported")
     ctx.emit("Identity", [x])
 
 
 # --------------------------------------------------------------------------- driver
 
+def _read_regular(path: str, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes.  Opened without
+    blocking (a FIFO would wait for a writer forever) and checked with fstat before any read (a
+    device such as /dev/zero never ends)."""
+    what = path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FrontendError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise FrontendError(f"{what}: is a directory, not an ONNX model") from None
+    except OSError as e:
+        raise FrontendError(f"{what}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FrontendError(f"{what}: is a directory, not an ONNX model")
+        if not stat.S_ISREG(st.st_mode):
+            raise FrontendError(f"{what}: not a regular file (FIFO, device or socket); give the model file itself")
+        if st.st_size > limit:
+            raise FrontendError(f"{what}: the file is {st.st_size} bytes, over the {limit}-byte limit")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 24, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise FrontendError(f"{what}: the file grew past the {limit}-byte limit while being read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise FrontendError(f"{what}: cannot read: {e.strerror or e}") from None
+    except MemoryError:
+        raise FrontendError(f"{what}: not enough memory to read it") from None
+    finally:
+        os.close(fd)
+
+
+def _external_data(model: onnx.ModelProto, path: str) -> None:
+    """Check, then load, the external data files of ``model`` (stored next to ``path``): each must be
+    a regular file inside the model's directory, and together at most MAX_EXTERNAL_BYTES.  onnx
+    checks offsets and lengths against the file itself when it reads."""
+    from onnx import external_data_helper as edh
+
+    base = os.path.dirname(os.path.abspath(path))
+    tensors = [t for t in edh._get_all_tensors(model) if edh.uses_external_data(t)]
+    if not tensors:
+        return
+    total = 0
+    sizes: dict[str, int] = {}
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"{path}: tensor {t.name!r}: external data {loc!r}"
+        if not loc or os.path.isabs(loc) or ".." in loc.replace("\\", "/").split("/"):
+            raise FrontendError(f"{where}: the location must be a file name relative to the model's directory")
+        full = os.path.join(base, loc)
+        if full not in sizes:
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                raise FrontendError(f"{where}: no such file {full}") from None
+            except OSError as e:
+                raise FrontendError(f"{where}: cannot access {full}: {e.strerror or e}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise FrontendError(f"{where}: {full} is not a regular file (FIFO, device or socket)")
+            sizes[full] = st.st_size
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else sizes[full] - offset
+        except ValueError:
+            raise FrontendError(f"{where}: offset/length are not integers") from None
+        if offset < 0 or length < 0 or offset + length > sizes[full]:
+            raise FrontendError(f"{where}: offset {offset} and length {length} are outside the {sizes[full]}-byte "
+                                f"file {full}")
+        total += length
+        if total > MAX_EXTERNAL_BYTES:
+            raise FrontendError(f"{where}: external data of {total} bytes so far, over the {MAX_EXTERNAL_BYTES}-"
+                                f"byte limit (in {full})")
+    try:
+        edh.load_external_data_for_model(model, base)
+    except MemoryError:
+        raise FrontendError(f"{path}: not enough memory to load its external data ({total} bytes)") from None
+    except Exception as e:  # noqa: BLE001 - onnx raises ValueError/OSError/its own checker errors
+        msg = " ".join(str(e).split())
+        raise FrontendError(f"{path}: cannot load its external data ({type(e).__name__}: {msg[:200]})") from None
+
+
 def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, "<model>"
     path = os.fspath(model_or_path)
-    if not os.path.exists(path):
-        raise FrontendError(f"{path}: no such file")
+    data = _read_regular(path, MAX_MODEL_BYTES)
     try:
-        model = onnx.load(path)
+        model = onnx.load_model_from_string(data)
     except Exception as e:
         raise FrontendError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    del data
+    _external_data(model, path)
     return model, path
 
 
@@ -475,6 +626,10 @@ def _fixed_input_types(model: onnx.ModelProto, src: str,
                                    f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; only float inputs can be encrypted")
         if inp.name in given:
             shape = tuple(int(d) for d in given.pop(inp.name))
+            for i, d in enumerate(shape):
+                if d <= 0:
+                    raise FrontendError(f"{src}: input {inp.name!r}: --input-shape dim {i} is {d}; dimensions must be "
+                                        f"positive")
             if tt.HasField("shape"):
                 dims = tt.shape.dim
                 if len(dims) != len(shape):
@@ -489,7 +644,10 @@ def _fixed_input_types(model: onnx.ModelProto, src: str,
                 raise FrontendError(f"{src}: input {inp.name!r} has no shape; give --input-shape {inp.name}=N,C,H,W")
             shape = []
             for i, d in enumerate(tt.shape.dim):
-                if d.HasField("dim_value") and d.dim_value > 0:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    raise FrontendError(f"{src}: input {inp.name!r} dim {i} is {d.dim_value}: a model input with a "
+                                        f"zero (empty) dimension cannot be compiled; fix the model's input shape")
+                if d.HasField("dim_value"):
                     shape.append(d.dim_value)
                 elif i == 0:
                     shape.append(1)  # symbolic batch: we compile for one image
@@ -502,6 +660,9 @@ def _fixed_input_types(model: onnx.ModelProto, src: str,
             shape = tuple(shape)
         if shape and shape[0] != 1:
             raise UnsupportedError(f"{src}: input {inp.name!r} has batch size {shape[0]}; compile for batch 1")
+        problem = _shape_problem(f"input {inp.name!r}", shape, dtype)
+        if problem:
+            raise FrontendError(f"{src}: {problem}")
         types[inp.name] = TensorType(shape, dtype)
     if given:
         raise FrontendError(f"{src}: --input-shape names unknown input(s) {sorted(given)}; model inputs: {sorted(types)}")
@@ -538,7 +699,8 @@ def _inferred_types(model: onnx.ModelProto, src: str) -> dict[str, TensorType]:
         if not tt.HasField("shape") or tt.elem_type not in _ONNX_TO_DTYPE:
             continue
         dims = tt.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        # a negative size (a kernel larger than its padded input) is left to the lifter, which names the node
+        if all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
             out[vi.name] = TensorType(tuple(d.dim_value for d in dims), _ONNX_TO_DTYPE[tt.elem_type])
     return out
 
@@ -549,8 +711,9 @@ def _evaluate(ctx: _Ctx, node: onnx.NodeProto) -> list[np.ndarray]:
     feeds = {}
     for name in node.input:
         if name:
+            # only for Shape/Size: a zero-strided view of the right shape, so nothing is allocated
             feeds[name] = ctx.known[name] if name in ctx.known else \
-                np.zeros(ctx.values[name].type.shape, ctx.values[name].type.np_dtype)  # only for Shape/Size
+                np.broadcast_to(np.zeros((), ctx.values[name].type.np_dtype), ctx.values[name].type.shape)
     try:
         return ReferenceEvaluator(node, opsets={"": ctx.opset}).run(None, feeds)
     except Exception as e:
@@ -577,7 +740,19 @@ def load_onnx(model_or_path, input_shapes: Mapping[str, Sequence[int]] | None = 
     g = Graph(gname)
     ctx = _Ctx(g, opset)
     for init in model.graph.initializer:
-        ctx.known[init.name] = numpy_helper.to_array(init)
+        # before numpy_helper allocates it; a zero dimension is refused only where the constant is used
+        # at run time (empty compile-time tensors, such as the axes of a Pad, are fine)
+        problem = _size_problem(f"initializer {init.name!r}", init.dims, _ONNX_TO_DTYPE.get(init.data_type, "f32"))
+        if problem:
+            raise FrontendError(f"{src}: {problem}")
+        try:
+            ctx.known[init.name] = numpy_helper.to_array(init)
+        except MemoryError:
+            raise FrontendError(f"{src}: initializer {init.name!r}: not enough memory for shape {list(init.dims)}") \
+                from None
+        except Exception as e:  # noqa: BLE001 - data that does not match its dims/type
+            raise FrontendError(f"{src}: initializer {init.name!r} is unreadable ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]})") from None
     for iname, t in in_types.items():
         ctx.values[iname] = g.add_input(iname, t)
 
@@ -586,6 +761,11 @@ def load_onnx(model_or_path, input_shapes: Mapping[str, Sequence[int]] | None = 
         ctx.node = node
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedError(f"{ctx.where}: custom domain {node.domain!r} is not supported")
+        for oname in node.output:  # before evaluating or lifting: nothing too large is ever allocated
+            t = onnx_types.get(oname)
+            problem = t is not None and _size_problem(f"output {oname!r}", t.shape, t.dtype)
+            if problem:
+                raise FrontendError(f"{ctx.where}: {problem}")
         ins = [i for i in node.input if i]
         all_known = all(i in ctx.known for i in ins)
         static_shape_query = node.op_type in ("Shape", "Size") and ins and ins[0] in ctx.values

@@ -3,7 +3,8 @@
 A ``.hec`` file is a zip archive (deflate) with five members::
 
     manifest.json   format name and version, the compiler version that wrote it,
-                    creation time (UTC), and the sha256 and size of every other member
+                    creation time (UTC), the sha256 and size of every other member,
+                    the ``digest`` that binds them all, and optionally a ``signature``
     program.txt     the HE program in its text form (:func:`heprog.print_program`):
                     parameters, primes, layouts, linear ops, inputs, instructions, outputs
     weights.npz     the compact weights (numpy ``.npz``, arrays only, float/int dtypes,
@@ -16,13 +17,36 @@ A ``.hec`` file is a zip archive (deflate) with five members::
                     redundant with program.txt, readable without parsing it, and checked
                     against it on load
 
+Integrity.  ``digest`` is the sha256 of::
+
+    b"hecompiler.hec digest\n"
+    + canonical JSON of the manifest header {format, format_version, compiler,
+      compiler_version, created} (sorted keys, separators "," and ":", ASCII) + b"\n"
+    + for each member in the order program.txt, weights.npz, metadata.json, io.json:
+      b"<name>\n<size in bytes>\n" + the member's bytes
+
+so one value covers the program, the weights, the metadata (with the report) and io.json:
+a file whose members come from different saves (another model's metadata or report), or
+that was damaged, is refused.  Anyone can recompute it, so it does not detect a deliberate
+edit; :mod:`hecompiler.signing` adds an ed25519 signature over it (``hecompile sign``,
+checked with ``--verify-key``), which does.
+
+Safety of reading.  Nothing is decompressed before the member sizes in the zip directory and
+in the manifest agree, stay under :data:`MAX_MEMBER_BYTES` / :data:`MAX_TOTAL_BYTES`, and
+have a plausible compression ratio (:data:`MAX_RATIO`: a zip bomb is refused from its
+directory alone); members are then read in chunks of :data:`CHUNK_BYTES` into a buffer of
+the declared size, so memory never exceeds what was declared and accepted, and running out
+of memory is a one-line error.  The file itself is opened without blocking and must be a
+regular file (a FIFO or device is refused before any read).
+
 :func:`save_hec` builds the whole archive in memory, checks that it would load, and
 writes it atomically: a failed save leaves no file.  :func:`load_hec` validates
-everything before returning (container, checksums, version, program text, weights and
-every reference to them, io.json, :func:`verify_program`, security), and any problem becomes a
-one-line :class:`~hecompiler.errors.HecFileError` that names the file and what is wrong,
-never a crash and never a silently different program.  :func:`inspect_hec` prints a
-human summary.
+everything before returning (container, sizes, checksums, digest, signature when asked,
+version, program text, weights and every reference to them, io.json,
+:func:`verify_program`, security), and any problem becomes a one-line
+:class:`~hecompiler.errors.HecFileError` that names the file and what is wrong, never a
+crash and never a silently different program.  :func:`sign_hec` adds a signature;
+:func:`inspect_hec` prints a human summary.
 
 Nothing here uses pickle.
 """
@@ -35,6 +59,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import zipfile
 import zlib
@@ -50,7 +75,9 @@ from .heprog import OPS, HEProgram, LinearOp, PlainRef, ProgramError, parse_prog
 from .security import HE_STANDARD_MAX_BITS, source
 
 FORMAT = "hecompiler.hec"
-FORMAT_VERSION = 1
+#: 2: the manifest's ``digest`` binds all members (and may carry a ``signature``); version 1
+#: files had per-member checksums only and are refused with a request to compile again
+FORMAT_VERSION = 2
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.txt"
@@ -64,6 +91,18 @@ HASHED_MEMBERS = (PROGRAM, WEIGHTS, METADATA, IOSPEC)
 MAX_MEMBER_BYTES = 4 * 2**30
 MAX_TOTAL_BYTES = 8 * 2**30
 MAX_MANIFEST_BYTES = 1 * 2**20
+#: refuse a member that declares more than MAX_RATIO times its compressed size (deflate reaches
+#: about 1030:1 on constant data; real members compress 1.1:1 (weights) to 10:1 (program text)),
+#: once it declares at least MIN_RATIO_CHECK_BYTES (small members cannot hurt)
+MAX_RATIO = 200
+MIN_RATIO_CHECK_BYTES = 16 * 2**20
+#: members are decompressed this many bytes at a time
+CHUNK_BYTES = 1 << 20
+
+_HEADER_FIELDS = ("format", "format_version", "compiler", "compiler_version", "created")
+_MANIFEST_FIELDS = _HEADER_FIELDS + ("members", "digest", "signature")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 #: HomomorphicEncryption.org standard: max total coefficient-modulus bits (including the
 #: special prime) per ring degree, ternary secret, classical attacks (SEAL's MaxBitCount)
@@ -181,6 +220,104 @@ def _json_diff(want, got, where: str = "") -> str | None:
     if want != got:
         return f"{where} is {json.dumps(got)[:80]}, the program has {json.dumps(want)[:80]}"
     return None
+
+
+# =========================================================================== digest and manifest
+
+class _Digest:
+    """The streaming form of :func:`compute_digest`: feed the members in the fixed order."""
+
+    def __init__(self, manifest: dict):
+        header = {k: manifest[k] for k in _HEADER_FIELDS}
+        self.h = hashlib.sha256(b"hecompiler.hec digest\n")
+        self.h.update(json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+        self.h.update(b"\n")
+
+    def member(self, name: str, size: int) -> None:
+        self.h.update(f"{name}\n{int(size)}\n".encode("ascii"))
+
+    def update(self, data) -> None:
+        self.h.update(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def compute_digest(manifest: dict, members: dict[str, bytes]) -> str:
+    """The ``digest`` of a ``.hec`` (module docstring): sha256 over the manifest header fields and
+    every member's name, size and bytes, in the fixed order of :data:`HASHED_MEMBERS`."""
+    d = _Digest(manifest)
+    for name in HASHED_MEMBERS:
+        d.member(name, len(members[name]))
+        d.update(members[name])
+    return d.hexdigest()
+
+
+def _check_manifest(manifest, fail) -> None:
+    """Every field of a manifest: known keys only, types, formats and size limits.  The format and
+    version come first (a newer version may have other fields)."""
+    if not isinstance(manifest, dict):
+        fail(f"{MANIFEST} is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        fail(f"not a .hec file: {MANIFEST} format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    writer = manifest.get("compiler_version", "an unknown version")
+    writer = writer if isinstance(writer, str) else repr(writer)
+    if not _is_int(version) or version < 1:
+        fail(f"{MANIFEST}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        fail(f"format version {version} was written by hecompiler {writer[:40]}; this hecompiler "
+             f"{_compiler_version()} reads format version {FORMAT_VERSION} only (upgrade hecompiler)")
+    if version < FORMAT_VERSION:
+        fail(f"format version {version} (written by hecompiler {writer[:40]}) has no digest binding its members; "
+             f"this hecompiler reads format version {FORMAT_VERSION}: compile the model again")
+
+    def bad(field: str, want: str):
+        got = json.dumps(manifest.get(field) if "." not in field else None)
+        fail(f"{MANIFEST}: {field} must be {want}" + (f", got {got[:60]}" if "." not in field else ""))
+
+    for k in manifest:
+        if k not in _MANIFEST_FIELDS:
+            fail(f"{MANIFEST}: unexpected field {k[:60]!r}")
+    for k in _MANIFEST_FIELDS:
+        if k != "signature" and k not in manifest:
+            fail(f"{MANIFEST}: {k} is missing")
+    if manifest["compiler"] != "hecompiler":
+        bad("compiler", '"hecompiler"')
+    cv = manifest["compiler_version"]
+    if not isinstance(cv, str) or not 0 < len(cv) <= 64 or not cv.isprintable():
+        bad("compiler_version", "a version string")
+    if not isinstance(manifest["created"], str) or not _CREATED.fullmatch(manifest["created"]):
+        bad("created", "a UTC time like 2024-01-31T12:00:00Z")
+    if not isinstance(manifest["digest"], str) or not _HEX64.fullmatch(manifest["digest"]):
+        bad("digest", "64 lowercase hex digits (sha256)")
+    listed = manifest["members"]
+    if not isinstance(listed, dict):
+        bad("members", "an object")
+    for m in listed:
+        if m not in HASHED_MEMBERS:
+            fail(f"{MANIFEST} lists unexpected member {m[:60]!r}")
+    for m in HASHED_MEMBERS:
+        entry = listed.get(m)
+        if not isinstance(entry, dict):
+            fail(f"{MANIFEST} has no checksum for {m}")
+        for k in entry:
+            if k not in ("sha256", "size"):
+                fail(f"{MANIFEST}: unexpected field 'members.{m}.{k[:40]}'")
+        for k in ("sha256", "size"):
+            if k not in entry:
+                fail(f"{MANIFEST}: members.{m}.{k} is missing")
+        if not isinstance(entry["sha256"], str) or not _HEX64.fullmatch(entry["sha256"]):
+            fail(f"{MANIFEST}: members.{m}.sha256 must be 64 lowercase hex digits (sha256)")
+        if not _is_int(entry["size"]) or not 0 <= entry["size"] <= MAX_MEMBER_BYTES:
+            fail(f"{MANIFEST}: members.{m}.size must be a byte count in 0..{MAX_MEMBER_BYTES}, "
+                 f"got {json.dumps(entry['size'])[:40]}")
+    if "signature" in manifest:
+        from .signing import check_entry
+
+        why = check_entry(manifest["signature"])
+        if why:
+            fail(f"{MANIFEST}: signature must be an ed25519 signature entry: it {why}")
 
 
 # =========================================================================== weights (npz)
@@ -572,10 +709,18 @@ def save_hec(path: str | os.PathLike, prog: HEProgram, metadata: dict) -> None:
         "created": now.isoformat().replace("+00:00", "Z"),
         "members": {name: {"sha256": _sha256(data), "size": len(data)} for name, data in members.items()},
     }
+    manifest["digest"] = compute_digest(manifest, members)
+    _write_archive(spath, manifest, members, fail)
+
+
+def _write_archive(spath: str, manifest: dict, members: dict[str, bytes], fail) -> None:
+    """Write the zip (manifest first, then the members in the fixed order) atomically."""
+    when = datetime.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ").timetuple()[:6]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as z:
-        for name, data in [(MANIFEST, json.dumps(manifest, indent=2).encode("utf-8")), *members.items()]:
-            info = zipfile.ZipInfo(name, date_time=now.timetuple()[:6])
+        for name, data in [(MANIFEST, json.dumps(manifest, indent=2).encode("utf-8")),
+                           *((m, members[m]) for m in HASHED_MEMBERS)]:
+            info = zipfile.ZipInfo(name, date_time=when)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             z.writestr(info, data)
@@ -585,6 +730,28 @@ def save_hec(path: str | os.PathLike, prog: HEProgram, metadata: dict) -> None:
         raise HecFileError(f"{spath}: cannot save: {_one_line(str(e).removeprefix(spath + ': '))}") from None
     except OSError as e:
         fail(e.strerror or str(e))
+
+
+def sign_hec(path: str | os.PathLike, key, output: str | os.PathLike | None = None) -> str:
+    """Sign a ``.hec`` file: validate it completely, then store an ed25519 signature over its digest
+    in the manifest (replacing an earlier signature), writing ``output`` (default: ``path`` itself)
+    atomically.  ``key`` is an ``Ed25519PrivateKey`` or the path of one
+    (:func:`hecompiler.signing.load_private_key`).  The members are written back byte for byte, so
+    the digest is unchanged.  Returns the digest."""
+    from . import signing
+
+    if not hasattr(key, "sign"):
+        key = signing.load_private_key(key)
+    ld = _load(path, keep_members=True)
+    out = os.fspath(output if output is not None else path)
+    manifest = dict(ld.manifest)
+    manifest["signature"] = signing.sign_digest(key, manifest["digest"])
+
+    def fail(msg: str):
+        raise HecFileError(f"{out}: cannot save: {msg}")
+
+    _write_archive(out, manifest, ld.members, fail)
+    return manifest["digest"]
 
 
 # =========================================================================== load
@@ -597,111 +764,169 @@ class _Loaded:
     io: dict
     file_bytes: int
     member_bytes: dict[str, int]
+    verified_with: str | None = None  # fingerprint of the --verify-key key that verified the signature
+    members: dict[str, bytes] | None = None  # the raw members, when asked for (sign_hec)
 
 
-def _load(path: str | os.PathLike) -> _Loaded:
+def _open_regular(spath: str, fail):
+    """Open ``spath`` for reading without blocking (a FIFO would otherwise wait for a writer) and
+    check it is a non-empty regular file within the size limit; returns (file, size)."""
+    try:
+        fd = os.open(spath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        fail("file not found")
+    except IsADirectoryError:
+        fail("is a directory, not a .hec file")
+    except OSError as e:
+        fail(f"cannot access: {e.strerror or e}")
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            fail("is a directory, not a .hec file")
+        if not stat.S_ISREG(st.st_mode):
+            fail("is not a regular file (FIFO, device or socket)")
+        if st.st_size == 0:
+            fail("file is empty (not a .hec file, or truncated)")
+        if st.st_size > MAX_TOTAL_BYTES:
+            fail(f"file is {st.st_size} bytes, over the {MAX_TOTAL_BYTES}-byte limit")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, fail, feed=None) -> bytearray:
+    """A member's bytes, decompressed CHUNK_BYTES at a time into a buffer of its declared ``size``
+    (never more), each chunk also given to ``feed``; a member that holds more or fewer bytes is
+    refused."""
+    name = info.filename
+    try:
+        buf = bytearray(size)
+    except MemoryError:
+        fail(f"not enough memory to read {name} ({size} bytes uncompressed)")
+    view = memoryview(buf)
+    pos = 0
+    try:
+        with z.open(info) as f:
+            while True:
+                chunk = f.read(min(CHUNK_BYTES, size - pos + 1))
+                if not chunk:
+                    break
+                if pos + len(chunk) > size:
+                    fail(f"file was modified or corrupted: {name} holds more than the {size} bytes the archive "
+                         f"declares")
+                view[pos:pos + len(chunk)] = chunk
+                if feed is not None:
+                    feed(chunk)
+                pos += len(chunk)
+    except HecFileError:
+        raise
+    except MemoryError:
+        fail(f"not enough memory to read {name} ({size} bytes uncompressed)")
+    except zipfile.BadZipFile as e:
+        fail(f"file was modified or corrupted: {name}: {e}")
+    except (zlib.error, EOFError, ValueError, OSError, NotImplementedError, RuntimeError) as e:
+        fail(f"file was modified or corrupted: {name} cannot be decompressed ({type(e).__name__}: {_one_line(e)})")
+    finally:
+        view.release()
+    if pos != size:
+        fail(f"file was modified or corrupted: {name} has {pos} bytes, the archive declares {size}")
+    return buf
+
+
+def _load(path: str | os.PathLike, verify_key=None, keep_members: bool = False) -> _Loaded:
     spath = os.fspath(path)
 
     def fail(msg: str):
         raise HecFileError(f"{spath}: {msg}")
 
-    # ---- the file itself
-    try:
-        st = os.stat(spath)
-    except FileNotFoundError:
-        fail("file not found")
-    except OSError as e:
-        fail(f"cannot access: {e.strerror or e}")
-    if stat.S_ISDIR(st.st_mode):
-        fail("is a directory, not a .hec file")
-    if not stat.S_ISREG(st.st_mode):
-        fail("is not a regular file")
-    if st.st_size == 0:
-        fail("file is empty (not a .hec file, or truncated)")
-    if st.st_size > MAX_TOTAL_BYTES:
-        fail(f"file is {st.st_size} bytes, over the {MAX_TOTAL_BYTES}-byte limit")
-    try:
-        with open(spath, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        fail(f"cannot read: {e.strerror or e}")
+    pub = None
+    if verify_key is not None:  # the key first: a bad --verify-key is the user's error, whatever the file
+        from .signing import load_public_key
 
-    # ---- the zip container
-    try:
-        z = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile as e:
-        fail(f"not a .hec file, or truncated: not a valid zip archive ({e})")
-    except (zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
-        fail(f"not a .hec file, or truncated: unreadable zip archive ({type(e).__name__}: {_one_line(e)})")
-    data: dict[str, bytes] = {}
-    with z:
-        infos = z.infolist()
-        names = [i.filename for i in infos]
-        dups = sorted({n for n in names if names.count(n) > 1})
-        if dups:
-            fail(f"file was modified or corrupted: duplicate member {dups[0]}")
-        for m in MEMBERS:
-            if m not in names:
-                fail(f"missing member {m} (not a .hec file, or damaged)")
-        extra = [n for n in names if n not in MEMBERS]
-        if extra:
-            fail(f"unexpected member {extra[0]} (file was modified)")
-        total = 0
-        for info in infos:
-            limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST else MAX_MEMBER_BYTES
-            if info.file_size > limit:
-                fail(f"member {info.filename} declares {info.file_size} bytes uncompressed, over the "
-                     f"{limit}-byte limit (refusing a possible zip bomb)")
-            total += info.file_size
-        if total > MAX_TOTAL_BYTES:
-            fail(f"members declare {total} bytes uncompressed in total, over the {MAX_TOTAL_BYTES}-byte limit "
-                 f"(refusing a possible zip bomb)")
-        for info in infos:
+        pub = load_public_key(verify_key)
+
+    # ---- the file itself, then the zip directory: everything is checked before decompressing
+    f, file_bytes = _open_regular(spath, fail)
+    data: dict[str, bytearray] = {}
+    with f:
+        try:
+            z = zipfile.ZipFile(f)
+        except zipfile.BadZipFile as e:
+            fail(f"not a .hec file, or truncated: not a valid zip archive ({e})")
+        except (zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError, MemoryError) as e:
+            fail(f"not a .hec file, or truncated: unreadable zip archive ({type(e).__name__}: {_one_line(e)})")
+        with z:
+            infos = z.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                dups = sorted({n for n in names if names.count(n) > 1}) if len(names) < 100 else ["(many)"]
+                fail(f"file was modified or corrupted: duplicate member {dups[0]}")
+            for m in MEMBERS:
+                if m not in names:
+                    fail(f"missing member {m} (not a .hec file, or damaged)")
+            extra = [n for n in names if n not in MEMBERS]
+            if extra:
+                fail(f"unexpected member {extra[0][:80]} (file was modified)")
+            info_of = {i.filename: i for i in infos}
+            total = 0
+            for info in infos:
+                limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST else MAX_MEMBER_BYTES
+                if info.file_size > limit:
+                    fail(f"member {info.filename} declares {info.file_size} bytes uncompressed, over the "
+                         f"{limit}-byte limit (refusing a possible zip bomb)")
+                if info.file_size >= MIN_RATIO_CHECK_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                    fail(f"member {info.filename} declares {info.file_size} bytes uncompressed from "
+                         f"{info.compress_size} compressed, a compression ratio over {MAX_RATIO}:1 (refusing a "
+                         f"possible zip bomb)")
+                total += info.file_size
+            if total > MAX_TOTAL_BYTES:
+                fail(f"members declare {total} bytes uncompressed in total, over the {MAX_TOTAL_BYTES}-byte limit "
+                     f"(refusing a possible zip bomb)")
+
+            # ---- the manifest (small): every field, and the sizes it declares against the directory
+            raw_manifest = _read_member(z, info_of[MANIFEST], info_of[MANIFEST].file_size, fail)
             try:
-                with z.open(info) as f:
-                    b = f.read(info.file_size + 1)
-            except zipfile.BadZipFile as e:
-                fail(f"file was modified or corrupted: {info.filename}: {e}")
-            except (zlib.error, EOFError, ValueError, OSError, NotImplementedError, RuntimeError) as e:
-                fail(f"file was modified or corrupted: {info.filename} cannot be decompressed "
-                     f"({type(e).__name__}: {_one_line(e)})")
-            if len(b) != info.file_size:
-                fail(f"file was modified or corrupted: {info.filename} has {len(b)} bytes, the archive "
-                     f"declares {info.file_size}")
-            data[info.filename] = b
+                manifest = json.loads(raw_manifest.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                fail(f"{MANIFEST} is not valid JSON ({_one_line(e)})")
+            _check_manifest(manifest, fail)
+            listed = manifest["members"]
+            for m in HASHED_MEMBERS:
+                if info_of[m].file_size != listed[m]["size"]:
+                    fail(f"file was modified or corrupted: {m} checksum mismatch (the archive holds "
+                         f"{info_of[m].file_size} bytes, {MANIFEST} says {listed[m]['size']})")
 
-    # ---- manifest: format, version, checksums
-    try:
-        manifest = json.loads(data[MANIFEST].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        fail(f"{MANIFEST} is not valid JSON ({_one_line(e)})")
-    if not isinstance(manifest, dict):
-        fail(f"{MANIFEST} is not a JSON object")
-    if manifest.get("format") != FORMAT:
-        fail(f"not a .hec file: {MANIFEST} format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    version = manifest.get("format_version")
-    writer = manifest.get("compiler_version", "an unknown version")
-    if not _is_int(version) or version < 1:
-        fail(f"{MANIFEST}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        fail(f"format version {version} was written by hecompiler {writer}; this hecompiler "
-             f"{_compiler_version()} reads format version {FORMAT_VERSION} only (upgrade hecompiler)")
-    listed = manifest.get("members")
-    if not isinstance(listed, dict):
-        fail(f"{MANIFEST} has no member list")
-    for m in HASHED_MEMBERS:
-        entry = listed.get(m)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            fail(f"{MANIFEST} has no checksum for {m}")
-    for m in listed:
-        if m not in HASHED_MEMBERS:
-            fail(f"{MANIFEST} lists unexpected member {m!r}")
-    for m in HASHED_MEMBERS:
-        entry = listed[m]
-        size = entry.get("size")
-        if _sha256(data[m]) != entry["sha256"].lower() or (size is not None and size != len(data[m])):
-            detail = f" ({len(data[m])} bytes, {MANIFEST} says {size})" if size != len(data[m]) else ""
-            fail(f"file was modified or corrupted: {m} checksum mismatch{detail}")
+            # ---- the members, streamed in the fixed order: checksums and the digest
+            digest = _Digest(manifest)
+            for m in HASHED_MEMBERS:
+                h = hashlib.sha256()
+                digest.member(m, listed[m]["size"])
+
+                def feed(chunk, h=h):  # one pass feeds the member's checksum and the digest
+                    h.update(chunk)
+                    digest.update(chunk)
+
+                data[m] = _read_member(z, info_of[m], listed[m]["size"], fail, feed)
+                if h.hexdigest() != listed[m]["sha256"]:
+                    fail(f"file was modified or corrupted: {m} checksum mismatch")
+    digest_ok = digest.hexdigest() == manifest["digest"]
+
+    # ---- the signature, when asked: before any member is parsed
+    verified_with = None
+    if pub is not None:
+        from .signing import fingerprint, public_key_raw, verify_entry
+
+        if "signature" not in manifest:
+            fail("not signed, and --verify-key requires a signed program (sign it with: hecompile sign "
+                 f"{spath} --key SIGNER.pem)")
+        why = verify_entry(manifest["signature"], manifest["digest"], pub)
+        if why:
+            fail(why)
+        if not digest_ok:
+            fail("the signature does not match the contents: the file was modified after signing (its members "
+                 "no longer match the signed digest)")
+        verified_with = fingerprint(public_key_raw(pub))
 
     # ---- members
     try:
@@ -718,6 +943,7 @@ def _load(path: str | os.PathLike) -> _Loaded:
     except (HecError, IndexError, KeyError, TypeError, ValueError, AttributeError, MemoryError, RecursionError,
             OverflowError) as e:
         fail(f"program does not parse: {PROGRAM}: {type(e).__name__}: {_one_line(e)}")
+    del text
     jsons = {}
     for m in (METADATA, IOSPEC):
         try:
@@ -741,18 +967,30 @@ def _load(path: str | os.PathLike) -> _Loaded:
             OverflowError, MemoryError) as e:
         # a check tripped over malformed content it did not anticipate: still a clear error
         fail(f"invalid program: {type(e).__name__}: {_one_line(e)}")
-    return _Loaded(prog, metadata, manifest, io_doc, len(raw), {m: len(b) for m, b in data.items()})
+    # without a key the digest is checked last, so a member edited with its checksum updated gets the
+    # specific complaint about its content first (the digest detects accidents, not edits: see signing)
+    if not digest_ok:
+        fail("file was modified or corrupted: the members do not match the manifest's digest (they come from "
+             "different saves, or were modified; the digest binds program, weights, metadata and io.json)")
+    return _Loaded(prog, metadata, manifest, io_doc, file_bytes, {m: len(b) for m, b in data.items()},
+                   verified_with, {m: bytes(b) for m, b in data.items()} if keep_members else None)
 
 
-def load_hec(path: str | os.PathLike) -> tuple[HEProgram, dict]:
+def load_hec(path: str | os.PathLike, verify_key=None) -> tuple[HEProgram, dict]:
     """Load and fully validate a ``.hec`` file; returns ``(program, metadata)``.
 
     Raises :class:`HecFileError` (one line, naming the file) if the file is missing,
-    not a .hec zip, truncated, corrupted or edited (checksums), from a newer format
-    version, or holds a program that is malformed, references missing or mis-sized
-    weights, disagrees with its io.json, fails :func:`verify_program`, or uses
-    parameters below 128-bit security without ``metadata["insecure_ok"]``."""
-    ld = _load(path)
+    not a regular file, not a .hec zip, truncated, declares oversized or implausibly
+    compressed members, is corrupted or assembled from different saves (checksums and
+    digest), from another format version, or holds a program that is malformed,
+    references missing or mis-sized weights, disagrees with its io.json, fails
+    :func:`verify_program`, or uses parameters below 128-bit security without
+    ``metadata["insecure_ok"]``.
+
+    With ``verify_key`` (the path of an ed25519 public key PEM, or an ``Ed25519PublicKey``)
+    the file must also carry a signature by that key over its digest, and the members must
+    match the signed digest; this is checked before any member is parsed."""
+    ld = _load(path, verify_key)
     return ld.prog, ld.metadata
 
 
@@ -777,13 +1015,26 @@ def _bits_summary(bits: tuple[int, ...]) -> str:
     return "+".join(parts)
 
 
-def inspect_hec(path: str | os.PathLike) -> str:
-    """A human summary of a (validated) ``.hec`` file."""
-    ld = _load(path)
+def inspect_hec(path: str | os.PathLike, verify_key=None) -> str:
+    """A human summary of a (validated) ``.hec`` file; with ``verify_key`` (see :func:`load_hec`)
+    the signature is verified first."""
+    ld = _load(path, verify_key)
     prog, md, man = ld.prog, ld.metadata, ld.manifest
     p = prog.params
     lines = [f"{os.fspath(path)}: {FORMAT} format v{man['format_version']}, written by hecompiler "
              f"{man.get('compiler_version', '?')} at {man.get('created', '?')}, {_fmt_bytes(ld.file_bytes)}"]
+    lines.append(f"digest: sha256 {man['digest']} (binds program, weights, metadata and io.json)")
+    sig = man.get("signature")
+    if sig is None:
+        lines.append("signature: none (unsigned: hecompile sign adds one)")
+    else:
+        import base64
+
+        from .signing import fingerprint
+
+        who = fingerprint(base64.b64decode(sig["public_key"]))
+        lines.append(f"signature: ed25519 by key {who}, " + (
+            "verified with --verify-key" if ld.verified_with else "not verified (give --verify-key SIGNER.pub.pem)"))
     src = md.get("source_model", md.get("source_model_file"))
     sha = md.get("source_sha256", md.get("source_model_sha256"))
     if src or sha:

@@ -113,14 +113,14 @@ def test_good_file_loads(tmp_path):
 
 # --------------------------------------------------------------------------- opsets and ops
 
-@pytest.mark.parametrize("opset, hint", [(12, 13), (22, 21), (7, 13)])
+@pytest.mark.parametrize("opset, hint", [(12, 13), (26, 25), (7, 13)])
 def test_unsupported_opset(opset, hint):
-    with pytest.raises(UnsupportedError, match=rf"opset {opset} is not supported \(supported: 13 to 21\); "
+    with pytest.raises(UnsupportedError, match=rf"opset {opset} is not supported \(supported: 13 to 25\); "
                                                rf"re-export with opset_version={hint}"):
         hc.load_onnx(relu_model(opset=opset))
 
 
-@pytest.mark.parametrize("opset", [13, 17, 21])
+@pytest.mark.parametrize("opset", [13, 17, 21, 22, 23, 24, 25])
 def test_supported_opsets(opset):
     assert [n.op for n in hc.load_onnx(relu_model(opset=opset)).nodes] == ["Relu"]
 
