@@ -74,7 +74,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import struct
 import time
 from dataclasses import dataclass, field
@@ -83,12 +82,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from hecompiler.costmodel import peak_rss_bytes, switching_key_bytes
+from hecompiler.costmodel import CostModel, peak_rss_bytes, switching_key_bytes
 from hecompiler.errors import HecError
+from hecompiler.executor import EvalState, ExecStats, Executor, ExecutionError
 from hecompiler.fileio import atomic_write_bytes, atomic_write_text
-from hecompiler.heprog import LINEAR_PRIMITIVES, HEProgram, Instr, print_program
-from hecompiler.plaintexts import PlaintextFactory
-from hecompiler.runtime import LinearPlans, pack_inputs, run_linear
+from hecompiler.heprog import HEProgram, print_program
+from hecompiler.runtime import pack_inputs
 
 from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, SealError
 
@@ -143,103 +142,101 @@ def make_context(prog: HEProgram) -> CkksContext:
 _peak_rss_bytes = peak_rss_bytes
 
 
-def _where(k: int, ins: Instr) -> str:
-    return f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
+# =========================================================================== primitives
+
+#: statistics of a SEAL run (the executor's)
+SealStats = ExecStats
 
 
-# =========================================================================== stats
-
-@dataclass
-class SealStats:
-    op_counts: dict[str, int] = field(default_factory=dict)
-    seconds_by_op: dict[str, float] = field(default_factory=dict)  # wall, encoding included
-    encode_seconds: float = 0.0  # plaintext generation + encoding (part of seconds_by_op)
-    plaintexts: int = 0
-    refreshes: int = 0
-    refresh_round_trips: int = 0  # batches of refreshes sent to the client
-    peak_live_ciphertexts: int = 0
-    peak_rss_bytes: int = 0  # VmHWM of this process (whole life of the process)
-    galois_keys: int = 0
-    galois_key_bytes: int = 0  # in memory: one key-switching key per data prime, over L+2 primes
-    relin_key_bytes: int = 0
-    eval_seconds: float = 0.0  # server wall time (instructions, incl. the client's refresh time in run())
-    phases: dict[str, float] = field(default_factory=dict)  # run_encrypted: keygen/encrypt/eval/decrypt/total
-
-    def add(self, op: str, seconds: float, n: int = 1) -> None:
-        self.op_counts[op] = self.op_counts.get(op, 0) + n
-        self.seconds_by_op[op] = self.seconds_by_op.get(op, 0.0) + seconds
-
-    def add_linear(self, counts: Mapping[str, int], seconds: float) -> None:
-        """A ``linear`` macro: its primitive op counts, and its time under the key ``linear``."""
-        for op, n in counts.items():
-            if op in LINEAR_PRIMITIVES:
-                self.op_counts[op] = self.op_counts.get(op, 0) + n
-        self.seconds_by_op["linear"] = self.seconds_by_op.get("linear", 0.0) + seconds
-
-    def to_dict(self) -> dict:
-        return {k: (dict(sorted(v.items())) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-
-    @staticmethod
-    def from_dict(d: Mapping) -> "SealStats":
-        s = SealStats()
-        for k, v in d.items():
-            if hasattr(s, k):
-                setattr(s, k, dict(v) if isinstance(v, dict) else v)
-        return s
-
-    def format(self) -> str:
-        lines = []
-        if self.phases:
-            lines.append("phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.phases.items()))
-        lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
-                     f"{self.refresh_round_trips} round trips, encode {self.encode_seconds:.3f} s "
-                     f"({self.plaintexts} plaintexts)")
-        lines.append(f"  {'op':<10} {'count':>6}  {'time':>10}")
-        for op in sorted(self.op_counts):
-            t = self.seconds_by_op.get(op)
-            n = self.op_counts[op]
-            tt = f"{t:8.3f} s  {1e3 * t / max(n, 1):8.3f} ms/op" if t else "(in linear)"
-            lines.append(f"  {op:<10} {n:>6}  {tt}")
-        if "linear" in self.seconds_by_op:
-            lines.append(f"  {'linear':<10} {'':>6}  {self.seconds_by_op['linear']:8.3f} s  (convolutions and "
-                         f"other linear ops: their rotations, ct-pt mults, adds, rescales, encoding)")
-        lines.append(f"peak live ciphertexts {self.peak_live_ciphertexts}, peak RSS "
-                     f"{self.peak_rss_bytes / 2**20:.0f} MiB, Galois keys {self.galois_keys} "
-                     f"({self.galois_key_bytes / 2**20:.1f} MiB)")
-        return "\n".join(lines)
+def _guarded(fn):
+    def call(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except SealError as e:  # the wrapper's one-line message, as one of ours
+            raise SealBackendError(f"SEAL: {e}") from None
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
 
 
-class _SealPrimitives:
-    """The primitive ops of a ``linear`` macro on SEAL ciphertexts."""
+class SealPrimitives:
+    """The executor's primitives on SEAL ciphertexts (evaluation keys only).  SEAL counts
+    levels the other way (``seal_level = top_level - level``); refreshes go to the key holder."""
 
-    def __init__(self, server: "SealServer", stats: "SealStats"):
-        self.sv = server
-        self.s = server._s
-        self.stats = stats
+    name = "SEAL"
+    refresh_kind = "client"
+    bootstraps = False
 
+    def __init__(self, prog: HEProgram, keys: KeySet):
+        self.ctx = keys.ctx
+        self.keys = keys
+        self.top = prog.params.top_level
+        self._s = CkksServer(self.ctx, keys)
+
+    @_guarded
+    def meta(self, ct):
+        return self.top - self.ctx.level_of(ct), float(ct.scale)
+
+    @_guarded
+    def set_scale(self, ct, scale):
+        self._s.set_scale(ct, scale)
+        return ct
+
+    @_guarded
+    def encode(self, vec, scale, level):
+        return self._s.encode(vec, scale, self.top - level)
+
+    @_guarded
+    def encode_scalar(self, value, scale, level):
+        return self._s.encode_constant(value, scale, self.top - level)
+
+    @_guarded
     def rotate(self, ct, step):
-        return self.s.rotate(ct, step)
+        return self._s.rotate(ct, step)
 
-    def mul_plain(self, ct, ref, level):
-        v = self.sv._pf.vector(ref)
-        return self.s.multiply_plain(ct, self.sv._encode_vector(v, ref.scale, level, self.stats))
-
+    @_guarded
     def add(self, a, b):
-        return self.s.add(a, b)
+        return self._s.add(a, b)
 
-    def rescale(self, ct, scale):
-        r = self.s.rescale(ct)
-        got = float(r.scale)
-        if not abs(got - scale) <= SCALE_RTOL * abs(scale):
-            raise SealBackendError(f"linear: rescaled scale {got!r} differs from the planned {scale!r}")
-        self.s.set_scale(r, scale)
-        return r
+    @_guarded
+    def sub(self, a, b):
+        return self._s.sub(a, b)
 
-    def add_plain(self, ct, ref, level):
-        return self.s.add_plain(ct, self.sv._encode(ref, level, self.stats))
+    @_guarded
+    def negate(self, a):
+        return self._s.negate(a)
 
+    @_guarded
+    def add_plain(self, ct, pt):
+        return self._s.add_plain(ct, pt)
+
+    @_guarded
+    def mul_plain(self, ct, pt):
+        return self._s.multiply_plain(ct, pt)
+
+    @_guarded
+    def mul(self, a, b):
+        return self._s.relinearize(self._s.multiply(a, b))
+
+    @_guarded
+    def rescale(self, ct):
+        return self._s.rescale(ct)
+
+    @_guarded
+    def mod_switch(self, ct, level):
+        return self._s.mod_switch(ct, self.top - level)
+
+    @_guarded
     def zero(self, level, scale):
-        return self.sv._zero(level, scale)
+        """A fresh public-key encryption of zero at ``level`` with ``scale`` (SEAL refuses products
+        with an all-zero plaintext; the executor asks for this instead)."""
+        import tenseal.sealapi as sealapi
+
+        enc = sealapi.Encryptor(self.ctx.seal, self.keys.public_key)
+        ct = sealapi.Ciphertext(self.ctx.seal)
+        enc.encrypt_zero(self.ctx.parms_id_at(self.top - level), ct)
+        ct.scale = scale
+        return ct
 
 
 # =========================================================================== client
@@ -293,34 +290,11 @@ class SealClient:
 
 # =========================================================================== server
 
-@dataclass
-class EvalState:
-    """Where a resumable evaluation stands.
-
-    ``pc``: index of the next instruction; ``live``: value id -> Ciphertext;
-    while waiting for the client: ``pending`` (indices of the refresh
-    instructions), ``request`` (refresh output id -> the ciphertext to refresh,
-    what is sent) and ``request_id`` (echoed by the response)."""
-
-    pc: int = 0
-    live: dict[int, Any] = field(default_factory=dict)
-    pending: list[int] = field(default_factory=list)
-    request: dict[int, Any] = field(default_factory=dict)
-    request_id: str = ""
-    stats: SealStats = field(default_factory=SealStats)
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self.pending)
-
-    def done(self, prog: HEProgram) -> bool:
-        return self.pc >= len(prog.instrs) and not self.pending
-
-
 class SealServer:
-    """Evaluates the program with the public evaluation keys only."""
+    """Evaluates the program with the public evaluation keys only, on the shared
+    :class:`~hecompiler.executor.Executor` (client-aided refreshes suspend the evaluation)."""
 
-    def __init__(self, prog: HEProgram, keys: KeySet):
+    def __init__(self, prog: HEProgram, keys: KeySet, cost: CostModel | None = None):
         if keys.secret_key is not None:
             raise SealBackendError("SealServer: refusing a key set that contains the secret key; "
                                    "give the server SealClient.public_keys()")
@@ -337,10 +311,8 @@ class SealServer:
         self.ctx = ctx
         self.keys = keys
         self.top = prog.params.top_level
-        self._s = CkksServer(ctx, keys)
-        self._pf = PlaintextFactory(prog)
-        self._plans = LinearPlans(prog, self._pf)
-        self._last = prog.last_uses()
+        self.prim = SealPrimitives(prog, keys)
+        self.ex = Executor(prog, self.prim, cost)
         n_keys = len(keys.rotation_steps())
         self._key_stats = {
             "galois_keys": n_keys,
@@ -351,243 +323,42 @@ class SealServer:
 
     @property
     def has_secret_key(self) -> bool:
-        return self.keys.secret_key is not None or self._s.keys.secret_key is not None
+        return self.keys.secret_key is not None or self.prim._s.keys.secret_key is not None
 
-    # ---------------------------------------------------------------- helpers
-    def _level(self, ct: Any) -> int:
-        return self.top - self.ctx.level_of(ct)
-
-    def _encode_vector(self, v, scale: float, level: int, stats: SealStats) -> Any:
-        t = time.perf_counter()
-        pt = self._s.encode(v, scale, self.top - level)
-        stats.encode_seconds += time.perf_counter() - t
-        stats.plaintexts += 1
-        return pt
-
-    def _encode(self, ref, level: int, stats: SealStats) -> Any:
-        t = time.perf_counter()
-        sl = self.top - level
-        if ref.kind == "scalar":
-            pt = self._s.encode_constant(float(ref.args[0]), ref.scale, sl)
-        else:
-            pt = self._s.encode(self._pf.vector(ref), ref.scale, sl)
-        stats.encode_seconds += time.perf_counter() - t
-        stats.plaintexts += 1
-        return pt
-
-    def _zero(self, level: int, scale: float) -> Any:
-        """A fresh public-key encryption of zero at ``level`` with ``scale``."""
-        import tenseal.sealapi as sealapi
-
-        enc = sealapi.Encryptor(self.ctx.seal, self.keys.public_key)
-        ct = sealapi.Ciphertext(self.ctx.seal)
-        enc.encrypt_zero(self.ctx.parms_id_at(self.top - level), ct)
-        ct.scale = scale
-        return ct
-
-    def _check(self, k: int, ins: Instr, ct: Any) -> None:
-        lv, sc = self._level(ct), float(ct.scale)
-        if lv != ins.level or sc != ins.scale:
-            raise SealBackendError(f"{_where(k, ins)}: SEAL gives level {lv}, scale {sc!r} but the program "
-                                   f"plans level {ins.level}, scale {ins.scale!r}")
-
-    def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: SealStats) -> Any:
-        s = self._s
-        a = [live[x] for x in ins.args]
-        op = ins.op
-        if op == "linear":
-            return run_linear(self.prog, ins, a, self._plans.plan(ins.plain.args[0]), _SealPrimitives(self, stats))
-        if op == "rotate":
-            return s.rotate(a[0], ins.step)
-        if op == "add":
-            return s.add(a[0], a[1])
-        if op == "sub":
-            return s.sub(a[0], a[1])
-        if op == "negate":
-            return s.negate(a[0])
-        if op == "add_plain":
-            return s.add_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
-        if op == "mul_plain":
-            if ins.plain.kind == "scalar" and float(ins.plain.args[0]) == 0.0 or \
-                    ins.plain.kind != "scalar" and not np.any(self._pf.vector(ins.plain)):
-                return self._zero(ins.level, ins.scale)  # SEAL refuses to multiply by an all-zero plaintext
-            return s.multiply_plain(a[0], self._encode(ins.plain, self._level(a[0]), stats))
-        if op == "mul":
-            return s.relinearize(s.multiply(a[0], a[1]))
-        if op == "rescale":
-            r = s.rescale(a[0])
-            got = float(r.scale)
-            if not abs(got - ins.scale) <= SCALE_RTOL * abs(ins.scale):
-                raise SealBackendError(f"{_where(k, ins)}: rescaled scale {got!r} differs from the planned "
-                                       f"{ins.scale!r} by {abs(got - ins.scale) / ins.scale:.3g} (relative) "
-                                       f"> {SCALE_RTOL}")
-            s.set_scale(r, ins.scale)
-            return r
-        if op == "mod_switch":
-            return s.mod_switch(a[0], self.top - ins.to_level)
-        raise SealBackendError(f"{_where(k, ins)}: unknown op {op!r}")
-
-    def _free(self, k: int, ins: Instr, live: dict[int, Any]) -> None:
-        for x in set(ins.args):
-            if self._last.get(x, -1) <= k:
-                live.pop(x, None)
-
-    def _note_live(self, state: EvalState) -> None:
-        n = len(state.live) + len(state.request)
-        if n > state.stats.peak_live_ciphertexts:
-            state.stats.peak_live_ciphertexts = n
-
-    # ---------------------------------------------------------------- evaluation
     def start(self, cts: Mapping[int, Any]) -> EvalState:
         """Initial state from the encrypted inputs (value id -> Ciphertext)."""
-        want = [v for io in self.prog.inputs for v in io.values]
-        missing = [v for v in want if v not in cts]
-        if missing:
-            raise SealBackendError(f"input ciphertext(s) {['%' + str(v) for v in missing[:8]]} missing")
-        extra = set(cts) - set(want)
-        if extra:
-            raise SealBackendError(f"unexpected input ciphertext(s) {['%' + str(v) for v in sorted(extra)[:8]]}")
-        live = {}
-        for v in want:
-            ct = cts[v]
-            try:
-                lv = self._level(ct)
-            except SealError as e:
-                raise SealBackendError(f"input %{v}: {e}") from None
-            if lv != self.top or float(ct.scale) != self.prog.params.scale:
-                raise SealBackendError(f"input %{v}: level {lv}, scale {float(ct.scale)!r}; expected a fresh "
-                                       f"ciphertext at level {self.top}, scale {self.prog.params.scale!r}")
-            live[v] = ct
-        st = EvalState(live=live)
+        try:
+            st = self.ex.start(cts)
+        except ExecutionError as e:
+            raise SealBackendError(str(e)) from None
         st.stats.__dict__.update(self._key_stats)
-        self._note_live(st)
         return st
 
     def run_until_refresh(self, state: EvalState, response: Mapping[int, Any] | None = None,
                           progress: Callable[[int], Any] | None = None,
                           request_id: str | None = None) -> EvalState:
-        """Continue from ``state`` until the end of the program or the next refresh(es).
-
-        If ``state`` waits for a refresh, ``response`` (refresh output id ->
-        re-encrypted ciphertext) must answer it (and ``request_id``, if
-        given, must match).  At a refresh the server puts the operand of
-        that refresh and of the refreshes directly after it in
-        ``state.request``, and returns.  The state is modified in place and returned."""
-        prog = self.prog
-        stats = state.stats
-        t_run = time.perf_counter()
+        """Continue from ``state`` until the end of the program or the next refresh(es) (see
+        :meth:`hecompiler.executor.Executor.run`)."""
         try:
-            if state.pending:
-                if response is None:
-                    raise SealBackendError(f"the evaluation waits for {len(state.pending)} refresh(es) "
-                                           f"(instruction {state.pending[0]}); a response is needed")
-                self._apply_response(state, response, request_id, progress)
-            elif response is not None:
-                raise SealBackendError("got a refresh response but the evaluation is not waiting for one")
-            instrs = prog.instrs
-            while state.pc < len(instrs):
-                k = state.pc
-                ins = instrs[k]
-                if ins.op == "refresh":
-                    self._request_batch(state)
-                    return state
-                missing = [a for a in ins.args if a not in state.live]
-                if missing:
-                    raise SealBackendError(f"{_where(k, ins)}: operand %{missing[0]} is not live (bad state)")
-                t = time.perf_counter()
-                try:
-                    r = self._exec(k, ins, state.live, stats)
-                except SealBackendError:
-                    raise
-                except (SealError, HecError) as e:
-                    raise SealBackendError(f"{_where(k, ins)}: {e}") from None
-                rs = r if ins.op == "linear" else [r]
-                for o, ct in zip(ins.results, rs):
-                    self._check(k, ins, ct)
-                    state.live[o] = ct
-                self._free(k, ins, state.live)
-                if ins.op == "linear":  # attribute the macro's time to its primitive ops, by their counts
-                    stats.add_linear(self.prog.linears[ins.plain.args[0]].counts, time.perf_counter() - t)
-                else:
-                    stats.add(ins.op, time.perf_counter() - t)
-                self._note_live(state)
-                state.pc = k + 1
-                if progress is not None:
-                    progress(1)
-            return state
-        finally:
-            stats.eval_seconds += time.perf_counter() - t_run
-            stats.peak_rss_bytes = max(stats.peak_rss_bytes, _peak_rss_bytes())
-
-    def _request_batch(self, state: EvalState) -> None:
-        prog = self.prog
-        t = time.perf_counter()
-        k = state.pc
-        made: set[int] = set()
-        while k < len(prog.instrs) and prog.instrs[k].op == "refresh" and prog.instrs[k].args[0] not in made:
-            ins = prog.instrs[k]
-            x = ins.args[0]
-            if x not in state.live:
-                raise SealBackendError(f"{_where(k, ins)}: operand %{x} is not live (bad state)")
-            state.pending.append(k)
-            state.request[ins.out] = state.live[x]
-            made.add(ins.out)
-            self._free(k, ins, state.live)
-            k += 1
-        state.request_id = secrets.token_hex(16)
-        state.stats.refresh_round_trips += 1
-        state.stats.add("refresh", time.perf_counter() - t, n=0)
-        self._note_live(state)
-
-    def _apply_response(self, state: EvalState, response: Mapping[int, Any], request_id: str | None,
-                        progress) -> None:
-        if request_id is not None and request_id != state.request_id:
-            raise SealBackendError(f"the refresh response answers request {request_id}, but the evaluation "
-                                   f"waits for request {state.request_id} (stale or foreign response)")
-        want = set(state.request)
-        if set(response) != want:
-            raise SealBackendError(f"the refresh response holds ciphertexts {sorted(response)}, expected "
-                                   f"{sorted(want)}")
-        t = time.perf_counter()
-        D = self.prog.params.scale
-        for k in state.pending:
-            ins = self.prog.instrs[k]
-            ct = response[ins.out]
-            try:
-                lv = self._level(ct)
-                if lv != self.top or float(ct.scale) != D:
-                    raise SealBackendError(f"{_where(k, ins)}: the client returned level {lv}, scale "
-                                           f"{float(ct.scale)!r}; expected level {self.top}, scale {D!r}")
-            except SealError as e:
-                raise SealBackendError(f"{_where(k, ins)}: bad refreshed ciphertext: {e}") from None
-            self._check(k, ins, ct)
-            state.live[ins.out] = ct
-            if progress is not None:
-                progress(1)
-        n = len(state.pending)
-        state.pc = state.pending[-1] + 1
-        state.pending, state.request, state.request_id = [], {}, ""
-        state.stats.refreshes += n
-        state.stats.add("refresh", time.perf_counter() - t, n=n)
-        self._note_live(state)
+            return self.ex.run(state, response, progress, request_id)
+        except ExecutionError as e:
+            raise SealBackendError(str(e)) from None
 
     def outputs(self, state: EvalState) -> dict[int, Any]:
-        if not state.done(self.prog):
-            raise SealBackendError(f"the evaluation is not finished (next instruction {state.pc})")
-        return {v: state.live[v] for io in self.prog.outputs for v in io.values}
+        try:
+            return self.ex.outputs(state)
+        except ExecutionError as e:
+            raise SealBackendError(str(e)) from None
 
     def run(self, cts: Mapping[int, Any], refresh_fn: Callable[[Any], Any],
             progress: Callable[[int], Any] | None = None) -> tuple[dict[int, Any], SealStats]:
         """Execute the whole program; ``refresh_fn(ct) -> fresh ct`` is the client."""
-        state = self.run_until_refresh(self.start(cts), progress=progress)
-        while state.pending:
-            t = time.perf_counter()
-            resp = {v: refresh_fn(ct) for v, ct in state.request.items()}
-            dt = time.perf_counter() - t
-            state.stats.add("refresh", dt, n=0)
-            state.stats.eval_seconds += dt
-            self.run_until_refresh(state, resp, progress=progress, request_id=state.request_id)
-        return self.outputs(state), state.stats
+        state = self.start(cts)
+        try:
+            out = self.ex.run_all_from(state, refresh_fn, progress)
+        except ExecutionError as e:
+            raise SealBackendError(str(e)) from None
+        return out, state.stats
 
 
 # =========================================================================== one process

@@ -338,6 +338,13 @@ def approximation_passes(graph, opts) -> str:
     return ",".join(parts + ["dce"]) if parts else ""
 
 
+def _user_passes_calibrate(spec: str | None) -> bool:
+    """Whether a pass of the user's pipeline reads calibration statistics."""
+    from .passmanager import parse_pipeline
+
+    return bool(spec and spec.strip()) and any(p.uses_calibration for p in parse_pipeline(spec))
+
+
 def approximation_setup(model, graph, opts) -> tuple[str, dict]:
     """(pipeline spec, pass options) for compiling ``graph`` (the imported model) with ``opts``."""
     spec = opts.passes
@@ -347,7 +354,7 @@ def approximation_setup(model, graph, opts) -> tuple[str, dict]:
     options: dict[str, Any] = {}
     if getattr(opts, "calibration_stats", None) is not None:
         options["calibration"] = dict(opts.calibration_stats)
-    elif opts.calibration is not None and (extra or "-to-" in (opts.passes or "")):
+    elif opts.calibration is not None and (extra or _user_passes_calibrate(opts.passes)):
         xs = as_batch(opts.calibration, graph.inputs[0].type.shape)
         try:
             options["calibration"] = calibrate(model, xs)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel
+from .costmodel import CostModel, switching_key_bytes
 from .frontend import load_onnx
 from .heprog import HEProgram, verify_program
 from .ir import Graph
@@ -32,6 +32,8 @@ class CompileOptions:
     plan: PlanOptions = field(default_factory=PlanOptions)
     input_shapes: Mapping[str, Sequence[int]] | None = None
     dump_after: Sequence[str] = ()
+    dump_weights: bool = False  # dumped .ir with every weight (parses back); else large constants elided
+    dump_constants: bool = True  # draw constants in dumped DOT (--no-constants: leave them out)
     dump_dir: str | None = None
     #: run the program in the simulator on a sample input and compare with the original model
     check: bool = True
@@ -59,6 +61,8 @@ class CompileOptions:
     maxpool: str = "avg"  # avg | poly | none
     maxpool_degree: int = 15
     maxpool_composite: str = ""
+    #: price of one CPU core for an hour: the report then gives the cost of 1000 inferences
+    price_per_core_hour: float | None = None
 
 
 @dataclass
@@ -93,7 +97,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     from .calibration import approximation_report, approximation_setup, as_batch
 
     spec, pass_options = approximation_setup(model, graph, opts)
-    pm = PassManager(spec, dump_after=opts.dump_after, dump_dir=opts.dump_dir, options=pass_options)
+    pm = PassManager(spec, dump_after=opts.dump_after, dump_dir=opts.dump_dir, options=pass_options,
+                     dump_weights=opts.dump_weights, dump_constants=opts.dump_constants)
     pipeline = pm.run(graph)
     approx = approximation_report(model, graph, pipeline, pm.ctx.options, opts)
     if opts.sample is None and opts.calibration is not None:  # check precision on real data
@@ -115,7 +120,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
                                    f"hecompile run OUT.hec --backend sim --input X.npy --reference MODEL.onnx"}
         else:
             fidelity = check_fidelity(original, graph, prog, opts.sample, opts.seed, model,
-                                      approximated=approx is not None)
+                                      approximated=not pipeline.exact, cost=cost)
             if "skipped" not in fidelity and fidelity["relative_to_range"] > opts.tolerance \
                     and attempt + 1 < opts.max_precision_attempts:
                 cand.reason = (f"estimated error {fidelity['relative_to_range']:.1e} of the output range > "
@@ -138,10 +143,11 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
 
         makedirs(opts.dump_dir, "--dump-dir")
         atomic_write_text(os.path.join(opts.dump_dir, f"{len(pipeline.records) + 1:02d}-lowered.dot"),
-                          to_dot(graph, title=f"{graph.name} lowered: {best.label}", annotate=best.lowering.annotate))
+                          to_dot(graph, title=f"{graph.name} lowered: {best.label}", annotate=best.lowering.annotate,
+                                 show_constants=opts.dump_constants))
     seconds = time.perf_counter() - t0
     sha, fname = _sha256_of(model)
-    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost)
+    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost, opts.price_per_core_hour)
     if approx is not None:
         report["approximation"] = approx
     if opts.check and len(graph.inputs) == 1 and fidelity is not None and "skipped" not in fidelity:
@@ -161,41 +167,63 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
 
 
 def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model,
-                   approximated: bool = False) -> dict[str, Any]:
-    """Run the program in the slot simulator on a sample input; compare with
-    the original model in onnxruntime (and with the rewritten graph)."""
+                   approximated: bool = False, cost: CostModel | None = None) -> dict[str, Any]:
+    """Run the program in the slot simulator on a sample input, exactly and with the measured
+    CKKS noise model.  The encryption error (``relative_to_range``, what the planner's tolerance
+    applies to) is measured against the graph the passes produced (reference interpreter), so a
+    pass's own approximation never makes the planner reject plans; when the passes changed the
+    function, their effect is measured separately (``rewrite_relative_to_range``: the rewritten
+    graph against the original model).  ``end_to_end_relative_to_range`` compares the program
+    with the original model.  Each reference is named as what actually ran."""
     from .backends.sim import Simulator
+    from .interp import run
 
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         return {"skipped": "fidelity check needs one input and one output"}
     x = _check_input(graph, sample, seed)
-    outs, stats = Simulator(prog, strict=False).run({graph.inputs[0].name: x})
+    name = graph.inputs[0].name
+    outs, stats = Simulator(prog, cost=cost, strict=False).run({name: x})
     y_exact = outs[graph.outputs[0].name]
-    outs, _ = Simulator(prog, noise=True, seed=seed, strict=False).run({graph.inputs[0].name: x})
+    outs, _ = Simulator(prog, cost=cost, noise=True, seed=seed, strict=False).run({name: x})
     y = outs[graph.outputs[0].name]
-    ref = _onnxruntime(model, x) if not isinstance(model, Graph) and not approximated else None
-    if approximated:  # the approximation's own error is reported separately (report["approximation"])
-        from .interp import run
-
-        ref = run(graph, x)[0]
-    elif ref is None:
-        from .interp import run
-
-        ref = run(original, x)[0]
+    ref = np.asarray(run(graph, x)[0], np.float64)
+    orig, orig_label = _original_output(model, original, x)
     rng = float(np.ptp(ref)) or 1.0
+    orng = float(np.ptp(orig)) or 1.0
     err = float(np.abs(y - ref).max())
-    return {
+    out = {
         "input": "sample" if sample is not None else f"N(0,1) seed {seed}",
-        "reference": "the approximated graph (reference interpreter)" if approximated
-        else "onnxruntime (original model)",
+        "reference": "the rewritten graph (reference interpreter)",
         "max_abs_error": err,
         "relative_to_range": err / rng,
         "exact_relative_to_range": float(np.abs(y_exact - ref).max()) / rng,
         "argmax_agrees": bool(np.argmax(y) == np.argmax(ref)),
+        "original_reference": orig_label,
+        "end_to_end_relative_to_range": float(np.abs(y - orig).max()) / orng,
+        "end_to_end_argmax_agrees": bool(np.argmax(y) == np.argmax(orig)),
         "simulated_seconds": stats.wall_seconds,
         "modulus_use": stats.modulus_use,
         "modulus_use_at": stats.modulus_use_at,
     }
+    if approximated:
+        out["rewrite_relative_to_range"] = float(np.abs(ref - orig).max()) / orng
+    return out
+
+
+def _original_output(model, original: Graph, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """The original model's output on ``x`` and what computed it: onnxruntime, or, when it
+    cannot run the model (or was given a graph), the reference interpreter, with the reason."""
+    from .interp import run
+
+    if isinstance(model, Graph):
+        return np.asarray(run(original, x)[0], np.float64), "the original graph (reference interpreter)"
+    try:
+        y = _onnxruntime(model, x)
+        return np.asarray(y, np.float64), "onnxruntime (original model)"
+    except Exception as e:  # onnxruntime refuses some models the frontend accepts: say so, then use the interpreter
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return (np.asarray(run(original, x)[0], np.float64),
+                f"the original model in the reference interpreter (onnxruntime failed: {why})")
 
 
 def _check_input(graph: Graph, sample, seed: int) -> np.ndarray:
@@ -237,20 +265,18 @@ def planned_input_limits(graph: Graph, prog: HEProgram, opts: CompileOptions, n_
 
 
 def _onnxruntime(model, x):
-    try:
-        import onnxruntime as ort
+    import onnxruntime as ort
 
-        data = model.SerializeToString() if hasattr(model, "SerializeToString") else open(model, "rb").read()
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    except Exception:
-        return None
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else open(model, "rb").read()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 # --------------------------------------------------------------------------- report
 
 def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidate], pipeline: PipelineReport,
-                 fidelity, seconds: float, cost: CostModel | None = None) -> dict[str, Any]:
+                 fidelity, seconds: float, cost: CostModel | None = None,
+                 price_per_core_hour: float | None = None) -> dict[str, Any]:
     cost = cost or CostModel()
     p = best.params
     rc = cost.refresh
@@ -288,12 +314,24 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                               "refreshed_ciphertexts": c.refreshes,
                               "unplanned": low.unplanned_refreshes},
         "shared_alignments": low.shared_alignments,
+        "target": "seal",
+        "cost_table": cost.describe_source(),
         "galois_keys": c.galois_keys,
+        "galois_key_bytes": c.galois_keys * switching_key_bytes(p.poly_degree, p.top_level + 1),
         "key_bytes": c.key_bytes,
+        "key_upload_bytes": c.key_upload_bytes,
         "peak_live_ciphertexts": c.peak_live_ciphertexts,
         "predicted_seconds": round(c.seconds, 3),
         "predicted_encode_seconds": round(c.encode_seconds, 3),
+        "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
+        # SEAL evaluates on one core: CPU seconds = wall seconds of the server (the key holder's
+        # refresh work is in the refresh time)
+        "predicted_cpu_seconds": round(c.seconds, 3),
+        "cost_per_1000_inferences": (round(c.seconds * 1000 / 3600 * price_per_core_hour, 4)
+                                     if price_per_core_hour else None),
+        "price_per_core_hour": price_per_core_hour,
+        "client_round_trips": c.round_trips,
         "layers": layers,
         "passes": [{"pass": r.spec, "exact": r.exact, "nodes": [r.nodes_before, r.nodes_after]}
                    for r in pipeline.records],
@@ -339,6 +377,15 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
+def _elide(name: str, width: int) -> str:
+    """``name`` in ``width`` characters, its middle elided: both the stage (start) and the op (end)
+    stay readable, so two downsample layers of different stages never read the same."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "~" + name[-(width - 1 - head):]
+
+
 def format_report(r: dict[str, Any]) -> str:
     p = r["params"]
     lines = [f"hecompiler report for {r['model']} (compiled in {r['compile_seconds']:.1f} s)"]
@@ -373,13 +420,24 @@ def format_report(r: dict[str, Any]) -> str:
                      f"instead of recomputed")
     lines.append(f"keys: {r['galois_keys']} Galois keys (only the rotation steps used) + relin + public = "
                  f"{_mb(r['key_bytes'])}")
-    lines.append(f"predicted: {r['predicted_seconds']:.2f} s (of which encoding plaintexts "
-                 f"{r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
-                 f"{r['peak_live_ciphertexts']} live ciphertexts at peak")
+    lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s on one core (of which encoding "
+                 f"plaintexts {r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
+                 f"{r['peak_live_ciphertexts']} live ciphertexts at peak"
+                 + (f", {r['client_round_trips']} round trips to the key holder" if r.get("client_round_trips") else ""))
+    if "predicted_keygen_seconds" in r:
+        lines.append(f"predicted once per key set: keygen {r['predicted_keygen_seconds']:.2f} s (client), "
+                     f"{_mb(r['key_upload_bytes'])} of evaluation keys to upload to the server")
+    if r.get("cost_per_1000_inferences") is not None:
+        lines.append(f"cost: {r['predicted_cpu_seconds']:.2f} CPU-s per inference = "
+                     f"{r['cost_per_1000_inferences']:.4g} per 1000 inferences at {r['price_per_core_hour']:g} per "
+                     f"core-hour (keys once per client: {r['predicted_keygen_seconds']:.1f} CPU-s)")
+    if r.get("cost_table"):
+        lines.append(f"cost table: {r['cost_table']}")
     lines.append("layers:")
-    lines.append(f"  {'node':<42} {'op':<17} {'rot':>4} {'diag':>5} {'2sqrt':>6} {'lvl':>7} {'live':>4}  layout out")
+    w = min(64, max([len(L["node"]) for L in r["layers"]] + [4]))
+    lines.append(f"  {'node':<{w}} {'op':<17} {'rot':>4} {'diag':>5} {'2sqrt':>6} {'lvl':>7} {'live':>4}  layout out")
     for L in r["layers"]:
-        lines.append(f"  {L['node'][-42:]:<42} {L['op']:<17} {L['rotations']:>4} {L['diagonals']:>5} "
+        lines.append(f"  {_elide(L['node'], w):<{w}} {L['op']:<17} {L['rotations']:>4} {L['diagonals']:>5} "
                      f"{L['bsgs_bound']:>6} {L['level_in']:>3}>{L['level_out']:<3} {L.get('live_cts', 0):>4}  "
                      f"{L['layout_out']}")
     lines.append("  (rot: rotations; diag: plaintext diagonals = ct-pt mults; 2sqrt: the BSGS bound 2*sqrt(diag); "
@@ -390,8 +448,17 @@ def format_report(r: dict[str, Any]) -> str:
                      f"estimated max abs error {f['max_abs_error']:.2e} ({f['relative_to_range']:.2e} of the output "
                      f"range; {f['exact_relative_to_range']:.1e} without noise), argmax "
                      f"{'agrees' if f['argmax_agrees'] else 'DIFFERS'}")
+        if "original_reference" in f:
+            rw = (f"; the passes alone change it by {f['rewrite_relative_to_range']:.2e} of the range"
+                  if "rewrite_relative_to_range" in f else "")
+            lines.append(f"  end to end vs {f['original_reference']}: {f['end_to_end_relative_to_range']:.2e} of the "
+                         f"output range, argmax {'agrees' if f['end_to_end_argmax_agrees'] else 'DIFFERS'}{rw}")
     elif f:
         lines.append(f"fidelity: {f['skipped']}")
+    rejected = [cd for cd in r["candidates"] if cd["rejected"].startswith("estimated error")]
+    if rejected:
+        lines.append(f"precision: {len(rejected)} faster plan(s) rejected for their estimated error under encryption "
+                     f"(see candidates); the chosen plan is slower than the fastest")
     if f and f.get("note"):
         lines.append(f"  note: {f['note']}")
     for name, lim in (r.get("input_limits") or {}).items():

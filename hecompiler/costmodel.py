@@ -1,10 +1,17 @@
-"""Cost model: HE op latencies measured on this machine with SEAL, and sizes.
+"""Cost model: HE op latencies, noise and memory measured with SEAL, and sizes.
 
-Latencies come from ``hecompiler/data/cost_seal.json``, written by
-``benchmarks/measure_seal_costs.py`` (re-run it on your machine to re-fit).
+The table is found, in this order: the file named by ``$HECOMPILER_COST_TABLE``
+(the word ``bundled`` selects the one below); the table of this machine,
+``$XDG_CACHE_HOME/hecompiler/cost_seal.json`` (default ``~/.cache/...``),
+written by ``hecompile calibrate`` (under a minute); else the table bundled
+with the compiler, ``hecompiler/data/cost_seal.json``, measured on the
+machine named in it by ``benchmarks/measure_seal_costs.py``.  Reports say
+which (:attr:`CostModel.source`): predictions are only as good as the match
+between that machine and the one that runs the program.
+
 An op's cost depends on the ring degree and on the number of primes still
 in the ciphertext; between measured prime counts we interpolate, beyond them
-we use the quadratic fit the benchmark stores.  Sizes are exact formulas of
+we use the quadratic fit the table stores.  Sizes are exact formulas of
 SEAL's representation (8-byte words per coefficient per prime).
 """
 
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -142,9 +150,35 @@ class RefreshCost:
 
 class CostModel:
     def __init__(self, table: dict | None = None, refresh: RefreshCost | None = None):
-        self.table = table if table is not None else _default_table()
+        if table is None:
+            self.table, self.source = _default_table()
+        else:
+            self.table, self.source = table, "given table"
         self.refresh = refresh or RefreshCost()
         self.rings = {int(r["poly_degree"]): r for r in self.table["rings"]}
+
+    def noise(self, n: int) -> dict[str, float]:
+        """Measured CKKS error per op at ring degree ``n``: standard deviation times the scale
+        (``fresh``, ``rescale``, ``keyswitch``, ``encode``, and ``keyswitch_head``: key
+        switching's level in each of the first slots, where it is far larger; see
+        backends/seal_costs.py)."""
+        nz = self._ring(n).get("noise")
+        if not nz:
+            raise HecError(f"cost table ({self.source}): no noise measurement at N={n}; run hecompile calibrate")
+        out: dict = {k: float(v) for k, v in nz.items() if k in ("fresh", "rescale", "keyswitch", "encode", "refresh")}
+        if nz.get("keyswitch_head"):
+            out["keyswitch_head"] = [float(v) for v in nz["keyswitch_head"]]
+        return out
+
+    @property
+    def baseline_bytes(self) -> int:
+        """Resident memory of a process with the compiler and SEAL loaded (measured)."""
+        return int((self.table.get("memory") or {}).get("baseline_rss_bytes") or BASELINE_BYTES)
+
+    def describe_source(self) -> str:
+        m = self.table.get("machine", {})
+        return (f"{self.source}: measured {self.table.get('created_utc', '?')} on {m.get('cpu', '?')} "
+                f"({m.get('cores', '?')} cores) by {self.table.get('command', '?')}")
 
     def _ring(self, n: int) -> dict:
         if n in self.rings:
@@ -201,6 +235,25 @@ class CostModel:
     def encode_seconds(self, n: int, primes: int) -> float:
         return self.op_seconds("encode", n, primes)
 
+    def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool) -> tuple[float, int]:
+        """(seconds, serialized bytes of the server's keys) of generating a program's keys with
+        ``data_primes`` primes in its chain, from the one-key times and sizes measured at the
+        table's chain for ring ``n``: a key-switching key has one part per data prime over all
+        primes plus the special one, so its time and size scale with ``L * (L + 1)``; the public
+        key with ``L + 1``."""
+        ring = self._ring(n)
+        st, kb = ring.get("setup_s", {}), ring.get("key_bytes", {})
+        lt = len(ring.get("coeff_bits", [])) - 1 or data_primes  # the table's data primes
+        ksk = data_primes * (data_primes + 1) / (lt * (lt + 1))
+        pk = (data_primes + 1) / (lt + 1)
+        seconds = (st.get("context", 0.0) + st.get("keygen_secret_public", 0.0) * pk
+                   + (galois_keys * st.get("galois_key_one_step", 0.0) + (st.get("relin_keys", 0.0) if relin else 0.0))
+                   * ksk)
+        size = lambda k: float((kb.get(k) or {}).get("serialized", 0))  # noqa: E731
+        upload = size("public_key") * pk + (galois_keys * size("galois_key_one_step")
+                                            + (size("relin_keys") if relin else 0)) * ksk
+        return seconds, int(upload)
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (VmHWM; ru_maxrss elsewhere)."""
@@ -230,8 +283,35 @@ def switching_key_bytes(n: int, data_primes: int) -> int:
     return data_primes * 2 * n * (data_primes + 1) * 8
 
 
+def machine_table_path() -> str:
+    """Where ``hecompile calibrate`` writes this machine's cost table."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hecompiler", "cost_seal.json")
+
+
+def _default_table() -> tuple[dict, str]:
+    env = os.environ.get("HECOMPILER_COST_TABLE", "")
+    if env and env != "bundled":
+        return _read_table(env), f"table {env} ($HECOMPILER_COST_TABLE)"
+    if not env and os.path.exists(machine_table_path()):
+        return _read_table(machine_table_path()), f"this machine's table {machine_table_path()}"
+    return _bundled_table(), "the bundled table (run hecompile calibrate to measure this machine)"
+
+
+@lru_cache(maxsize=4)
+def _read_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            t = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HecError(f"cost table {path}: unreadable ({e}); run hecompile calibrate again") from None
+    if not isinstance(t, dict) or not isinstance(t.get("rings"), list):
+        raise HecError(f"cost table {path}: not a cost table (no rings)")
+    return t
+
+
 @lru_cache(maxsize=1)
-def _default_table() -> dict:
+def _bundled_table() -> dict:
     try:
         text = resources.files("hecompiler").joinpath("data/cost_seal.json").read_text()
     except FileNotFoundError:
@@ -255,9 +335,13 @@ class ProgramCost:
     plaintext_bytes: int  # one linear op's diagonals (float64) plus one encoded plaintext
     memory_bytes: int  # predicted peak: keys + ciphertexts + plaintexts + baseline
     refreshes: int
+    keygen_seconds: float = 0.0  # client: secret/public, relin and the Galois keys of the program
+    key_upload_bytes: int = 0  # serialized evaluation keys the server gets (public, relin, Galois)
+    round_trips: int = 0  # batches of client-aided refreshes per inference
 
 
-#: resident memory of the Python process with numpy, onnx, SEAL loaded
+#: resident memory of the Python process with numpy, onnx, SEAL loaded, when the cost table has
+#: no measurement of it (``memory.baseline_rss_bytes``, written by ``hecompile calibrate``)
 BASELINE_BYTES = 400 * 2**20
 
 
@@ -286,6 +370,15 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
     return {ins.op: t}, enc, {ins.op: 1}
 
 
+def linear_temporaries(lin) -> int:
+    """Ciphertexts a ``linear`` macro holds besides its inputs and outputs: its baby-step
+    rotations, one giant-step accumulator and one running sum (see runtime.run_linear)."""
+    baby = lin.counts.get("baby_rotations")
+    if baby is None:  # programs from before the count existed: every rotation, an upper bound
+        baby = lin.counts.get("rotate", 0)
+    return baby + 2
+
+
 def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     """Static prediction for ``prog`` (an HEProgram): no execution needed."""
     model = model or CostModel()
@@ -312,7 +405,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         extra = 0
         if ins.op == "linear":
             lin = prog.linears[ins.plain.args[0]]
-            extra = lin.counts.get("rotate", 0) + 2
+            extra = linear_temporaries(lin)
             diag_max = max(diag_max, lin.counts.get("block_diagonals", lin.counts.get("mul_plain", 0)))
         for o in ins.results:
             live[o] = ins.level + 1
@@ -332,5 +425,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
     seconds = sum(by_op.values()) + enc
+    kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin)
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
-                       peak_n, peak_b, pt, kb + peak_b + pt + BASELINE_BYTES, counts.get("refresh", 0))
+                       peak_n, peak_b, pt, kb + peak_b + pt + model.baseline_bytes, counts.get("refresh", 0),
+                       kg, upload, batches if not model.refresh.bootstraps else 0)

@@ -39,19 +39,51 @@ def _shape(v: Value) -> str:
 
 
 def skip_edges(graph: Graph) -> set[tuple[int, int]]:
-    """(id(value), id(add node)) of residual skip edges: the operand of a two-input
-    Add/Sub that was produced earlier (the long edge around the branch)."""
-    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    """(id(value), id(add node)) of residual skip edges, from the graph's structure.
+
+    For a two-input Add/Sub of encrypted values, the fork point is its immediate dominator in
+    the dataflow graph (networkx): every path from the input to the Add passes through it.  The
+    skip is the operand whose producer is closer to the fork (longest path, in nodes): the
+    identity edge of an identity block (distance 0), the projection shortcut of a downsampling
+    block (one conv) rather than its main branch (two or more).  Equal distances: no skip."""
+    import networkx as nx
+
+    src = "input"
+    G = nx.DiGraph()
+    G.add_node(src)
+    for n in graph.nodes:
+        G.add_node(id(n))
+        for v in n.inputs:
+            if v.is_constant:
+                continue
+            G.add_edge(id(v.producer) if v.producer is not None else src, id(n))
+    idom = nx.immediate_dominators(G, src)
+    order = list(nx.topological_sort(G))
+    dist_from: dict = {}
+
+    def longest(d) -> dict:
+        if d not in dist_from:
+            dist = {d: 0}
+            for u in order:
+                if u in dist:
+                    for w in G.successors(u):
+                        dist[w] = max(dist.get(w, 0), dist[u] + 1)
+            dist_from[d] = dist
+        return dist_from[d]
+
     out = set()
     for n in graph.nodes:
         if n.op not in ("Add", "Sub") or len(n.inputs) != 2 or any(v.is_constant for v in n.inputs):
             continue
-        pos = [index.get(id(v.producer), -1) if v.producer is not None else -1 for v in n.inputs]
-        if pos[0] == pos[1]:
+        ends = [id(v.producer) if v.producer is not None else src for v in n.inputs]
+        if ends[0] == ends[1] or id(n) not in idom:
             continue
-        k = 0 if pos[0] < pos[1] else 1
-        if index[id(n)] - pos[k] >= 2:
-            out.add((id(n.inputs[k]), id(n)))
+        dist = longest(idom[id(n)])
+        lens = [dist.get(e, -1) for e in ends]
+        if lens[0] == lens[1] or min(lens) < 0:
+            continue
+        k = 0 if lens[0] < lens[1] else 1
+        out.add((id(n.inputs[k]), id(n)))
     return out
 
 

@@ -41,3 +41,15 @@ class HecFileError(HecError):
 
 class LoweringError(HecError):
     """A graph cannot be lowered to an HE program."""
+
+
+class OutOfLevelsError(LoweringError):
+    """A node needs more levels than the modulus chain has (the planner tries a longer chain)."""
+
+
+class LoweringInvariantError(LoweringError):
+    """An internal invariant of the lowering broke: a compiler bug, reported with the node."""
+
+
+class CompileBudgetError(HecError):
+    """Compiling would exceed its time budget (``--max-compile-seconds``)."""

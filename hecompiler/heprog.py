@@ -54,6 +54,7 @@ from lark import Lark, Token, Tree, UnexpectedInput
 
 from .errors import HecError, LoweringError, ParseError
 from .layout import Layout
+from .opsem import OpSemanticsError, instr_meta
 
 FORMAT_VERSION = 1
 
@@ -267,51 +268,16 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
         for o in ins.results:
             if o in meta:
                 raise ProgramError(f"{where}: %{o} is defined twice")
-        lv = [meta[a][0] for a in ins.args]
-        sc = [meta[a][1] for a in ins.args]
-        if ins.op in ("add", "sub", "mul"):
-            if lv[0] != lv[1]:
-                raise ProgramError(f"{where}: operand levels differ ({lv[0]} vs {lv[1]})")
-            if ins.op != "mul" and sc[0] != sc[1]:
-                raise ProgramError(f"{where}: scale mismatch ({sc[0]!r} vs {sc[1]!r})")
-        if ins.op == "rotate":
-            level, scale = lv[0], sc[0]
-            if ins.step % p.slots and ins.step % p.slots not in keys:
-                raise ProgramError(f"{where}: no Galois key for rotation by {ins.step}")
-        elif ins.op in ("add", "sub", "negate"):
-            level, scale = lv[0], sc[0]
-        elif ins.op == "add_plain":
-            level, scale = lv[0], sc[0]
-            if ins.plain is None or ins.plain.scale != scale:
-                raise ProgramError(f"{where}: plaintext scale must equal the ciphertext scale {scale!r}")
-        elif ins.op == "mul_plain":
-            level, scale = lv[0], sc[0] * ins.plain.scale
-        elif ins.op == "mul":
-            level, scale = lv[0], sc[0] * sc[1]
-        elif ins.op == "rescale":
-            if lv[0] < 1:
-                raise ProgramError(f"{where}: cannot rescale at level {lv[0]} (out of levels)")
-            level, scale = lv[0] - 1, sc[0] / prog.primes[lv[0]]
-            if abs(scale - ins.scale) <= SCALE_SNAP * abs(ins.scale):
-                scale = ins.scale  # snapped to its target by the planner; backends set it exactly
-        elif ins.op == "mod_switch":
-            if not 0 <= ins.to_level <= lv[0]:
-                raise ProgramError(f"{where}: cannot switch from level {lv[0]} to {ins.to_level}")
-            level, scale = ins.to_level, sc[0]
-        elif ins.op == "refresh":
-            level, scale = top, delta
-        elif ins.op == "linear":
-            level, scale = _check_linear(prog, ins, lv, sc, keys, where)
-        else:
-            raise ProgramError(f"{where}: unknown op {ins.op!r}")
-        if level < 0:
-            raise ProgramError(f"{where}: level {level} < 0")
-        # the scale must stay well inside the modulus: scale * 2^margin < Q_level
-        bits = math.log2(scale) if scale > 0 else -1
-        qbits = sum(math.log2(q) for q in prog.primes[: level + 1])
-        if bits < 10 or bits > qbits - 1:
-            raise ProgramError(f"{where}: scale 2^{bits:.1f} out of bounds at level {level} "
-                               f"(modulus 2^{qbits:.0f})")
+        if ins.op == "rotate" and ins.step % p.slots and ins.step % p.slots not in keys:
+            raise ProgramError(f"{where}: no Galois key for rotation by {ins.step}")
+        if ins.op == "add_plain" and ins.plain is None or ins.op == "mul_plain" and ins.plain is None:
+            raise ProgramError(f"{where}: {ins.op} needs a plaintext operand")
+        if ins.op == "linear":
+            _check_linear(prog, ins, keys, where)
+        try:
+            level, scale = instr_meta(prog, ins, [meta[a] for a in ins.args])
+        except OpSemanticsError as e:
+            raise ProgramError(f"{where}: {e}") from None
         if ins.level != level or ins.scale != scale:
             raise ProgramError(f"{where}: planned level/scale {ins.level}/{ins.scale!r} but the op gives "
                                f"{level}/{scale!r}")
@@ -325,11 +291,8 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
             raise ProgramError(f"output {io.name}: its ciphertexts differ in level or scale")
 
 
-#: relative difference allowed between a rescaled scale and its planned (snapped) value
-SCALE_SNAP = 1e-9
-
-
-def _check_linear(prog: HEProgram, ins: Instr, lv, sc, keys, where: str) -> tuple[int, float]:
+def _check_linear(prog: HEProgram, ins: Instr, keys, where: str) -> None:
+    """The structure of a ``linear`` macro (its level and scale come from :mod:`hecompiler.opsem`)."""
     p = ins.plain
     if p is None or p.kind != "diag" or len(p.args) != 1 or not 0 <= p.args[0] < len(prog.linears):
         raise ProgramError(f"{where}: linear needs a diag(<linear op>) operand")
@@ -338,17 +301,9 @@ def _check_linear(prog: HEProgram, ins: Instr, lv, sc, keys, where: str) -> tupl
     if len(ins.args) != lin_in.n_ct or len(ins.results) != lout.n_ct:
         raise ProgramError(f"{where}: linear op #{p.args[0]} maps {lin_in.n_ct} ciphertext(s) to {lout.n_ct}, "
                            f"got {len(ins.args)} -> {len(ins.results)}")
-    if len(set(lv)) != 1 or len(set(sc)) != 1:
-        raise ProgramError(f"{where}: the input ciphertexts differ in level or scale")
-    if lv[0] < 1:
-        raise ProgramError(f"{where}: cannot apply a linear op at level {lv[0]} (out of levels)")
     missing = [k for k in lin.steps if k % prog.params.slots and k % prog.params.slots not in keys]
     if missing:
         raise ProgramError(f"{where}: no Galois key for rotation(s) {missing[:5]} of linear op #{p.args[0]}")
-    got = sc[0] * p.scale / prog.primes[lv[0]]
-    if abs(got - ins.scale) > SCALE_SNAP * abs(ins.scale):
-        raise ProgramError(f"{where}: planned scale {ins.scale!r} but the plaintext scale gives {got!r}")
-    return lv[0] - 1, ins.scale
 
 
 # --------------------------------------------------------------------------- text form

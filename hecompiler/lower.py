@@ -29,19 +29,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import LoweringError
+from .errors import CompileBudgetError, LoweringError, LoweringInvariantError, OutOfLevelsError
+from .opsem import SCALE_SNAP, OpSemanticsError, result_meta
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .linear import diag_keys, plan_bsgs
 from .refresh import LevelModel, NodeInfo, RefreshPlan
 
-#: relative difference within which a rescaled scale is snapped to its target
-SNAP = 1e-9
 
 
 @dataclass
@@ -76,6 +76,8 @@ class LoweringOptions:
     share_alignment: bool = True
     #: BSGS plans by (op structure, layouts), shared by the planner's candidates
     plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: time.monotonic() after which lowering stops with CompileBudgetError (None: no limit)
+    deadline: float | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class Lowering:
         self.refresh_plan = refresh_plan
         self.unplanned_refreshes = 0  # refreshes the plan did not foresee (greedy fallback)
         self.refreshed_cts = 0
+        self.refreshed_before: dict[str, int] = {}  # node output name -> ciphertexts refreshed for it
+        self.node_view: dict[int, tuple] = {}  # id(node) -> (level, #ct, layout, alpha) when it was lowered
         self.level_model_nodes: list[NodeInfo] = []  # what this lowering observed, for planning
         # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
         self._aligned: dict[tuple[int, int], Tensor] = {}
@@ -122,26 +126,13 @@ class Lowering:
 
     def _emit(self, op: str, args: tuple[int, ...], *, step: int = 0, to_level: int = -1,
               plain: PlainRef | None = None, scale: float | None = None) -> int:
-        lv = [self.meta[a][0] for a in args]
-        sc = [self.meta[a][1] for a in args]
-        if op in ("rotate", "add", "sub", "negate", "add_plain"):
-            level, s = lv[0], sc[0]
-        elif op == "mul_plain":
-            level, s = lv[0], sc[0] * plain.scale
-        elif op == "mul":
-            level, s = lv[0], sc[0] * sc[1]
-        elif op == "rescale":
-            level, s = lv[0] - 1, sc[0] / self.prog.primes[lv[0]]
-            if scale is not None:
-                if abs(s - scale) > SNAP * scale:
-                    raise AssertionError(f"rescale snap too far: {s} vs {scale}")
-                s = scale
-        elif op == "mod_switch":
-            level, s = to_level, sc[0]
-        elif op == "refresh":
-            level, s = self.top, self.delta
-        else:  # pragma: no cover
-            raise AssertionError(op)
+        p = self.prog.params
+        try:
+            level, s = result_meta(op, [self.meta[a] for a in args], self.prog.primes, p.top_level, p.scale,
+                                   to_level=to_level, plain_scale=plain.scale if plain is not None else None,
+                                   planned_scale=scale)
+        except OpSemanticsError as e:
+            raise LoweringInvariantError(f"{self._where()}: the lowering emitted an invalid {op}: {e}") from None
         out = self.prog.new_value()
         note = self.node.outputs[0].name if self.node is not None else ""
         self.prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, s, note))
@@ -197,7 +188,9 @@ class Lowering:
     # ================================================================== levels
     def refresh(self, t: Tensor, planned: bool = False) -> Tensor:
         cts = [self._emit("refresh", (c,)) for c in t.cts]
-        self.refresh_points.append(self.node.outputs[0].name if self.node else "?")
+        where = self.node.outputs[0].name if self.node else "?"
+        self.refresh_points.append(where)
+        self.refreshed_before[where] = self.refreshed_before.get(where, 0) + len(cts)
         self.refreshed_cts += len(cts)
         if self.refresh_plan is not None and not planned:
             self.unplanned_refreshes += 1
@@ -208,7 +201,7 @@ class Lowering:
         if needed; the refreshed version replaces it for later users too)."""
         t = self.tensor(v)
         if levels > self.top:
-            raise LoweringError(f"{self._where()}: needs {levels} levels but the modulus chain has "
+            raise OutOfLevelsError(f"{self._where()}: needs {levels} levels but the modulus chain has "
                                 f"{self.top}; choose a larger ring or more primes")
         if t.level < levels:
             t = self.refresh(t)
@@ -237,16 +230,17 @@ class Lowering:
 
     def annotate(self, node: Node) -> dict:
         """DOT annotations of a lowered node: levels, layout, refreshes before it."""
-        t = self.t.get(id(node.outputs[0]))
-        if t is None:
+        view = self.node_view.get(id(node))  # as lowered (a later refresh of its output does not change it)
+        if view is None:
             return {}
-        lines = [f"level {t.level}, {len(t.cts)} ct", self.layout(t).describe()]
-        if abs(t.alpha - 1.0) > 1e-12:
-            lines.append(f"pending x{t.alpha:.3g}")
+        level, n_ct, layout, alpha = view
+        lines = [f"level {level}, {n_ct} ct", layout]
+        if abs(alpha - 1.0) > 1e-12:
+            lines.append(f"pending x{alpha:.3g}")
         extra: dict = {"lines": lines}
-        k = self.refresh_points.count(node.outputs[0].name)
+        k = self.refreshed_before.get(node.outputs[0].name, 0)
         if k:
-            lines.append(f"REFRESH before ({k}x)")
+            lines.append(f"REFRESH before: {k} ciphertext{'s' if k > 1 else ''}")
             extra.update(color="#d00000", penwidth="3")
         return extra
 
@@ -312,6 +306,8 @@ class Lowering:
                       "rescale": n_out}
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
+        # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)
+        lin.counts["baby_rotations"] = sum(len([b for b in bs if b]) for bs in plan.baby.values())
         # diagonals of one output ciphertext: what a backend holds in memory at once
         lin.counts["block_diagonals"] = max((sum(len(t) for t in gs.values()) for gs in plan.giant.values()),
                                             default=0)
@@ -338,9 +334,10 @@ class Lowering:
         q = self.prog.primes[em.level_in]
         s_pt = new_scale * q / em.scale_in
         ins = self.prog.instrs[em.instr]
-        assert ins.op == "linear"
         got = em.scale_in * s_pt / q
-        assert abs(got - new_scale) <= SNAP * new_scale
+        if ins.op != "linear" or abs(got - new_scale) > SCALE_SNAP * new_scale:
+            raise LoweringInvariantError(f"{self._where()}: re-planning instruction {em.instr} ({ins.op}) to scale "
+                                         f"{new_scale!r} gives {got!r}")
         ins.plain = replace(ins.plain, scale=s_pt)
         ins.scale = new_scale
         for o in ins.results:
@@ -524,8 +521,12 @@ class Lowering:
                 self.meta[c] = (self.top, self.delta)
             self.prog.inputs.append(IOSpec(v.name, tuple(v.type.shape), lay, cts))
             self.t[id(v)] = Tensor(cts, lay, self.top, self.delta)
-        for node in g.nodes:
+        for k_node, node in enumerate(g.nodes):
             self.node = node
+            if self.opts.deadline is not None and time.monotonic() > self.opts.deadline:
+                raise CompileBudgetError(f"planning ran out of its compile time budget while lowering node "
+                                         f"{k_node + 1} of {len(g.nodes)} ({node.label}) at N={self.prog.params.poly_degree}; raise --max-compile-seconds or give a smaller input "
+                                         f"(--input-shape)")
             fn = getattr(self, "lower_" + node.op, None)
             if fn is None:
                 raise LoweringError(_unsupported(node))
@@ -538,6 +539,7 @@ class Lowering:
             res = fn(node)
             if res is not None:
                 self.t[id(node.output)] = res
+                self.node_view[id(node)] = (res.level, len(res.cts), self.layout(res).describe(), res.alpha)
                 lo = min((self.t[id(v)].level for v in enc), default=self.top)
                 rot = sum(st.rotations for st in self.layers[n_layers:])
                 self.level_model_nodes.append(NodeInfo(node.outputs[0].name, tuple(v.name for v in enc),
@@ -812,10 +814,12 @@ _CONST_OPERANDS = {"Conv": "weights and bias", "Gemm": "B and C", "MatMul": "wei
                    "BatchNormalization": "parameters", "Pow": "exponents", "Div": "divisors"}
 
 _NOT_HE = {
-    "Relu": "ReLU is not a polynomial: replace it by a polynomial approximation (a relu-to-poly pass arrives "
-            "with calibration support) or train the model with a polynomial activation",
-    "Clip": "Clip/ReLU6 is not a polynomial: replace it by a polynomial approximation",
-    "MaxPool": "MaxPool is not linear: replace it by AveragePool (approximating) or a polynomial max",
+    "Relu": "ReLU is not a polynomial: compile with --calibration X.npy (or --relu-range LO:HI) so the "
+            "relu-to-poly pass replaces it by a fitted polynomial, or train the model with a polynomial activation",
+    "Clip": "Clip/ReLU6 is not a polynomial: compile with --calibration X.npy (or --relu-range LO:HI) so the "
+            "relu-to-poly pass replaces it by a fitted polynomial",
+    "MaxPool": "MaxPool is not linear: compile with --maxpool avg to replace it by AveragePool (approximating) or "
+               "--maxpool poly for a polynomial max (with --calibration)",
 }
 
 

@@ -60,12 +60,18 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+#: dumps abbreviate constants with more elements than this (unless asked for the weights)
+DUMP_ELIDE = 16
+
+
 class Pass:
     """Base class of all passes (see the module docstring)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    #: reads calibration statistics (``ctx.options["calibration"]``): the driver measures them first
+    uses_calibration: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -235,8 +241,13 @@ class PassManager:
 
     def __init__(self, passes: Iterable[Pass] | str, *, verify_each: bool = True,
                  dump_after: Iterable[str] = (), dump_dir: str | os.PathLike | None = None,
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None, dump_weights: bool = False,
+                 dump_constants: bool = True):
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        #: dumped .ir spells out every weight (parses back) only when asked; else large
+        #: constants are elided (a ResNet-20 would write 17 MB per pass)
+        self.dump_weights = dump_weights
+        self.dump_constants = dump_constants  # draw constants in dumped DOT
         self.verify_each = verify_each
         self.dump_after = set(dump_after)
         self.dump_dir = os.fspath(dump_dir) if dump_dir is not None else None
@@ -259,8 +270,9 @@ class PassManager:
         from .text import print_graph
 
         base = os.path.join(self.dump_dir, f"{index:02d}-{tag}")
-        atomic_write_text(base + ".ir", print_graph(graph))
-        atomic_write_text(base + ".dot", to_dot(graph, title=f"{graph.name} after {tag}"))
+        atomic_write_text(base + ".ir", print_graph(graph, None if self.dump_weights else DUMP_ELIDE))
+        atomic_write_text(base + ".dot", to_dot(graph, title=f"{graph.name} after {tag}",
+                                                show_constants=self.dump_constants))
 
     def run(self, graph: Graph) -> PipelineReport:
         report = PipelineReport()

@@ -18,10 +18,12 @@ and each refreshed ciphertext costs the circuit's price.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 from .costmodel import CostModel, ProgramCost, RefreshCost, program_cost
-from .errors import HecError, LoweringError
+from .estimate import lower_bounds
+from .errors import HecError, LoweringError, OutOfLevelsError
 from .heprog import HEProgram, Params
 from .ir import Graph
 from .lower import Lowering, LoweringOptions, lower
@@ -44,6 +46,10 @@ class PlanOptions:
     lowering: LoweringOptions = field(default_factory=LoweringOptions)
     #: place refreshes with the exact DP (hecompiler.refresh) instead of greedily
     optimal_refresh: bool = True
+    #: budget for one inference's predicted latency (None: no limit)
+    max_seconds: float | None = None
+    #: budget for planning (lowering every candidate), in seconds (None: no limit)
+    max_compile_seconds: float | None = 600.0
 
     def __post_init__(self):
         if self.security not in ("tc128", "none"):
@@ -57,6 +63,10 @@ class PlanOptions:
             raise HecError(f"--max-refreshes {self.max_refreshes}: must be 0 (non-interactive) or more")
         if not self.max_memory_bytes > 0:
             raise HecError(f"--max-memory {self.max_memory_bytes}: must be positive")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise HecError(f"--max-seconds {self.max_seconds}: must be positive")
+        if self.max_compile_seconds is not None and not self.max_compile_seconds > 0:
+            raise HecError(f"--max-compile-seconds {self.max_compile_seconds}: must be positive")
 
 
 @dataclass
@@ -100,14 +110,11 @@ def max_levels(n: int, scale_bits: int, security: str, reserved_bits: int = 0) -
 
 
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
-    """The actual primes SEAL will use (q_0..q_L, special prime dropped)."""
-    import tenseal.sealapi as sealapi
+    """The data primes q_0..q_L of a chain (the special prime dropped): the ones SEAL makes for
+    these sizes, made without SEAL (:mod:`hecompiler.primes`)."""
+    from .primes import chain_primes
 
-    try:
-        mods = sealapi.CoeffModulus.Create(n, list(bits))
-    except Exception as e:
-        raise HecError(f"cannot make primes of {list(bits)} bits for N={n}: {e}") from None
-    return tuple(int(m.value()) for m in mods)[:-1]
+    return chain_primes(n, bits)[:-1]
 
 
 def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None) -> list[Params]:
@@ -154,22 +161,33 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     best: Candidate | None = None
     queue = candidate_params(opts, cost.refresh)
     extra_done = not cost.refresh.bootstraps or opts.levels is not None
+    lowering = opts.lowering
+    if opts.max_compile_seconds is not None:
+        lowering = replace(lowering, deadline=time.monotonic() + opts.max_compile_seconds)
+        lowering.plan_cache = opts.lowering.plan_cache
     while queue:
         params = queue.pop(0)
         primes = make_primes(params.poly_degree, params.coeff_bits)
+        lb = lower_bounds(graph, params, cost)
+        if lb["memory_bytes"] > opts.max_memory_bytes or (opts.max_seconds and lb["seconds"] > opts.max_seconds):
+            why = (f"memory at least {lb['memory_bytes'] / 2**30:.1f} GiB > budget"
+                   if lb["memory_bytes"] > opts.max_memory_bytes else
+                   f"at least {lb['seconds']:.0f} s per inference > --max-seconds {opts.max_seconds:g}")
+            cands.append(Candidate(params, primes, None, None, None, why + " (bound from shapes, not lowered)"))
+            continue
         try:
-            prog, low = lower(graph, params, primes, opts.lowering)
-        except LoweringError as e:
-            if "levels but the modulus chain" in str(e):
-                cands.append(Candidate(params, primes, None, None, None, "chain too short"))
-                continue
-            raise
+            prog, low = lower(graph, params, primes, lowering)
+        except OutOfLevelsError:
+            cands.append(Candidate(params, primes, None, None, None, "chain too short"))
+            continue
         c = Candidate(params, primes, prog, low, program_cost(prog, cost))
         c.greedy_refreshed = low.refreshed_cts
         if low.refreshed_cts and opts.optimal_refresh:
             c = _place_refreshes(graph, c, opts, cost)
         if c.cost.memory_bytes > opts.max_memory_bytes:
             c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
+        elif opts.max_seconds and c.cost.seconds > opts.max_seconds:
+            c.reason = f"{c.cost.seconds:.1f} s per inference > --max-seconds {opts.max_seconds:g}"
         elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
             c.reason = f"{c.cost.refreshes} refreshes > {opts.max_refreshes}"
         cands.append(c)

@@ -1,10 +1,11 @@
-"""What both backends share to run a program: expanding a ``linear`` macro.
+"""What every backend shares to run a program: packing inputs, expanding a ``linear`` macro.
 
-A backend supplies primitive operations on its own ciphertext type (numpy
-vectors in the simulator, SEAL ciphertexts in the SEAL backend) through a
-small :class:`Primitives` object; :func:`run_linear` drives the
-baby-step/giant-step evaluation with them, in one fixed order, so both
-backends execute exactly the same operations.  :class:`LinearPlans` rebuilds
+The executor (:mod:`hecompiler.executor`) hands :func:`run_linear` a small
+:class:`Primitives` object over the backend's own ciphertext type (numpy
+vectors in the simulator, SEAL or Lattigo ciphertexts); :func:`run_linear`
+drives the baby-step/giant-step evaluation with it, in one fixed order, so
+every backend executes exactly the same operations (the baby-step rotations
+of one input ciphertext go together, so a backend can hoist them).  :class:`LinearPlans` rebuilds
 each op's plan from its compact weights (once, when the op first runs) and
 checks it is the plan the compiler recorded.
 """
@@ -41,6 +42,7 @@ def pack_inputs(prog: HEProgram, inputs: Mapping[str, np.ndarray]) -> dict[int, 
 
 class Primitives(Protocol):
     def rotate(self, ct: Any, step: int) -> Any: ...
+    def rotate_many(self, ct: Any, steps: Sequence[int]) -> list[Any]: ...  # hoisted where the backend can
     def mul_plain(self, ct: Any, ref: PlainRef, level: int) -> Any: ...
     def add(self, a: Any, b: Any) -> Any: ...
     def rescale(self, ct: Any, scale: float) -> Any: ...
@@ -79,8 +81,11 @@ def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, p
         raise HecError(f"linear op #{lin_id}: {len(ins.results)} results for {lout.n_ct} output ciphertexts")
     baby = {}
     for i, bs in plan.baby.items():
-        for b in bs:
-            baby[(i, b)] = xs[i] if b == 0 else prim.rotate(xs[i], b)
+        steps = [b for b in bs if b]
+        for b, r in zip(steps, prim.rotate_many(xs[i], steps) if steps else []):
+            baby[(i, b)] = r
+        if len(steps) < len(bs):
+            baby[(i, 0)] = xs[i]
     outs = []
     for j in range(lout.n_ct):
         if j not in plan.giant:  # every weight reaching this ciphertext is zero

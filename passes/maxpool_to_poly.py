@@ -48,6 +48,7 @@ class MaxPoolToPoly(Pass):
     name = "maxpool-to-poly"
     summary = "MaxPool -> tree of polynomial maxima max(a,b) = b + relu(a-b) on the calibrated range (approximating)"
     exact = False
+    uses_calibration = True
 
     degree: int = 15
     composite: str = ""

@@ -160,6 +160,7 @@ class ReluToPoly(Pass):
     name = "relu-to-poly"
     summary = "ReLU / Clip (ReLU6) -> polynomial fitted on the calibrated input range (approximating)"
     exact = False
+    uses_calibration = True
 
     degree: int = 15
     composite: str = ""

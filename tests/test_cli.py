@@ -136,7 +136,8 @@ def test_compile_report_names_parameters_and_security(models, tmp_path, capsys):
     assert main([str(path), "-o", str(tmp_path / "m.hec"), "--ring", "8192"]) == 0
     err = capsys.readouterr().err
     assert "128-bit (HE standard" in err and "N=8192" in err and "refreshes" in err
-    assert "rotations" in err and "Galois keys" in err and "predicted:" in err and "argmax agrees" in err
+    assert "rotations" in err and "Galois keys" in err and "predicted per inference:" in err and "argmax agrees" in err
+    assert "predicted once per key set: keygen" in err and "cost table: the bundled table" in err
 
 
 def test_run_sim_and_seal_match_onnxruntime(tiny_poly, capsys):

@@ -741,24 +741,27 @@ def test_conv_weight_computed_from_encrypted_data():
 
 # =========================================================================== rotation counts
 
-_ROT_NOTES: list[str] = []
-
-
-def _rot_violations(low) -> list[str]:
+def _rot_violations(low, slack: float = 1.0) -> list[str]:
+    """Conv layers with more than ``slack * (1.5 * 2 * sqrt(#diagonals) + 2)`` rotations."""
     out = []
     for ly in low.layers:
         if ly.op != "Conv":
             continue
-        bound = 1.5 * 2 * math.sqrt(ly.diagonals) + 2
+        bound = slack * (1.5 * 2 * math.sqrt(ly.diagonals) + 2)
         if ly.rotations > bound:
             out.append(f"{ly.node}: {ly.rotations} rotations > {bound:.1f} for {ly.diagonals} diagonals "
                        f"({ly.layout_in} -> {ly.layout_out})")
     return out
 
 
+#: the property tests' random convolutions (odd grids, strides and paddings) stay within this
+#: multiple of the bound; CNN-shaped layers meet the bound itself (test_rotation_bound_typical)
+_ROT_SLACK_RANDOM = 2.0
+
+
 def _record_rotations(low, params) -> None:
-    for v in _rot_violations(low):
-        _ROT_NOTES.append(f"{v} params={params}")
+    bad = _rot_violations(low, _ROT_SLACK_RANDOM)
+    assert not bad, f"{bad[0]} params={params}"
 
 
 def _conv_layers(case):
@@ -805,14 +808,18 @@ def test_rotation_bound_typical(case):
     assert _rot_violations(_conv_layers(case)) == []
 
 
-def test_rotation_bound_general():
-    """The same bound on the other shapes and on everything the property tests
-    above lowered.  Known limitation: reported with xfail and the offending
-    layers (printed with -s), not a failure."""
-    notes = []
-    for case in _ROT_GENERAL:
-        notes += [f"{v} case={case}" for v in _rot_violations(_conv_layers(case))]
-    notes += _ROT_NOTES
-    if notes:
-        print("\nrotation-bound violations:\n  " + "\n  ".join(notes))
-        pytest.xfail(f"{len(notes)} conv layer(s) exceed 1.5*2*sqrt(diagonals)+2 rotations; first: {notes[0]}")
+#: odd shapes (input grids that are not powers of two, stride 3, asymmetric padding) that exceed the
+#: bound today, by at most 31%: the known limitation the layout-strategy work is to remove
+_ROT_KNOWN_OVER = {(9, 12, 10, 1, 5, 3), (9, 10, 10, 9, 3, 3), (8, 12, 12, 9, 3, 1)}
+
+
+@pytest.mark.parametrize("case", _ROT_GENERAL, ids=[str(c[:6]) for c in _ROT_GENERAL])
+def test_rotation_bound_general(case):
+    """The bound on other shapes; the known exceptions stay within 1.35 times it, and a case that
+    starts to meet the bound must leave the list (so the list stays the truth)."""
+    low = _conv_layers(case)
+    if case[:6] in _ROT_KNOWN_OVER:
+        assert _rot_violations(low), f"{case[:6]} now meets the bound: remove it from _ROT_KNOWN_OVER"
+        assert _rot_violations(low, 1.35) == []
+    else:
+        assert _rot_violations(low) == []

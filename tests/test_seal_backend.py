@@ -10,6 +10,8 @@ import struct
 from types import SimpleNamespace
 
 import numpy as np
+
+from hecompiler.executor import total_work
 import pytest
 
 sealapi = pytest.importorskip("tenseal.sealapi")
@@ -79,10 +81,12 @@ def test_stats(tiny, encrypted):
     assert set(st.phases) == {"keygen", "encrypt", "eval", "decrypt", "total"}
     assert st.phases["total"] >= st.phases["eval"] > 0
     assert st.galois_keys == len(prog.galois_steps) and st.galois_key_bytes > 0
-    assert st.peak_live_ciphertexts >= 2 and st.peak_rss_bytes > 2**20
+    assert st.peak_live_ciphertexts >= 2
+    # the process held the keys (their in-memory size is a formula) and the interpreter with SEAL
+    assert st.peak_rss_bytes > st.galois_key_bytes + st.relin_key_bytes + 100 * 2**20
     assert st.plaintexts == prog.op_counts()["mul_plain"] + prog.op_counts()["add_plain"]
     assert "rotate" in st.format()
-    assert st.progress_ticks == len(prog.instrs)
+    assert st.progress_ticks == total_work(prog)  # progress counts primitive ops, not instructions
 
 
 def test_server_never_holds_the_secret_key(tiny, keydirs):
@@ -154,7 +158,7 @@ def test_plan_mismatch_fails_loudly(tiny, keydirs):
     prog.instrs[k].scale *= 1 + 1e-6
     server = SB.SealServer(prog, client.public_keys())
     cts = SB.SealClient(prog, client.keys).encrypt_inputs(tiny.feeds)
-    with pytest.raises(SB.SealBackendError, match=rf"instruction {k} \(rescale.*differs from the planned"):
+    with pytest.raises(SB.SealBackendError, match=rf"instruction {k} \(rescale.*the plan says"):
         server.run(cts, client.refresh)
     prog = copy.deepcopy(tiny.prog)
     j = next(i for i, ins in enumerate(prog.instrs) if ins.op == "rotate")
@@ -200,3 +204,23 @@ def test_separate_steps_flow_through_files(tiny, keydirs, encrypted, tmp_path):
     assert outputs.meta["stats"]["refreshes"] == trips
     with pytest.raises(SB.SealBackendError, match="not waiting"):
         SB.server_step(prog, sdir, tmp_path / "state.bundle", tmp_path / "response.bundle")
+
+
+def test_noise_model_predicts_seals_error(tiny, encrypted):
+    """The simulator's CKKS noise model (constants measured on SEAL by hecompile calibrate /
+    benchmarks/measure_seal_costs.py) estimates the error SEAL really gives within 4x.  Key
+    switching's error depends on the key (its first slots vary several-fold between key sets),
+    so SEAL's error is the geometric mean over three key sets."""
+    outs, _ = encrypted
+    name = tiny.prog.outputs[0].name
+    exact = Simulator(tiny.prog).run(tiny.feeds)[0][name]
+
+    def rms(y):
+        return float(np.sqrt(np.mean((y - exact) ** 2)))
+
+    seal = [rms(outs[name])] + [rms(SB.run_encrypted(tiny.prog, tiny.feeds)[0][name]) for _ in range(2)]
+    seal_err = float(np.exp(np.mean(np.log(seal))))
+    sim_err = float(np.exp(np.mean([np.log(rms(Simulator(tiny.prog, noise=True, seed=s).run(tiny.feeds)[0][name]))
+                                    for s in range(4)])))
+    assert seal_err > 0 and sim_err > 0
+    assert seal_err / 4 <= sim_err <= 4 * seal_err, (sim_err, seal)

@@ -486,3 +486,50 @@ def test_several_outputs_are_all_written_or_refused(two_outputs, tmp_path, capsy
     got = np.load(tmp_path / "y.npz")
     for name, ref in zip(("a", "b"), ort_run(model, x)):
         assert np.abs(got[name] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- 6: budgets before building
+
+def _dynamic_hw_model(path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, .3, (4, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.float32(0.1), "a"),
+             numpy_helper.from_array(rng.normal(0, .3, (10, 4)).astype(np.float32), "wg")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Mul", ["c", "c"], ["s"]),
+             helper.make_node("Mul", ["s", "a"], ["t"]), helper.make_node("GlobalAveragePool", ["t"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "wg"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-seconds", "10"], "per inference > --max-seconds 10 (bound from shapes, not lowered)"),
+    (["--max-memory", "512M"], "GiB > budget (bound from shapes, not lowered)"),
+])
+def test_huge_inputs_are_refused_from_shapes_before_lowering(tmp_path, capsys, flags, message):
+    """A 4096x4096 image: every candidate is refused from its shapes at once (lowering one would take
+    many minutes), with a one-line error and no output."""
+    import time
+
+    _dynamic_hw_model(tmp_path / "dyn.onnx")
+    t0 = time.perf_counter()
+    rc = main([str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "d.hec"), "--input-shape", "x=1,1,4096,4096",
+               "--no-check", *flags])
+    assert rc == 1 and time.perf_counter() - t0 < 60
+    err = capsys.readouterr().err
+    assert "no parameter set fits" in err and message in err
+    assert not (tmp_path / "d.hec").exists()
+
+
+def test_planning_stops_at_its_compile_budget(tmp_path, capsys):
+    _dynamic_hw_model(tmp_path / "dyn.onnx")
+    rc = main([str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "d.hec"), "--input-shape", "x=1,1,512,512",
+               "--no-check", "--max-compile-seconds", "1"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ran out of its compile time budget" in err and "--max-compile-seconds" in err
+    assert not (tmp_path / "d.hec").exists()

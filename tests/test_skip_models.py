@@ -39,8 +39,9 @@ def _sim_error(res, model, x) -> float:
 
 def _check_compiled(res, model):
     assert res.pipeline.exact
-    assert res.fidelity["reference"] == "onnxruntime (original model)"
+    assert res.fidelity["original_reference"] == "onnxruntime (original model)"
     assert res.fidelity["relative_to_range"] < NOISY_TOL, res.fidelity
+    assert res.fidelity["end_to_end_relative_to_range"] < NOISY_TOL, res.fidelity
     assert res.fidelity["argmax_agrees"]
     # the compile-time check ran on seed 0 (exact_relative_to_range); one more input here
     assert res.fidelity["exact_relative_to_range"] < EXACT_TOL

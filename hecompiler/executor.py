@@ -1,0 +1,531 @@
+"""The one executor of HE programs; backends supply primitives.
+
+:class:`Executor` runs a program instruction by instruction on any backend:
+it dispatches each op to the backend's :class:`Primitives`, expands ``linear``
+macros (:func:`hecompiler.runtime.run_linear`), makes the plaintexts (from the
+compact weights, at the level where they are used), checks every result's
+level and exact scale against the plan with the one op table
+(:mod:`hecompiler.opsem`), frees ciphertexts after their last use, keeps
+statistics (measured and, given a cost model, predicted), reports progress in
+units of work, and handles refreshes the way the backend does them:
+
+* ``refresh_kind == "client"`` (SEAL): the evaluation stops at a batch of
+  consecutive refreshes and returns; the key holder answers the request and
+  :meth:`Executor.run` resumes with the response.  :class:`EvalState` is all
+  there is to save in between.
+* ``refresh_kind == "inline"`` (bootstrapping backends, the simulator): the
+  backend's :meth:`Primitives.refresh` refreshes the batch on the spot.
+
+Backends never see instructions, only primitive operations on their own
+ciphertext type; a backend that can hoist rotations implements
+``rotate_many``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .costmodel import CostModel, instr_cost, linear_temporaries, peak_rss_bytes
+from .errors import HecError
+from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
+from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
+from .plaintexts import PlaintextFactory
+from .runtime import LinearPlans, run_linear
+
+
+class ExecutionError(HecError):
+    """A program could not be executed: a bad state, a refused ciphertext, or a backend result
+    that disagrees with the plan."""
+
+
+class Primitives(Protocol):
+    """What a backend implements, on its own ciphertext (and plaintext) types."""
+
+    name: str
+    #: "client": refreshes go to the key holder (the executor suspends); "inline": :meth:`refresh`
+    refresh_kind: str
+
+    def meta(self, ct: Any) -> tuple[int, float]: ...           # (level, exact scale)
+    def set_scale(self, ct: Any, scale: float) -> Any: ...      # relabel after a rescale (snap)
+    def encode(self, vec: np.ndarray, scale: float, level: int) -> Any: ...
+    def encode_scalar(self, value: float, scale: float, level: int) -> Any: ...
+    def rotate(self, ct: Any, step: int) -> Any: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def sub(self, a: Any, b: Any) -> Any: ...
+    def negate(self, a: Any) -> Any: ...
+    def add_plain(self, ct: Any, pt: Any) -> Any: ...
+    def mul_plain(self, ct: Any, pt: Any) -> Any: ...
+    def mul(self, a: Any, b: Any) -> Any: ...                    # with relinearisation
+    def rescale(self, ct: Any) -> Any: ...                       # divide by q_level
+    def mod_switch(self, ct: Any, level: int) -> Any: ...
+    def zero(self, level: int, scale: float) -> Any: ...
+    # optional: rotate_many(ct, steps) -> list (hoisted), refresh(cts) -> list (inline refresh),
+    # observe(k, ins, results) (after every instruction), release(ct)
+
+
+def where(k: int, ins: Instr) -> str:
+    return f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
+
+
+# --------------------------------------------------------------------------- statistics
+
+@dataclass
+class ExecStats:
+    """What a run did and cost.  ``seconds_by_op`` is measured wall time (a ``linear`` macro's
+    time is under ``"linear"``); ``predicted_by_op`` what the cost model says for the same ops."""
+
+    op_counts: dict[str, int] = field(default_factory=dict)
+    seconds_by_op: dict[str, float] = field(default_factory=dict)
+    encode_seconds: float = 0.0  # measured plaintext generation + encoding (inside seconds_by_op)
+    plaintexts: int = 0
+    refreshes: int = 0  # ciphertexts refreshed (client-aided or bootstrapped)
+    refresh_round_trips: int = 0  # batches sent to the key holder
+    bootstraps: int = 0
+    peak_live_ciphertexts: int = 0
+    peak_rss_bytes: int = 0
+    galois_keys: int = 0
+    galois_key_bytes: int = 0
+    relin_key_bytes: int = 0
+    eval_seconds: float = 0.0  # wall time spent evaluating (client refresh time included in one-process runs)
+    phases: dict[str, float] = field(default_factory=dict)  # keygen/encrypt/eval/decrypt/total (one-process runs)
+    per_node: dict[str, float] = field(default_factory=dict)  # measured seconds per graph node
+    predicted_by_op: dict[str, float] = field(default_factory=dict)
+    predicted_encode_seconds: float = 0.0
+    predicted_per_node: dict[str, float] = field(default_factory=dict)
+    #: the simulator's check of value magnitudes against the modulus (see backends/sim.py)
+    modulus_use: float = 0.0
+    modulus_use_at: str = ""
+
+    @property
+    def predicted_seconds(self) -> float:
+        return sum(self.predicted_by_op.values()) + self.predicted_encode_seconds
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.eval_seconds
+
+    def add(self, op: str, seconds: float, n: int = 1) -> None:
+        self.op_counts[op] = self.op_counts.get(op, 0) + n
+        self.seconds_by_op[op] = self.seconds_by_op.get(op, 0.0) + seconds
+
+    def add_linear(self, counts: Mapping[str, int], seconds: float) -> None:
+        for op, n in counts.items():
+            if op in LINEAR_PRIMITIVES:
+                self.op_counts[op] = self.op_counts.get(op, 0) + n
+        self.seconds_by_op["linear"] = self.seconds_by_op.get("linear", 0.0) + seconds
+
+    def to_dict(self) -> dict:
+        return {k: (dict(sorted(v.items())) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ExecStats":
+        s = cls()
+        for k, v in d.items():
+            if k in s.__dict__:
+                setattr(s, k, dict(v) if isinstance(v, dict) else v)
+        return s
+
+    def format(self) -> str:
+        lines = []
+        if self.phases:
+            lines.append("phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.phases.items()))
+        boot = f", {self.bootstraps} bootstraps" if self.bootstraps else ""
+        lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
+                     f"{self.refresh_round_trips} round trips{boot}, encode {self.encode_seconds:.3f} s "
+                     f"({self.plaintexts} plaintexts)")
+        lines.append(f"  {'op':<10} {'count':>6}  {'time':>10}")
+        for op in sorted(self.op_counts):
+            t = self.seconds_by_op.get(op)
+            n = self.op_counts[op]
+            tt = f"{t:8.3f} s  {1e3 * t / max(n, 1):8.3f} ms/op" if t else "(in linear)"
+            lines.append(f"  {op:<10} {n:>6}  {tt}")
+        if "linear" in self.seconds_by_op:
+            lines.append(f"  {'linear':<10} {'':>6}  {self.seconds_by_op['linear']:8.3f} s  (convolutions and "
+                         f"other linear ops: their rotations, ct-pt mults, adds, rescales, encoding)")
+        lines.append(f"peak live ciphertexts {self.peak_live_ciphertexts}, peak RSS "
+                     f"{self.peak_rss_bytes / 2**20:.0f} MiB, Galois keys {self.galois_keys} "
+                     f"({self.galois_key_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+
+
+@dataclass
+class EvalState:
+    """Where a resumable evaluation stands.
+
+    ``pc``: index of the next instruction; ``live``: value id -> ciphertext; while waiting for
+    the key holder: ``pending`` (indices of the refresh instructions), ``request`` (refresh
+    output id -> the ciphertext to refresh, what is sent) and ``request_id`` (echoed back)."""
+
+    pc: int = 0
+    live: dict[int, Any] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    request: dict[int, Any] = field(default_factory=dict)
+    request_id: str = ""
+    stats: ExecStats = field(default_factory=ExecStats)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.pending)
+
+    def done(self, prog: HEProgram) -> bool:
+        return self.pc >= len(prog.instrs) and not self.pending
+
+
+def work_units(prog: HEProgram, ins: Instr) -> int:
+    """Progress units of an instruction: the primitive ops it runs (a linear macro's rotations,
+    ct-pt multiplications, additions, rescales), at least one."""
+    if ins.op == "linear":
+        c = prog.linears[ins.plain.args[0]].counts
+        return max(1, sum(c.get(op, 0) for op in LINEAR_PRIMITIVES))
+    return 1
+
+
+def total_work(prog: HEProgram) -> int:
+    return sum(work_units(prog, ins) for ins in prog.instrs)
+
+
+# --------------------------------------------------------------------------- the executor
+
+class _LinearAdapter:
+    """The primitive interface :func:`run_linear` drives, on a backend, with plaintexts made
+    and encoded here and rescaled scales snapped to the plan."""
+
+    def __init__(self, ex: "Executor", stats: ExecStats):
+        self.ex = ex
+        self.p = ex.prim
+        self.stats = stats
+
+    def rotate(self, ct, step):
+        return self.p.rotate(ct, step)
+
+    def rotate_many(self, ct, steps):
+        many = getattr(self.p, "rotate_many", None)
+        return many(ct, list(steps)) if many is not None else [self.p.rotate(ct, s) for s in steps]
+
+    def mul_plain(self, ct, ref, level):
+        pt = self.ex._plain(ref, level, self.stats)
+        return self.ex.prim.zero(level, self.ex.prim.meta(ct)[1] * ref.scale) if pt is None else \
+            self.p.mul_plain(ct, pt)
+
+    def add(self, a, b):
+        return self.p.add(a, b)
+
+    def rescale(self, ct, scale):
+        return self.ex._snap(self.p.rescale(ct), scale, "linear: rescale")
+
+    def add_plain(self, ct, ref, level):
+        pt = self.ex._plain(ref, level, self.stats)
+        return ct if pt is None else self.p.add_plain(ct, pt)
+
+    def zero(self, level, scale):
+        return self.p.zero(level, scale)
+
+
+class Executor:
+    """Runs ``prog`` on backend primitives ``prim`` (see the module doc)."""
+
+    def __init__(self, prog: HEProgram, prim: Primitives, cost: CostModel | None = None):
+        self.prog = prog
+        self.prim = prim
+        self.cost = cost
+        self.pf = PlaintextFactory(prog)
+        self.plans = LinearPlans(prog, self.pf)
+        self.last = prog.last_uses()
+        self.top = prog.params.top_level
+        self.delta = prog.params.scale
+        self._observe = getattr(prim, "observe", None)
+
+    # ------------------------------------------------------------------ helpers
+    def _plain(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
+        """The encoded plaintext of ``ref`` at ``level``, or None when it is all zeros (the
+        product is then an encryption of zero: SEAL refuses such products)."""
+        t = time.perf_counter()
+        if ref.kind == "scalar":
+            v = float(ref.args[0])
+            pt = None if v == 0.0 else self.prim.encode_scalar(v, ref.scale, level)
+        else:
+            vec = self.pf.vector(ref)
+            pt = self.prim.encode(vec, ref.scale, level) if np.any(vec) else None
+        stats.encode_seconds += time.perf_counter() - t
+        stats.plaintexts += pt is not None
+        return pt
+
+    def _snap(self, ct: Any, planned: float, what: str) -> Any:
+        got = self.prim.meta(ct)[1]
+        if got != planned:
+            if not abs(got - planned) <= SCALE_SNAP * abs(planned):
+                raise ExecutionError(f"{what}: {self.prim.name} gives scale {got!r}, the plan {planned!r} "
+                                     f"(relative difference {abs(got - planned) / abs(planned):.3g} > {SCALE_SNAP})")
+            ct = self.prim.set_scale(ct, planned)
+        return ct
+
+    def _check(self, k: int, ins: Instr, cts: Sequence[Any]) -> None:
+        for ct in cts:
+            lv, sc = self.prim.meta(ct)
+            if lv != ins.level or sc != ins.scale:
+                raise ExecutionError(f"{where(k, ins)}: {self.prim.name} gives level {lv}, scale {sc!r} but the "
+                                     f"program plans level {ins.level}, scale {ins.scale!r}")
+
+    def _note_live(self, state: EvalState) -> None:
+        n = len(state.live) + len(state.request)
+        if n > state.stats.peak_live_ciphertexts:
+            state.stats.peak_live_ciphertexts = n
+
+    def _free(self, k: int, ins: Instr, live: dict[int, Any]) -> None:
+        release = getattr(self.prim, "release", None)
+        for x in set(ins.args):
+            if self.last.get(x, -1) <= k:
+                ct = live.pop(x, None)
+                if release is not None and ct is not None:
+                    release(ct)
+
+    def _predict(self, ins: Instr, stats: ExecStats) -> None:
+        if self.cost is None:
+            return
+        by, enc, _ = instr_cost(ins, self.prog, self.cost)
+        for op, t in by.items():
+            stats.predicted_by_op[op] = stats.predicted_by_op.get(op, 0.0) + t
+        stats.predicted_encode_seconds += enc
+        stats.predicted_per_node[ins.note] = stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc
+
+    # ------------------------------------------------------------------ one instruction
+    def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: ExecStats) -> list[Any]:
+        args = [live[a] for a in ins.args]
+        try:  # the plan must be what the op table gives for the operands actually held
+            want = instr_meta(self.prog, ins, [self.prim.meta(a) for a in args])
+        except OpSemanticsError as e:
+            raise ExecutionError(f"{where(k, ins)}: {e}") from None
+        if want != (ins.level, ins.scale):
+            raise ExecutionError(f"{where(k, ins)}: the program plans level {ins.level}, scale {ins.scale!r}, but "
+                                 f"its operands give level {want[0]}, scale {want[1]!r} (a tampered or "
+                                 f"inconsistent program)")
+        p = self.prim
+        op = ins.op
+        if op == "linear":
+            lin = self.prog.linears[ins.plain.args[0]]
+            # the macro's baby-step rotations and accumulators are alive beside the program's values
+            held = len(live) + linear_temporaries(lin) + self.prog.layouts[lin.out_layout].n_ct
+            stats.peak_live_ciphertexts = max(stats.peak_live_ciphertexts, held)
+            return run_linear(self.prog, ins, args, self.plans.plan(ins.plain.args[0]), _LinearAdapter(self, stats))
+        if op == "rotate":
+            return [p.rotate(args[0], ins.step)]
+        if op == "add":
+            return [p.add(args[0], args[1])]
+        if op == "sub":
+            return [p.sub(args[0], args[1])]
+        if op == "negate":
+            return [p.negate(args[0])]
+        if op == "add_plain":
+            pt = self._plain(ins.plain, ins.level, stats)
+            return [args[0] if pt is None else p.add_plain(args[0], pt)]
+        if op == "mul_plain":
+            pt = self._plain(ins.plain, ins.level, stats)
+            return [p.zero(ins.level, ins.scale) if pt is None else p.mul_plain(args[0], pt)]
+        if op == "mul":
+            return [p.mul(args[0], args[1])]
+        if op == "rescale":
+            return [self._snap(p.rescale(args[0]), ins.scale, where(k, ins))]
+        if op == "mod_switch":
+            return [p.mod_switch(args[0], ins.to_level)]
+        raise ExecutionError(f"{where(k, ins)}: unknown op {op!r}")
+
+    # ------------------------------------------------------------------ evaluation
+    def start(self, cts: Mapping[int, Any]) -> EvalState:
+        """The initial state from the encrypted inputs (value id -> ciphertext), checked: every
+        input present, fresh (top level, scale 2**scale_bits)."""
+        want = [v for io in self.prog.inputs for v in io.values]
+        missing = [v for v in want if v not in cts]
+        if missing:
+            raise ExecutionError(f"input ciphertext(s) {['%' + str(v) for v in missing[:8]]} missing")
+        extra = set(cts) - set(want)
+        if extra:
+            raise ExecutionError(f"unexpected input ciphertext(s) {['%' + str(v) for v in sorted(extra)[:8]]}")
+        live = {}
+        for v in want:
+            try:
+                lv, sc = self.prim.meta(cts[v])
+            except HecError as e:
+                raise ExecutionError(f"input %{v}: {e}") from None
+            if lv != self.top or sc != self.delta:
+                raise ExecutionError(f"input %{v}: level {lv}, scale {sc!r}; expected a fresh ciphertext at level "
+                                     f"{self.top}, scale {self.delta!r}")
+            live[v] = cts[v]
+        st = EvalState(live=live)
+        self._note_live(st)
+        return st
+
+    def run(self, state: EvalState, response: Mapping[int, Any] | None = None,
+            progress: Callable[[int], Any] | None = None, request_id: str | None = None) -> EvalState:
+        """Continue from ``state`` to the end of the program, or (client-aided refresh) to the next
+        batch of refreshes, whose request is then in ``state.request``.  If ``state`` waits for the
+        key holder, ``response`` (refresh output id -> fresh ciphertext) answers it (and
+        ``request_id``, when given, must match).  ``progress(n)`` is called with units of work
+        (:func:`work_units`).  The state is modified in place and returned."""
+        prog = self.prog
+        stats = state.stats
+        t_run = time.perf_counter()
+        try:
+            if state.pending:
+                if response is None:
+                    raise ExecutionError(f"the evaluation waits for {len(state.pending)} refresh(es) "
+                                         f"(instruction {state.pending[0]}); a response is needed")
+                self._apply_response(state, response, request_id, progress)
+            elif response is not None:
+                raise ExecutionError("got a refresh response but the evaluation is not waiting for one")
+            instrs = prog.instrs
+            while state.pc < len(instrs):
+                k = state.pc
+                ins = instrs[k]
+                if ins.op == "refresh":
+                    if self.prim.refresh_kind == "client":
+                        self._request_batch(state)
+                        return state
+                    self._refresh_inline(state, progress)
+                    continue
+                missing = [a for a in ins.args if a not in state.live]
+                if missing:
+                    raise ExecutionError(f"{where(k, ins)}: operand %{missing[0]} is not live (bad state)")
+                t = time.perf_counter()
+                try:
+                    rs = self._exec(k, ins, state.live, stats)
+                except ExecutionError:
+                    raise
+                except HecError as e:
+                    raise ExecutionError(f"{where(k, ins)}: {e}") from None
+                self._check(k, ins, rs)
+                for o, ct in zip(ins.results, rs):
+                    state.live[o] = ct
+                if self._observe is not None:
+                    self._observe(k, ins, rs, stats)
+                self._free(k, ins, state.live)
+                dt = time.perf_counter() - t
+                if ins.op == "linear":
+                    stats.add_linear(prog.linears[ins.plain.args[0]].counts, dt)
+                else:
+                    stats.add(ins.op, dt)
+                stats.per_node[ins.note] = stats.per_node.get(ins.note, 0.0) + dt
+                self._predict(ins, stats)
+                self._note_live(state)
+                state.pc = k + 1
+                if progress is not None:
+                    progress(work_units(prog, ins))
+            return state
+        finally:
+            stats.eval_seconds += time.perf_counter() - t_run
+            stats.peak_rss_bytes = max(stats.peak_rss_bytes, peak_rss_bytes())
+
+    def _batch(self, state: EvalState) -> list[int]:
+        """The refresh instructions from ``state.pc`` that can go together (none reads another's result)."""
+        out, made, k = [], set(), state.pc
+        instrs = self.prog.instrs
+        while k < len(instrs) and instrs[k].op == "refresh" and instrs[k].args[0] not in made:
+            ins = instrs[k]
+            if ins.args[0] not in state.live:
+                raise ExecutionError(f"{where(k, ins)}: operand %{ins.args[0]} is not live (bad state)")
+            out.append(k)
+            made.add(ins.out)
+            k += 1
+        return out
+
+    def _refresh_inline(self, state: EvalState, progress) -> None:
+        batch = self._batch(state)
+        instrs = self.prog.instrs
+        t = time.perf_counter()
+        try:
+            fresh = self.prim.refresh([state.live[instrs[k].args[0]] for k in batch])
+        except HecError as e:
+            raise ExecutionError(f"{where(batch[0], instrs[batch[0]])}: refresh: {e}") from None
+        dt = time.perf_counter() - t
+        for k, ct in zip(batch, fresh):
+            ins = instrs[k]
+            ct = self._snap(ct, ins.scale, where(k, ins))
+            self._check(k, ins, [ct])
+            state.live[ins.out] = ct
+            if self._observe is not None:
+                self._observe(k, ins, [ct], state.stats)
+            self._free(k, ins, state.live)
+            self._predict(ins, state.stats)
+            state.stats.per_node[ins.note] = state.stats.per_node.get(ins.note, 0.0) + dt / len(batch)
+            if progress is not None:
+                progress(1)
+        state.stats.refreshes += len(batch)
+        if getattr(self.prim, "bootstraps", False):
+            state.stats.bootstraps += len(batch)
+        state.stats.add("refresh", dt, n=len(batch))
+        state.pc = batch[-1] + 1
+        self._note_live(state)
+
+    def _request_batch(self, state: EvalState) -> None:
+        t = time.perf_counter()
+        instrs = self.prog.instrs
+        for k in self._batch(state):
+            ins = instrs[k]
+            state.pending.append(k)
+            state.request[ins.out] = state.live[ins.args[0]]
+            self._free(k, ins, state.live)
+        state.request_id = secrets.token_hex(16)
+        state.stats.refresh_round_trips += 1
+        state.stats.add("refresh", time.perf_counter() - t, n=0)
+        self._note_live(state)
+
+    def _apply_response(self, state: EvalState, response: Mapping[int, Any], request_id: str | None,
+                        progress) -> None:
+        if request_id is not None and request_id != state.request_id:
+            raise ExecutionError(f"the refresh response answers request {request_id}, but the evaluation waits "
+                                 f"for request {state.request_id} (stale or foreign response)")
+        if set(response) != set(state.request):
+            raise ExecutionError(f"the refresh response holds ciphertexts {sorted(response)}, expected "
+                                 f"{sorted(state.request)}")
+        t = time.perf_counter()
+        for k in state.pending:
+            ins = self.prog.instrs[k]
+            ct = response[ins.out]
+            try:
+                lv, sc = self.prim.meta(ct)
+            except HecError as e:
+                raise ExecutionError(f"{where(k, ins)}: bad refreshed ciphertext: {e}") from None
+            if lv != self.top or sc != self.delta:
+                raise ExecutionError(f"{where(k, ins)}: the key holder returned level {lv}, scale {sc!r}; expected "
+                                     f"level {self.top}, scale {self.delta!r}")
+            self._check(k, ins, [ct])
+            state.live[ins.out] = ct
+            self._predict(ins, state.stats)
+            if progress is not None:
+                progress(1)
+        n = len(state.pending)
+        state.pc = state.pending[-1] + 1
+        state.pending, state.request, state.request_id = [], {}, ""
+        state.stats.refreshes += n
+        state.stats.add("refresh", time.perf_counter() - t, n=n)
+        self._note_live(state)
+
+    def outputs(self, state: EvalState) -> dict[int, Any]:
+        if not state.done(self.prog):
+            raise ExecutionError(f"the evaluation is not finished (next instruction {state.pc})")
+        return {v: state.live[v] for io in self.prog.outputs for v in io.values}
+
+    def run_all(self, cts: Mapping[int, Any], refresh_fn: Callable[[Any], Any] | None = None,
+                progress: Callable[[int], Any] | None = None) -> tuple[dict[int, Any], ExecStats]:
+        """The whole program; ``refresh_fn(ct) -> fresh ct`` is the key holder (client-aided refresh)."""
+        state = self.start(cts)
+        return self.run_all_from(state, refresh_fn, progress), state.stats
+
+    def run_all_from(self, state: EvalState, refresh_fn: Callable[[Any], Any] | None = None,
+                     progress: Callable[[int], Any] | None = None) -> dict[int, Any]:
+        """:meth:`run_all` from a started state; returns the output ciphertexts."""
+        self.run(state, progress=progress)
+        while state.pending:
+            if refresh_fn is None:
+                raise ExecutionError("the program refreshes through the key holder, but no refresh_fn was given")
+            t = time.perf_counter()
+            resp = {v: refresh_fn(ct) for v, ct in state.request.items()}
+            dt = time.perf_counter() - t
+            state.stats.add("refresh", dt, n=0)
+            state.stats.eval_seconds += dt
+            self.run(state, resp, progress=progress, request_id=state.request_id)
+        return self.outputs(state)
