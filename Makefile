@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test models bench clean lattigo
+.PHONY: demo test models bench clean lattigo calibrate
 
 # The Lattigo backend's shared library (Go, cgo); rebuilt when its Go sources or go.mod/go.sum change.
 GO ?= go
@@ -26,8 +26,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# This machine's op costs and noise (hecompile calibrate, under a minute), which compile reports use;
+# measured once per machine (delete the file, or run hecompile calibrate, to measure again).
+COST_TABLE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/hecompiler/cost_seal.json
+$(COST_TABLE): | $(STAMP)
+	$(BIN)/hecompile calibrate
+
+calibrate: $(STAMP)
+	$(BIN)/hecompile calibrate
+
 DEMO_MODEL := models/tiny_resnet_poly
-demo: $(STAMP) $(LATTIGO_LIB)
+demo: $(STAMP) $(LATTIGO_LIB) $(COST_TABLE)
 	@mkdir -p out
 	$(BIN)/hecompile $(DEMO_MODEL).onnx -o out/demo.hec --dump-after all --dump-dir out/dump
 	$(BIN)/hecompile run out/demo.hec --input $(DEMO_MODEL).input.npy --reference $(DEMO_MODEL).onnx -o out/demo.y.npy
@@ -39,7 +48,7 @@ test: $(STAMP) $(LATTIGO_LIB)
 models: $(STAMP)
 	$(BIN)/python models/build_models.py --out models
 
-bench: $(STAMP) $(LATTIGO_LIB)
+bench: $(STAMP) $(LATTIGO_LIB) $(COST_TABLE)
 	$(BIN)/python benchmarks/run.py
 
 clean:

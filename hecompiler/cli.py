@@ -440,7 +440,8 @@ def cmd_run(argv: Sequence[str]) -> int:
 
         for line in run_time_range_check(meta, x, args.reference, io.name):
             sys.stderr.write(line + "\n")
-    _emit_outputs(prog, outs, args.output)
+    if args.output or not args.json:  # with --json the outputs are in the JSON
+        _emit_outputs(prog, outs, args.output)
     return 0
 
 

@@ -323,6 +323,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "peak_live_ciphertexts": c.peak_live_ciphertexts,
         "predicted_seconds": round(c.seconds, 3),
         "predicted_encode_seconds": round(c.encode_seconds, 3),
+        "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
         # SEAL evaluates on one core: CPU seconds = wall seconds of the server (the key holder's
@@ -423,7 +424,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s on one core (of which encoding "
                  f"plaintexts {r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
                  f"{r['peak_live_ciphertexts']} live ciphertexts at peak"
-                 + (f", {r['client_round_trips']} round trips to the key holder" if r.get("client_round_trips") else ""))
+                 + (f", {r['client_round_trips']} round trips to the key holder ({r['predicted_network_seconds']:.2f} s "
+                    f"of network in the total)" if r.get("client_round_trips") else ""))
     if "predicted_keygen_seconds" in r:
         lines.append(f"predicted once per key set: keygen {r['predicted_keygen_seconds']:.2f} s (client), "
                      f"{_mb(r['key_upload_bytes'])} of evaluation keys to upload to the server")

@@ -209,19 +209,21 @@ class CostModel:
         return float(ys[k] * primes / xs[k])
 
     def refresh_seconds(self, n: int, primes_top: int) -> float:
-        """One ciphertext's refresh.  Client-aided: the server masks
-        (add_plain), the client decrypts and re-encrypts, the server unmasks,
-        plus the transfer of two ciphertexts (the round trip is per batch).
-        Bootstrap: the given price, or the circuit at this ring."""
+        """One ciphertext's refresh.  Client-aided: the key holder decrypts
+        and encrypts again, plus the transfer of two ciphertexts (the round trip
+        is per batch: see :func:`program_cost`).  Bootstrap: the given price, or
+        the circuit at this ring."""
         if self.refresh.bootstraps:
             if self.refresh.bootstrap_s is not None:
                 return self.refresh.bootstrap_s
             return self.bootstrap_seconds(n, primes_top)
-        compute = (self.op_seconds("add_plain", n, 1) + self.op_seconds("decrypt", n, 1)
-                   + self.op_seconds("encode", n, primes_top) + self.op_seconds("encrypt", n, primes_top)
-                   + self.op_seconds("add_plain", n, primes_top))
-        transfer = (ct_bytes(n, 1) + ct_bytes(n, primes_top)) / self.refresh.bandwidth_bytes_per_s
-        return compute + transfer  # the round trip is paid once per batch: see program_cost
+        compute = (self.op_seconds("decrypt", n, 1) + self.op_seconds("encode", n, primes_top)
+                   + self.op_seconds("encrypt", n, primes_top))
+        return compute + self.transfer_seconds(n, primes_top)
+
+    def transfer_seconds(self, n: int, primes_top: int) -> float:
+        """Sending one ciphertext to the key holder (at the bottom level) and one back (at the top)."""
+        return (ct_bytes(n, 1) + ct_bytes(n, primes_top)) / self.refresh.bandwidth_bytes_per_s
 
     def bootstrap_seconds(self, n: int, primes_top: int) -> float:
         """The :class:`BootstrapCircuit` priced op by op: it starts from the
@@ -234,6 +236,11 @@ class CostModel:
 
     def encode_seconds(self, n: int, primes: int) -> float:
         return self.op_seconds("encode", n, primes)
+
+    def generation_seconds(self, n: int) -> float:
+        """Making one plaintext diagonal from compact weights (numpy), before it is encoded;
+        0 when the table has no measurement of it."""
+        return float(self._ring(n).get("plaintext_generation_s") or 0.0)
 
     def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool) -> tuple[float, int]:
         """(seconds, serialized bytes of the server's keys) of generating a program's keys with
@@ -335,6 +342,7 @@ class ProgramCost:
     plaintext_bytes: int  # one linear op's diagonals (float64) plus one encoded plaintext
     memory_bytes: int  # predicted peak: keys + ciphertexts + plaintexts + baseline
     refreshes: int
+    network_seconds: float = 0.0  # part of ``seconds``: client-aided refresh transfers and round trips
     keygen_seconds: float = 0.0  # client: secret/public, relin and the Galois keys of the program
     key_upload_bytes: int = 0  # serialized evaluation keys the server gets (public, relin, Galois)
     round_trips: int = 0  # batches of client-aided refreshes per inference
@@ -358,7 +366,7 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
               "add": c.get("add", 0) * model.op_seconds("add", n, pin),
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
-        enc = (c.get("mul_plain", 0) * model.op_seconds("encode", n, pin)
+        enc = (c.get("mul_plain", 0) * (model.op_seconds("encode", n, pin) + model.generation_seconds(n))
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one
@@ -416,16 +424,20 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
             if last.get(a, -1) <= k and a in live:
                 cur -= ct_bytes(n, live.pop(a))
     # plaintext working set: the largest block row of diagonals (float64) plus one encoded plaintext
-    pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes)
+    from .linear import DIAG_TEMP_BYTES
+
+    pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0)
     n_keys = len(prog.galois_steps)
     kb = (n_keys + (1 if prog.needs_relin else 0)) * switching_key_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
+    network = 0.0
     if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
+        network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
     seconds = sum(by_op.values()) + enc
     kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin)
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
                        peak_n, peak_b, pt, kb + peak_b + pt + model.baseline_bytes, counts.get("refresh", 0),
-                       kg, upload, batches if not model.refresh.bootstraps else 0)
+                       network, kg, upload, batches if not model.refresh.bootstraps else 0)

@@ -304,21 +304,69 @@ def _decode_keys(uk: np.ndarray, NI: int, S: int) -> dict[tuple[int, int], np.nd
     return out
 
 
+#: matrix entries turned into diagonals at a time (bounds the temporaries)
+_DIAG_CHUNK_ENTRIES = 1 << 17
+#: bytes those temporaries take at most: per entry the sparse row/col/value (16), output and input
+#: positions and the key (24), np.unique's order and inverse (16), the scatter's indices (16)
+DIAG_TEMP_BYTES = _DIAG_CHUNK_ENTRIES * 72
+
+
 def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
               out_ct: int | None = None) -> dict[tuple[int, int, int], np.ndarray]:
     """Values of every non-zero diagonal: {(j, i, d): vector of ``slots`` floats}
     where ``y_j[k] += diag[k] * x_i[(k + d) % slots]``; only output
-    ciphertext ``out_ct``'s when given."""
+    ciphertext ``out_ct``'s when given.
+
+    The matrix entries are turned into diagonals a few hundred thousand at a time, so the
+    temporaries stay a few tens of MB however large the op (the diagonals themselves are what
+    a backend must hold: ``block_diagonals * slots`` floats)."""
     S = lin_in.slots
-    j, i, d, slot, vals = _slot_entries(lin, weights, lin_in, lout, out_ct)
-    key = (j * (lin_in.n_ct + 1) + i) * S + d
-    uk, inv = np.unique(key, return_inverse=True)
-    dense = np.zeros((len(uk), S))
-    np.add.at(dense, (inv, slot), vals)
+    NI = lin_in.n_ct + 1
+    rows = np.arange(len(lout.positions)) if out_ct is None else np.flatnonzero(lout.positions // S == out_ct)
+    if not len(rows):
+        return {}
+    # entries per output row, from a first slice (conv rows all read about the same number of inputs)
+    probe = tensor_matrix(lin, weights, rows[: min(len(rows), 64)])
+    per_row = max(1, probe.nnz // max(1, min(len(rows), 64)))
+    step = max(1, _DIAG_CHUNK_ENTRIES // per_row)
+    index: dict[int, int] = {}
+    if _structured_ok(lin, lin_in, lout):  # the diagonals are known cheaply: size the result once
+        for (jj, ii), ds in _structured_keys(lin, weights, lin_in, lout).items():
+            if out_ct is None or jj == out_ct:
+                for dd in ds:
+                    index[(jj * NI + ii) * S + int(dd)] = len(index)
+    dense = np.zeros((len(index), S))
+    # key -> row of ``dense`` through a lookup table over (input ct, diagonal) when one output
+    # ciphertext is asked for (the executor's case): no sort of the entries
+    lut = np.full(NI * S, -1, np.int64) if out_ct is not None else None
+    if lut is not None:
+        for k, r in index.items():
+            lut[k % (NI * S)] = r
+    for lo in range(0, len(rows), step):
+        m = tensor_matrix(lin, weights, rows[lo:lo + step]).tocoo()
+        po = lout.positions[m.row]  # tensor_matrix keeps the rows numbered as in the whole op
+        pi = lin_in.positions[m.col]
+        local = (pi // S) * S + (pi - po) % S
+        if lut is not None:
+            at = lut[local]
+            new = at < 0
+            if new.any():  # diagonals not known in advance
+                for k in np.unique(local[new]):
+                    lut[k] = index.setdefault((out_ct * NI) * S + int(k), len(index))
+                at = lut[local]
+        else:
+            key = (po // S) * (NI * S) + local
+            uk, inv = np.unique(key, return_inverse=True)
+            at = np.fromiter((index.setdefault(int(k), len(index)) for k in uk), np.int64, len(uk))[inv]
+        if len(index) > len(dense):
+            grown = np.zeros((max(len(index), 2 * len(dense)), S))
+            grown[: len(dense)] = dense
+            dense = grown
+        np.add.at(dense.reshape(-1), at * S + po % S, m.data)
     out = {}
-    for r, k in enumerate(uk):
-        blk, dd = divmod(int(k), S)
-        jj, ii = divmod(blk, lin_in.n_ct + 1)
+    for k, r in index.items():
+        blk, dd = divmod(k, S)
+        jj, ii = divmod(blk, NI)
         out[(jj, ii, dd)] = dense[r]
     return out
 

@@ -43,6 +43,7 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
         "key_upload_bytes": r.get("key_upload_bytes"),
         "predicted_seconds": r.get("predicted_seconds"),
         "predicted_encode_seconds": r.get("predicted_encode_seconds"),
+        "predicted_network_seconds": r.get("predicted_network_seconds"),
         "predicted_keygen_seconds": r.get("predicted_keygen_seconds"),
         "predicted_peak_bytes": r.get("predicted_memory_bytes"),
         "predicted_cpu_seconds": r.get("predicted_cpu_seconds"),
@@ -76,7 +77,8 @@ def run_json(backend: str, stats, outputs: Mapping[str, Any], reference_error: M
         "peak_live_ciphertexts": stats.peak_live_ciphertexts,
         "galois_keys": stats.galois_keys,
         "seconds_by_op": dict(stats.seconds_by_op),
-        "outputs": {k: list(v.shape) for k, v in outputs.items()},
+        "outputs": {k: {"shape": list(v.shape), "values": [float(x) for x in v.ravel()]}
+                    for k, v in outputs.items()},
     }
     if backend == "sim":
         out["seconds"]["eval"] = stats.eval_seconds
