@@ -31,52 +31,18 @@ see the activations (for instance one who also owns the model); the report says 
 
 Files (for separate client and server commands)
 -----------------------------------------------
-Key directory (:func:`write_key_dirs` / :func:`read_keys`)::
-
-    keys.json    {"format", "key_set", "params", "primes", "params_fingerprint",
-                  "program_sha256", "galois_steps", "relin", "has_secret",
-                  "files": {name: sha256}}
-    public.key   relin.key (if the program multiplies)   galois.key (if it rotates)
-    secret.key   (client directory only)
-
-Every ``*.key`` is the wrapper's ``to_bytes`` envelope (kind, parameter id,
-CRC-32, SEAL's own format).  ``keys.json`` binds the keys to one program
-(sha256 of its text form, :func:`program_sha256`), one parameter set and one
-key set: ``key_set`` is :meth:`KeySet.fingerprint`, the sha256 of public.key.
-The client and server directories of one keygen share it.  :func:`client_keygen`
-writes both directories all or nothing, under an exclusive lock on each, and
-refuses directories that already hold a key set.
-
-Bundle (:class:`Bundle`, used for inputs, refresh requests and responses,
-server state and outputs)::
-
-    b"HECBNDL2"                       magic + format version
-    uint64 LE  header length H
-    H bytes    header, UTF-8 JSON: {"kind", "program_sha256", "key_set",
-               "params_fingerprint", "meta", "items": [[name, size], ...]}
-    payloads   the items' bytes, in header order
-    32 bytes   sha256 of everything above
-
-Item names: ``ct:<value id>`` (a ciphertext, wrapper envelope) and, in a
-server state waiting for a refresh, ``req:<value id>`` (the request's ciphertexts).
-Every bundle names the key set its ciphertexts are encrypted under; each step
-(encrypt, eval, refresh, decrypt) checks it against its key directory and
-refuses a mismatch with one line naming the file and both fingerprints, before
-writing anything.  Files are written atomically
-(:func:`hecompiler.fileio.atomic_write_bytes`).  The state file is the commit
-point of ``eval``: it holds the pending request (or the outputs), so an ``eval``
-killed after writing it can write them again (:func:`server_reemit`).
+The key directories, bundles and steps are :mod:`backends.protocol`'s, shared with the
+other encrypted backends.  A SEAL key directory holds ``keys.json`` (see protocol), and
+``public.key``, ``relin.key`` (if the program multiplies), ``galois.key`` (if it rotates),
+``secret.key`` (client directory only): each the wrapper's ``to_bytes`` envelope (kind,
+parameter id, CRC-32, SEAL's own format).  Ciphertexts in bundles use the same envelope.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -85,10 +51,12 @@ import numpy as np
 from hecompiler.costmodel import CostModel, peak_rss_bytes, switching_key_bytes
 from hecompiler.errors import HecError
 from hecompiler.executor import EvalState, ExecStats, Executor, ExecutionError
-from hecompiler.fileio import atomic_write_bytes, atomic_write_text
-from hecompiler.heprog import HEProgram, print_program
+from hecompiler.heprog import HEProgram
 from hecompiler.runtime import pack_inputs
 
+from . import protocol as P
+from .protocol import (BackendError, Bundle, LockedKeyDir, keys_json, params_fingerprint, program_sha256,
+                       read_keys_json, short)
 from .seal_ckks import CkksClient, CkksContext, CkksParams, CkksServer, KeySet, SealError
 
 __all__ = [
@@ -102,21 +70,11 @@ __all__ = [
 SCALE_RTOL = 1e-9
 
 
-class SealBackendError(HecError):
+class SealBackendError(BackendError):
     """The SEAL backend refused a program, key set, bundle or run."""
 
 
 # =========================================================================== fingerprints
-
-def program_sha256(prog: HEProgram) -> str:
-    """sha256 (hex) of the program's text form: what keys and bundles are bound to."""
-    return hashlib.sha256(print_program(prog).encode("utf-8")).hexdigest()
-
-
-def params_fingerprint(prog: HEProgram) -> str:
-    d = {"params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes]}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
 
 def make_context(prog: HEProgram) -> CkksContext:
     """The SEAL context of ``prog.params``; its data primes must be ``prog.primes``."""
@@ -263,6 +221,19 @@ class SealClient:
         """The evaluation keys for a server (no secret key)."""
         return self.keys.without_secret()
 
+    @property
+    def key_set(self) -> str:
+        return self.keys.fingerprint()
+
+    def ct_to_bytes(self, ct: Any) -> bytes:
+        return self.ctx.to_bytes(ct)
+
+    def ct_from_bytes(self, data: bytes) -> Any:
+        try:
+            return self.ctx.from_bytes("ciphertext", data)
+        except SealError as e:
+            raise SealBackendError(str(e)) from None
+
     def encrypt_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[int, Any]:
         try:
             packed = pack_inputs(self.prog, inputs)
@@ -322,6 +293,19 @@ class SealServer:
         }
 
     @property
+    def key_set(self) -> str:
+        return self.keys.fingerprint()
+
+    def ct_to_bytes(self, ct: Any) -> bytes:
+        return self.ctx.to_bytes(ct)
+
+    def ct_from_bytes(self, data: bytes) -> Any:
+        try:
+            return self.ctx.from_bytes("ciphertext", data)
+        except SealError as e:
+            raise SealBackendError(str(e)) from None
+
+    @property
     def has_secret_key(self) -> bool:
         return self.keys.secret_key is not None or self.prim._s.keys.secret_key is not None
 
@@ -364,7 +348,7 @@ class SealServer:
 # =========================================================================== one process
 
 def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray],
-                  progress: Callable[[int], Any] | None = None) -> tuple[dict[str, np.ndarray], SealStats]:
+                  progress: Callable[[int], Any] | None = None, meta=None) -> tuple[dict[str, np.ndarray], SealStats]:
     """Keygen, encrypt, evaluate (client-aided refreshes), decrypt; timings in ``stats.phases``."""
     t0 = time.perf_counter()
     client = SealClient.create(prog)
@@ -386,12 +370,6 @@ def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray],
 
 _KEY_FILES = {"public_key": "public.key", "relin_keys": "relin.key", "galois_keys": "galois.key",
               "secret_key": "secret.key"}
-KEYS_FORMAT = 2
-
-
-def short(fingerprint: str) -> str:
-    """How a key-set fingerprint is shown to users: its first 16 hex digits."""
-    return str(fingerprint)[:16]
 
 
 def _key_dir_files(prog: HEProgram, keys: KeySet, include_secret: bool) -> dict[str, bytes]:
@@ -401,76 +379,11 @@ def _key_dir_files(prog: HEProgram, keys: KeySet, include_secret: bool) -> dict[
     out: dict[str, bytes] = {}
     for name, data in keys.to_bytes_dict(include_secret=include_secret).items():
         out[_KEY_FILES[name]] = data
-    meta = {"format": KEYS_FORMAT, "key_set": hashlib.sha256(out["public.key"]).hexdigest(),
-            "params": prog.params.to_dict(), "primes": [int(q) for q in prog.primes],
-            "params_fingerprint": params_fingerprint(prog), "program_sha256": program_sha256(prog),
-            "galois_steps": list(prog.galois_steps), "relin": keys.relin_keys is not None,
-            "has_secret": "secret.key" in out, "files": {fn: hashlib.sha256(b).hexdigest() for fn, b in out.items()}}
-    if meta["key_set"] != keys.fingerprint():
+    fp = hashlib.sha256(out["public.key"]).hexdigest()
+    if fp != keys.fingerprint():
         raise SealBackendError("write_keys: the public key does not serialize to its fingerprint")
-    out["keys.json"] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
+    out["keys.json"] = keys_json(prog, "seal", fp, out, "secret.key" in out, {"relin": keys.relin_keys is not None})
     return out
-
-
-class _LockedKeyDir:
-    """A key directory being written: created if missing (0700), locked exclusively
-    (``flock`` on the directory itself, so nothing is left behind), refused if it
-    already holds a key set.  ``write`` writes the files; on failure ``rollback``
-    removes what this writer wrote."""
-
-    def __init__(self, path: str | os.PathLike, role: str):
-        import fcntl
-
-        self.path = Path(path)
-        self.role = role
-        self.written: list[Path] = []
-        self.created = not self.path.exists()
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            raise SealBackendError(f"{path}: cannot create the {role} key directory: {e.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise SealBackendError(f"{path}: another keygen is writing this {role} key directory; "
-                                   "wait for it or use another directory") from None
-        if role == "server" and (self.path / "secret.key").exists():
-            self.close()
-            raise SealBackendError(f"{path}: holds a secret.key; refusing to write server keys there "
-                                   "(use a separate directory for the server)")
-        if (self.path / "keys.json").exists():
-            self.close()
-            fp = _peek_key_set(self.path)
-            raise SealBackendError(f"{path}: already holds key set {short(fp)}; keygen never replaces keys "
-                                   "(ciphertexts under them could not be decrypted again): remove the directory "
-                                   "or choose another")
-
-    def write(self, files: Mapping[str, bytes]) -> None:
-        for fn, data in files.items():
-            target = self.path / fn
-            atomic_write_bytes(target, data, mode=0o600 if fn == "secret.key" else None)
-            self.written.append(target)
-
-    def rollback(self) -> None:
-        for f in self.written:
-            with contextlib.suppress(OSError):
-                f.unlink()
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.path.rmdir()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-def _peek_key_set(d: Path) -> str:
-    try:
-        return str(json.loads((d / "keys.json").read_text()).get("key_set", "unknown"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
 
 
 def write_key_dirs(prog: HEProgram, keys: KeySet, client_dir: str | os.PathLike,
@@ -486,10 +399,10 @@ def write_key_dirs(prog: HEProgram, keys: KeySet, client_dir: str | os.PathLike,
             raise SealBackendError("client and server key directories must differ (the server must not get "
                                    "secret.key)")
         plan.append((server_dir, "server", _key_dir_files(prog, keys.without_secret(), include_secret=False)))
-    dirs: list[_LockedKeyDir] = []
+    dirs: list[LockedKeyDir] = []
     try:
         for path, role, _ in plan:
-            dirs.append(_LockedKeyDir(path, role))
+            dirs.append(LockedKeyDir(path, role))
         for d, (_, _, files) in zip(dirs, plan):
             d.write({fn: b for fn, b in files.items() if fn != "keys.json"})
         for d, (_, _, files) in zip(dirs, plan):
@@ -507,7 +420,7 @@ def write_keys(prog: HEProgram, keys: KeySet, keys_dir: str | os.PathLike, inclu
     """Write one key directory (see :func:`write_key_dirs`): the secret key only with
     ``include_secret``; a directory that already holds keys, or a secret.key for a server
     directory, is refused."""
-    d = _LockedKeyDir(keys_dir, "client" if include_secret else "server")
+    d = LockedKeyDir(keys_dir, "client" if include_secret else "server")
     try:
         d.write(_key_dir_files(prog, keys, include_secret))
     except BaseException:
@@ -524,29 +437,7 @@ def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evalua
     Galois keys (the client does not need them).  Keys made for another program or other parameters
     are refused.  The returned key set's :meth:`KeySet.fingerprint` is the directory's key set."""
     d = Path(keys_dir)
-    mpath = d / "keys.json"
-    if not d.is_dir():
-        raise SealBackendError(f"{d}: no such key directory")
-    try:
-        meta = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise SealBackendError(f"{d}: not a key directory (no keys.json; an interrupted keygen leaves none)") from None
-    except (OSError, ValueError) as e:
-        raise SealBackendError(f"{mpath}: unreadable: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != KEYS_FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else meta
-        raise SealBackendError(f"{mpath}: key directory format {fmt!r}, expected {KEYS_FORMAT}"
-                               + (" (made by an older hecompiler: run keygen again)" if fmt == 1 else ""))
-    if meta.get("params_fingerprint") != params_fingerprint(prog):
-        raise SealBackendError(f"{d}: the keys were made for other encryption parameters "
-                               f"({meta.get('params')}) than the program's ({prog.params.to_dict()})")
-    if meta.get("program_sha256") != program_sha256(prog):
-        raise SealBackendError(f"{d}: the keys were made for another program (program sha256 "
-                               f"{str(meta.get('program_sha256'))[:16]}..., this program "
-                               f"{program_sha256(prog)[:16]}...)")
-    if not secret and evaluation and (meta.get("has_secret") or (d / "secret.key").exists()):
-        raise SealBackendError(f"{d}: holds the secret key; the server gets the server key directory, never "
-                               "the client's")
+    meta = read_keys_json(prog, d, "seal", secret, evaluation)
     ctx = make_context(prog)
     files = meta.get("files", {})
     blobs = {}
@@ -562,8 +453,6 @@ def read_keys(prog: HEProgram, keys_dir: str | os.PathLike, secret: bool, evalua
         if hashlib.sha256(data).hexdigest() != files[fn]:
             raise SealBackendError(f"{d / fn}: corrupt or replaced (sha256 does not match keys.json)")
         blobs[name] = data
-    if secret and "secret_key" not in blobs:
-        raise SealBackendError(f"{d}: no secret.key (this is a server key directory)")
     if "public_key" not in blobs:
         raise SealBackendError(f"{d}: no public.key")
     fp = hashlib.sha256(blobs["public_key"]).hexdigest()
@@ -591,148 +480,10 @@ def _check_key_pair(keys: KeySet, d: Path) -> None:
                                "the directory mixes two key sets")
 
 
-# =========================================================================== bundles
-
-_MAGIC = b"HECBNDL2"
-_OLD_MAGICS = (b"HECBNDL1",)
-_KINDS = ("inputs", "request", "response", "state", "outputs")
-
-
-@dataclass
-class Bundle:
-    """A file of serialized ciphertexts with a JSON header; see module doc.  ``source`` (not
-    stored) is where it was read from, for messages."""
-
-    kind: str
-    program_sha256: str
-    params_fingerprint: str
-    key_set: str
-    meta: dict = field(default_factory=dict)
-    items: dict[str, bytes] = field(default_factory=dict)
-    source: str = field(default="", compare=False)
-
-    def to_bytes(self) -> bytes:
-        head = json.dumps({"kind": self.kind, "program_sha256": self.program_sha256, "key_set": self.key_set,
-                           "params_fingerprint": self.params_fingerprint, "meta": self.meta,
-                           "items": [[n, len(b)] for n, b in self.items.items()]},
-                          sort_keys=True).encode("utf-8")
-        body = b"".join([_MAGIC, struct.pack("<Q", len(head)), head, *self.items.values()])
-        return body + hashlib.sha256(body).digest()
-
-    @staticmethod
-    def from_bytes(data: bytes, source: str = "<bundle>") -> "Bundle":
-        data = bytes(data)
-        if data[:8] in _OLD_MAGICS:
-            raise SealBackendError(f"{source}: a bundle of an older hecompiler (not bound to a key set); "
-                                   "encrypt again")
-        if data[:8] != _MAGIC:
-            raise SealBackendError(f"{source}: not a ciphertext bundle (bad magic)")
-        if len(data) < 8 + 8 + 32:
-            raise SealBackendError(f"{source}: truncated ({len(data)} bytes)")
-        body, digest = data[:-32], data[-32:]
-        if hashlib.sha256(body).digest() != digest:
-            raise SealBackendError(f"{source}: corrupt or truncated (sha256 mismatch)")
-        (hlen,) = struct.unpack_from("<Q", body, 8)
-        if 16 + hlen > len(body):
-            raise SealBackendError(f"{source}: corrupt header length {hlen}")
-        try:
-            head = json.loads(body[16:16 + hlen].decode("utf-8"))
-            kind, items, key_set = head["kind"], head["items"], str(head["key_set"])
-            psha, pfp, meta = head["program_sha256"], head["params_fingerprint"], head["meta"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SealBackendError(f"{source}: corrupt header: {e}") from None
-        if kind not in _KINDS:
-            raise SealBackendError(f"{source}: unknown bundle kind {kind!r}")
-        off = 16 + hlen
-        out: dict[str, bytes] = {}
-        for name, size in items:
-            if size < 0 or off + size > len(body):
-                raise SealBackendError(f"{source}: item {name!r} runs past the end")
-            out[str(name)] = body[off:off + size]
-            off += size
-        if off != len(body):
-            raise SealBackendError(f"{source}: {len(body) - off} trailing bytes")
-        return Bundle(kind, psha, pfp, key_set, meta, out, source)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_bytes(path, self.to_bytes())
-
-    @staticmethod
-    def load(path: str | os.PathLike) -> "Bundle":
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise SealBackendError(f"{path}: {e.strerror or e}") from None
-        return Bundle.from_bytes(data, str(path))
-
-
-def _as_bundle(b: "Bundle | str | os.PathLike") -> Bundle:
-    return b if isinstance(b, Bundle) else Bundle.load(b)
-
-
-def _new_bundle(prog: HEProgram, kind: str, keys: KeySet, meta: dict | None = None) -> Bundle:
-    return Bundle(kind, program_sha256(prog), params_fingerprint(prog), keys.fingerprint(), dict(meta or {}))
-
-
-def _check_bundle(b: Bundle, prog: HEProgram, kind: str, keys: KeySet, keys_dir: str | os.PathLike | None) -> None:
-    """``b`` is a ``kind`` bundle of ``prog`` under the key set ``keys`` (read from ``keys_dir``)."""
-    src = b.source or f"the {b.kind} bundle"
-    if b.kind != kind:
-        raise SealBackendError(f"{src}: expected a {kind} bundle, got a {b.kind} bundle")
-    if b.params_fingerprint != params_fingerprint(prog):
-        raise SealBackendError(f"{src}: the {kind} bundle was made for other encryption parameters")
-    if b.program_sha256 != program_sha256(prog):
-        raise SealBackendError(f"{src}: the {kind} bundle was made for another program")
-    if b.key_set != keys.fingerprint():
-        where = f"{keys_dir} holds" if keys_dir is not None else "these keys are"
-        raise SealBackendError(f"{src}: encrypted under key set {short(b.key_set)}, but {where} key set "
-                               f"{short(keys.fingerprint())}: wrong keys")
-
-
-def _put_cts(b: Bundle, ctx: CkksContext, cts: Mapping[int, Any], prefix: str = "ct:") -> None:
-    for v, ct in cts.items():
-        b.items[f"{prefix}{int(v)}"] = ctx.to_bytes(ct)
-
-
-def _get_cts(b: Bundle, ctx: CkksContext, prefix: str = "ct:") -> dict[int, Any]:
-    out = {}
-    for name, data in b.items.items():
-        if name.startswith(prefix):
-            try:
-                out[int(name[len(prefix):])] = ctx.from_bytes("ciphertext", data)
-            except (SealError, ValueError) as e:
-                raise SealBackendError(f"{b.source or b.kind + ' bundle'}, ciphertext {name}: {e}") from None
-    return out
-
-
-def state_to_bundle(prog: HEProgram, keys: KeySet, st: EvalState) -> Bundle:
-    """Server-side state file: the live ciphertexts and the pending request."""
-    b = _new_bundle(prog, "state", keys, {"pc": st.pc, "pending": st.pending, "request_id": st.request_id,
-                                          "request": sorted(st.request), "stats": st.stats.to_dict()})
-    _put_cts(b, keys.ctx, st.live)
-    _put_cts(b, keys.ctx, st.request, "req:")
-    return b
-
-
-def state_from_bundle(prog: HEProgram, keys: KeySet, b: Bundle, keys_dir=None) -> EvalState:
-    _check_bundle(b, prog, "state", keys, keys_dir)
-    m = b.meta
-    try:
-        st = EvalState(pc=int(m["pc"]), pending=[int(k) for k in m["pending"]], request_id=str(m["request_id"]),
-                       stats=SealStats.from_dict(m["stats"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise SealBackendError(f"{b.source or 'state bundle'}: corrupt state: {e}") from None
-    st.live = _get_cts(b, keys.ctx)
-    st.request = _get_cts(b, keys.ctx, "req:")
-    if len(st.pending) != len(st.request):
-        raise SealBackendError(f"{b.source or 'state bundle'}: inconsistent pending refreshes")
-    return st
-
-
-# =========================================================================== file-level flow
+# =========================================================================== file-level flow (protocol.py)
 
 def client_keygen(prog: HEProgram, client_dir: str | os.PathLike,
-                  server_dir: str | os.PathLike) -> SealClient:
+                  server_dir: str | os.PathLike, meta=None) -> SealClient:
     """Generate keys for ``prog``: secret + public key into ``client_dir`` (all the client needs),
     public + relin + Galois keys into ``server_dir`` (never the secret key); all or nothing."""
     if Path(client_dir).resolve() == Path(server_dir).resolve():
@@ -742,86 +493,45 @@ def client_keygen(prog: HEProgram, client_dir: str | os.PathLike,
     return client
 
 
-def _client(prog: HEProgram, keys_dir) -> SealClient:
+def open_client(prog: HEProgram, keys_dir: str | os.PathLike, meta=None) -> SealClient:
     return SealClient(prog, read_keys(prog, keys_dir, secret=True, evaluation=False))
 
 
+def open_server(prog: HEProgram, keys_dir: str | os.PathLike, meta=None) -> SealServer:
+    return SealServer(prog, read_keys(prog, keys_dir, secret=False))
+
+
 def client_encrypt(prog: HEProgram, keys_dir: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> Bundle:
-    client = _client(prog, keys_dir)
-    b = _new_bundle(prog, "inputs", client.keys)
-    _put_cts(b, client.ctx, client.encrypt_inputs(inputs))
-    return b
+    return P.client_encrypt(prog, open_client(prog, keys_dir), inputs)
 
 
 def client_refresh(prog: HEProgram, keys_dir: str | os.PathLike, request: "Bundle | str | os.PathLike") -> Bundle:
-    """Answer a refresh request: decrypt each ciphertext and encrypt it again at the top level."""
-    req = _as_bundle(request)
-    client = _client(prog, keys_dir)
-    _check_bundle(req, prog, "request", client.keys, keys_dir)
-    cts = _get_cts(req, client.ctx)
-    resp = _new_bundle(prog, "response", client.keys, {"request_id": req.meta.get("request_id", "")})
-    _put_cts(resp, client.ctx, {v: client.refresh(ct) for v, ct in cts.items()})
-    return resp
+    return P.client_refresh(prog, open_client(prog, keys_dir), request, keys_dir)
 
 
 def client_decrypt(prog: HEProgram, keys_dir: str | os.PathLike,
                    outputs: "Bundle | str | os.PathLike") -> dict[str, np.ndarray]:
-    b = _as_bundle(outputs)
-    client = _client(prog, keys_dir)
-    _check_bundle(b, prog, "outputs", client.keys, keys_dir)
-    return client.decrypt_outputs(_get_cts(b, client.ctx))
-
-
-def _server(prog: HEProgram, keys_dir) -> SealServer:
-    return SealServer(prog, read_keys(prog, keys_dir, secret=False))
+    return P.client_decrypt(prog, open_client(prog, keys_dir), outputs, keys_dir)
 
 
 def server_start(prog: HEProgram, keys_dir: str | os.PathLike, input_bundle: "Bundle | str | os.PathLike") -> Bundle:
-    """Initial server state (a ``state`` bundle) from an ``inputs`` bundle."""
-    b = _as_bundle(input_bundle)
-    server = _server(prog, keys_dir)
-    _check_bundle(b, prog, "inputs", server.keys, keys_dir)
-    st = server.start(_get_cts(b, server.ctx))
-    return state_to_bundle(prog, server.keys, st)
-
-
-def _emit(prog: HEProgram, server: SealServer, st: EvalState) -> tuple[Bundle | None, Bundle | None]:
-    """What a state has for the client: ``(request, None)`` while it waits, ``(None, outputs)`` at the end."""
-    if st.pending:
-        req = _new_bundle(prog, "request", server.keys, {"request_id": st.request_id})
-        _put_cts(req, server.ctx, st.request)
-        return req, None
-    outs = _new_bundle(prog, "outputs", server.keys, {"stats": st.stats.to_dict()})
-    _put_cts(outs, server.ctx, server.outputs(st))
-    return None, outs
+    return P.server_start(prog, open_server(prog, keys_dir), input_bundle, keys_dir)
 
 
 def server_step(prog: HEProgram, keys_dir: str | os.PathLike, state: "Bundle | str | os.PathLike",
                 response: "Bundle | str | os.PathLike | None" = None,
                 progress: Callable[[int], Any] | None = None) -> tuple[Bundle, Bundle | None, Bundle | None]:
-    """Continue the evaluation: returns ``(state, request, None)`` when the client must refresh
-    (send ``request``, call again with its response), or ``(state, None, outputs)`` at the end.
-    Save the state first: it is the commit point (:func:`server_reemit` rebuilds the rest)."""
-    server = _server(prog, keys_dir)
-    st = state_from_bundle(prog, server.keys, _as_bundle(state), keys_dir)
-    resp_cts = rid = None
-    if response is not None:
-        rb = _as_bundle(response)
-        _check_bundle(rb, prog, "response", server.keys, keys_dir)
-        rid = str(rb.meta.get("request_id", ""))
-        resp_cts = _get_cts(rb, server.ctx)
-    server.run_until_refresh(st, resp_cts, progress=progress, request_id=rid)
-    req, outs = _emit(prog, server, st)
-    return state_to_bundle(prog, server.keys, st), req, outs
+    return P.server_step(prog, open_server(prog, keys_dir), state, response, keys_dir, progress)
 
 
 def server_reemit(prog: HEProgram, keys_dir: str | os.PathLike,
                   state: "Bundle | str | os.PathLike") -> tuple[Bundle | None, Bundle | None]:
-    """The request (or the outputs) of a saved state, again: an ``eval`` interrupted after it
-    saved its state loses nothing."""
-    server = _server(prog, keys_dir)
-    st = state_from_bundle(prog, server.keys, _as_bundle(state), keys_dir)
-    if not st.pending and not st.done(prog):
-        raise SealBackendError(f"{state}: the evaluation neither waits for a refresh nor is finished "
-                               f"(next instruction {st.pc}): give --response")
-    return _emit(prog, server, st)
+    return P.server_reemit(prog, open_server(prog, keys_dir), state, keys_dir)
+
+
+def state_to_bundle(prog: HEProgram, server: "SealServer", st: EvalState) -> Bundle:
+    return P.state_to_bundle(prog, server, st)
+
+
+def state_from_bundle(prog: HEProgram, server: "SealServer", b: Bundle, keys_dir=None) -> EvalState:
+    return P.state_from_bundle(prog, server, b, keys_dir)

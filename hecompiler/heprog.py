@@ -43,7 +43,6 @@ checks levels, scales, key coverage and definitions.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources

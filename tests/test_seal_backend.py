@@ -91,7 +91,7 @@ def test_stats(tiny, encrypted):
 
 def test_server_never_holds_the_secret_key(tiny, keydirs):
     client, cdir, sdir = keydirs
-    with pytest.raises(SB.SealBackendError, match="secret key"):
+    with pytest.raises(SB.BackendError, match="secret key"):
         SB.SealServer(tiny.prog, client.keys)
     server = SB.SealServer(tiny.prog, client.public_keys())
     assert not server.has_secret_key
@@ -99,9 +99,9 @@ def test_server_never_holds_the_secret_key(tiny, keydirs):
     assert {p.name for p in sdir.iterdir()} == {"keys.json", "public.key", "relin.key", "galois.key"}
     assert {p.name for p in cdir.iterdir()} == {"keys.json", "public.key", "secret.key"}
     assert SB.read_keys(tiny.prog, sdir, secret=False).secret_key is None
-    with pytest.raises(SB.SealBackendError, match="no secret.key"):
+    with pytest.raises(SB.BackendError, match="no secret.key"):
         SB.read_keys(tiny.prog, sdir, secret=True)
-    with pytest.raises(SB.SealBackendError, match="holds a secret.key"):
+    with pytest.raises(SB.BackendError, match="holds a secret.key"):
         SB.write_keys(tiny.prog, client.public_keys(), cdir, include_secret=False)
 
 
@@ -109,18 +109,18 @@ def test_keys_for_another_program_are_refused(tiny, keydirs):
     _, cdir, sdir = keydirs
     other, _ = lower(tiny.g, Params(N, BITS, 40), tiny.primes, LoweringOptions(multiplex=False))
     assert SB.program_sha256(other) != SB.program_sha256(tiny.prog)
-    with pytest.raises(SB.SealBackendError, match="another program"):
+    with pytest.raises(SB.BackendError, match="another program"):
         SB.read_keys(other, sdir, secret=False)
-    with pytest.raises(SB.SealBackendError, match="another program"):
+    with pytest.raises(SB.BackendError, match="another program"):
         SB.client_encrypt(other, cdir, tiny.feeds)
     inputs = SB.client_encrypt(tiny.prog, cdir, tiny.feeds)
-    with pytest.raises(SB.SealBackendError, match="another program"):
+    with pytest.raises(SB.BackendError, match="another program"):
         SB.server_start(other, sdir, inputs)
 
 
 def test_primes_must_match_the_context(tiny):
     bad = dataclasses.replace(tiny.prog, primes=tiny.prog.primes[:-1] + (tiny.prog.primes[-1] + 2 * N,))
-    with pytest.raises(SB.SealBackendError, match="primes differ"):
+    with pytest.raises(SB.BackendError, match="primes differ"):
         SB.make_context(bad)
 
 
@@ -133,10 +133,10 @@ def test_corrupt_bundles_are_refused(tiny, keydirs, tmp_path):
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x40
     (tmp_path / "flip.bundle").write_bytes(bytes(flipped))
-    with pytest.raises(SB.SealBackendError, match="sha256 mismatch"):
+    with pytest.raises(SB.BackendError, match="sha256 mismatch"):
         SB.server_start(tiny.prog, sdir, tmp_path / "flip.bundle")
     (tmp_path / "trunc.bundle").write_bytes(bytes(data[:-1000]))
-    with pytest.raises(SB.SealBackendError, match="corrupt or truncated"):
+    with pytest.raises(SB.BackendError, match="corrupt or truncated"):
         SB.Bundle.load(tmp_path / "trunc.bundle")
     # a damaged ciphertext inside a well-formed bundle: the wrapper's checksum catches it
     name = next(iter(b.items))
@@ -144,9 +144,9 @@ def test_corrupt_bundles_are_refused(tiny, keydirs, tmp_path):
     ct[len(ct) // 2] ^= 0x01
     bad = SB.Bundle(b.kind, b.program_sha256, b.params_fingerprint, b.key_set, b.meta, {name: bytes(ct)})
     bad = SB.Bundle.from_bytes(bad.to_bytes())
-    with pytest.raises(SB.SealBackendError, match="checksum"):
+    with pytest.raises(SB.BackendError, match="checksum"):
         SB.server_start(tiny.prog, sdir, bad)
-    with pytest.raises(SB.SealBackendError, match="expected a state bundle"):
+    with pytest.raises(SB.BackendError, match="expected a state bundle"):
         SB.server_step(tiny.prog, sdir, b)
     assert struct.unpack_from("<Q", data, 8)[0] < len(data)  # header length field sanity
 
@@ -158,12 +158,12 @@ def test_plan_mismatch_fails_loudly(tiny, keydirs):
     prog.instrs[k].scale *= 1 + 1e-6
     server = SB.SealServer(prog, client.public_keys())
     cts = SB.SealClient(prog, client.keys).encrypt_inputs(tiny.feeds)
-    with pytest.raises(SB.SealBackendError, match=rf"instruction {k} \(rescale.*the plan says"):
+    with pytest.raises(SB.BackendError, match=rf"instruction {k} \(rescale.*the plan says"):
         server.run(cts, client.refresh)
     prog = copy.deepcopy(tiny.prog)
     j = next(i for i, ins in enumerate(prog.instrs) if ins.op == "rotate")
     prog.instrs[j].level -= 1
-    with pytest.raises(SB.SealBackendError, match=rf"instruction {j} \(rotate.*plans level"):
+    with pytest.raises(SB.BackendError, match=rf"instruction {j} \(rotate.*plans level"):
         SB.SealServer(prog, client.public_keys()).run(cts, client.refresh)
 
 
@@ -185,14 +185,14 @@ def test_separate_steps_flow_through_files(tiny, keydirs, encrypted, tmp_path):
         request.save(tmp_path / "request.bundle")
         SB.client_refresh(prog, cdir, tmp_path / "request.bundle").save(tmp_path / "response.bundle")
         if first_response is None:
-            with pytest.raises(SB.SealBackendError, match="a response is needed"):
+            with pytest.raises(SB.BackendError, match="a response is needed"):
                 SB.server_step(prog, sdir, tmp_path / "state.bundle")
             first_response = tmp_path / "first_response.bundle"
             (tmp_path / "response.bundle").replace(first_response)
             response = first_response
         else:
             if trips == 2:  # a stale response (answer to another request) is refused
-                with pytest.raises(SB.SealBackendError, match="stale or foreign"):
+                with pytest.raises(SB.BackendError, match="stale or foreign"):
                     SB.server_step(prog, sdir, tmp_path / "state.bundle", first_response)
             response = tmp_path / "response.bundle"
     assert trips == prog.op_counts()["refresh"]
@@ -202,7 +202,7 @@ def test_separate_steps_flow_through_files(tiny, keydirs, encrypted, tmp_path):
     _close(outs[name], encrypted[0][name])
     _close(outs[name], tiny.ref)
     assert outputs.meta["stats"]["refreshes"] == trips
-    with pytest.raises(SB.SealBackendError, match="not waiting"):
+    with pytest.raises(SB.BackendError, match="not waiting"):
         SB.server_step(prog, sdir, tmp_path / "state.bundle", tmp_path / "response.bundle")
 
 
