@@ -67,13 +67,29 @@ class BackendError(HecError):
 
 def program_sha256(prog: HEProgram) -> str:
     """sha256 (hex) of the program: its text form and its weights (names, shapes, bytes), so
-    keys and bundles are bound to what the program computes, weights included."""
+    keys and bundles are bound to what the program computes, weights included.
+
+    A program object carrying ``program_digest`` answers with it: a client's weightless view
+    (:class:`hecompiler.clientfile.ClientProgram`, which holds the full program's digest since it
+    has neither instructions nor weights to hash), or a server program whose digest was computed
+    once at load (:func:`pin_program_sha256`)."""
+    digest = getattr(prog, "program_digest", None)
+    if digest is not None:
+        return str(digest)
     h = hashlib.sha256(print_program(prog).encode("utf-8"))
     for name in sorted(prog.weights):
         w = np.ascontiguousarray(prog.weights[name])
         h.update(f"\n{name} {w.dtype.str} {list(w.shape)}\n".encode())
         h.update(w.tobytes())
     return h.hexdigest()
+
+
+def pin_program_sha256(prog: HEProgram) -> str:
+    """Compute ``prog``'s sha256 once and keep it on the object (``program_digest``): a server
+    checks every bundle against it, and the program it serves never changes."""
+    prog.program_digest = None  # type: ignore[attr-defined]
+    prog.program_digest = program_sha256(prog)  # type: ignore[attr-defined]
+    return prog.program_digest  # type: ignore[attr-defined]
 
 
 def params_fingerprint(prog: HEProgram) -> str:

@@ -136,6 +136,10 @@ class SealPrimitives:
         return self.top - self.ctx.level_of(ct), float(ct.scale)
 
     @_guarded
+    def copy(self, ct):
+        return self._s.copy(ct)
+
+    @_guarded
     def set_scale(self, ct, scale):
         self._s.set_scale(ct, scale)
         return ct

@@ -46,6 +46,10 @@ class ModulusOverflow(HecError):
     """A value too large for the ciphertext modulus at its level: encrypted, it would wrap around."""
 
 
+class BootstrapRangeError(ModulusOverflow):
+    """A value too large for the target's bootstrap: encrypted, it would come out as garbage."""
+
+
 class SimCt:
     """A simulated ciphertext: slot values (real units) with the level and scale encryption gives."""
 
@@ -73,8 +77,16 @@ class SimPrimitives:
     refresh_kind = "inline"
     bootstraps = False
 
-    def __init__(self, prog: HEProgram, noise: dict[str, float] | None, rng: np.random.Generator, strict: bool):
+    def copy(self, ct: SimCt) -> SimCt:
+        return ct  # SimCt is never modified in place
+
+    def __init__(self, prog: HEProgram, noise: dict[str, float] | None, rng: np.random.Generator, strict: bool,
+                 bootstrap_max_abs: float | None = None):
         self.prog = prog
+        #: a bootstrapping target accepts refresh inputs with |v| <= this (None: no limit)
+        self.boot_max = bootstrap_max_abs
+        self.refresh_peaks: dict[int, float] = {}  # refresh instruction -> largest |input slot|
+        self._pending_peaks: list[float] = []
         self.S = prog.params.slots
         self.primes = prog.primes
         self.top = prog.params.top_level
@@ -176,11 +188,24 @@ class SimPrimitives:
         return SimCt(np.zeros(self.S), level, scale)
 
     def refresh(self, cts: list[SimCt]) -> list[SimCt]:
+        self._pending_peaks = [float(np.abs(c.vec).max()) if c.vec.size else 0.0 for c in cts]
         return [SimCt(self._noisy(c.vec, "refresh" if self.noise and "refresh" in self.noise else "fresh",
                                   self.delta), self.top, self.delta) for c in cts]
 
     # ---------------------------------------------------------------- the modulus check
     def observe(self, k: int, ins, results, stats: ExecStats) -> None:
+        if ins.op == "refresh" and self._pending_peaks:
+            inp = self._pending_peaks.pop(0)
+            self.refresh_peaks[k] = inp
+            if self.boot_max is not None:
+                use = inp / self.boot_max if np.isfinite(inp) else np.inf
+                if use > stats.bootstrap_use:
+                    stats.bootstrap_use = float(use)
+                if self.strict and use > 1.0:
+                    raise BootstrapRangeError(
+                        f"{where(k, ins)}: a value of magnitude {inp:.4g} enters a bootstrap that accepts "
+                        f"|v| <= {self.boot_max:g}: encrypted, the output would be garbage (is the input much "
+                        f"larger than the program was planned for?)")
         peak = max((float(np.abs(r.vec).max()) for r in results), default=0.0)
         if peak == 0.0:
             return
@@ -203,14 +228,18 @@ class Simulator:
     name = "sim"
 
     def __init__(self, prog: HEProgram, cost: CostModel | None = None, noise: bool = False, seed: int = 0,
-                 strict: bool = True):
+                 strict: bool = True, target=None):
+        """``target`` (:class:`hecompiler.target.Target`): where the program will run; its cost
+        table prices the ops and gives the noise, and a bootstrapping target's refreshes are
+        checked against the bootstrap's input range."""
         self.prog = prog
-        self.cost = cost or CostModel()
+        self.cost = cost or (target.cost_model() if target is not None else CostModel())
         self.noise = noise
         self.strict = strict
         self.rng = np.random.default_rng(seed)
         consts = self.cost.noise(prog.params.poly_degree) if noise else None
-        self.prim = SimPrimitives(prog, consts, self.rng, strict)
+        rng = getattr(target, "bootstrap_range", None)
+        self.prim = SimPrimitives(prog, consts, self.rng, strict, rng.max_abs if rng is not None else None)
 
     def run(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], ExecStats]:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported per value

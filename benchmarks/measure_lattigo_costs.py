@@ -209,6 +209,37 @@ def measure_errors(p: Any, cl: Any, ev: Any, rng: np.random.Generator) -> dict[s
     return e
 
 
+def measure_noise(p: Any, cl: Any, ev: Any, rng: np.random.Generator, samples: int = 4) -> dict[str, float]:
+    """Standard deviation of the error each op adds, times the scale (the simulator's noise model,
+    the same units as the SEAL table): fresh public-key encryption, a rotation's key switch, a
+    rescale's rounding, and a bootstrap (refresh), on |x| <= 1."""
+    top, d = p.max_level, p.default_scale
+    acc: dict[str, list[float]] = {"fresh": [], "keyswitch": [], "rescale": [], "refresh": []}
+    for _ in range(samples):
+        x = rng.uniform(-1, 1, p.slots)
+        ct = cl.encrypt(x, secret=False)
+        e0 = cl.decrypt(ct) - x
+        acc["fresh"].append(float(np.std(e0)) * d)
+        e1 = cl.decrypt(ev.rotate(ct, 1)) - np.roll(x, -1)
+        acc["keyswitch"].append(float(np.sqrt(max(np.var(e1) - np.var(e0), 0.0))) * d)
+        if top >= 1:
+            q = float(p.q[top])
+            prod = ev.mul_plain(ct, np.ones(p.slots), scale=q)
+            eb = cl.decrypt(prod) - x
+            r = ev.rescale(prod)
+            ea = cl.decrypt(r) - x
+            acc["rescale"].append(float(np.sqrt(max(np.var(ea) - np.var(eb), 0.0))) * r.scale)
+        if p.bootstrap is not None and ev.has_bootstrap:
+            lv = min(1, top)
+            b = cl.encrypt(x, level=lv, secret=False)
+            eb = cl.decrypt(b) - x
+            eo = cl.decrypt(ev.bootstrap(b)) - x
+            acc["refresh"].append(float(np.sqrt(max(np.var(eo) - np.var(eb), 0.0))) * d)
+    out = {k: float(np.sqrt(np.mean(np.square(v)))) for k, v in acc.items() if v}
+    out["samples"] = samples
+    return out
+
+
 def measure_bootstrap(p: Any, cl: Any, ev: Any, rng: np.random.Generator, reps: int,
                       log: Callable[[str], None]) -> dict[str, Any]:
     b = p.bootstrap
@@ -315,6 +346,8 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     by_primes, fits = fit(rows)
     errors = measure_errors(p, cl, ev, rng)
     log("  errors (max abs, |x|<=1): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    noise = measure_noise(p, cl, ev, rng)
+    log("  noise (std x scale): " + ", ".join(f"{k} {v:.3g}" for k, v in noise.items() if isinstance(v, float)))
 
     boots = []
     if p.bootstrap is not None and ev.has_bootstrap:
@@ -352,7 +385,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
         "key_bytes": key_bytes,
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,
-        "errors": errors, "bootstrap": boots,
+        "errors": errors, "noise": noise, "bootstrap": boots,
         "go_memory": L.go_memory(),
     }
 
@@ -424,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = list(L.REFERENCE_SETS) + [k for k in L.INSECURE_SETS if "nobtp" not in k]
     ap.add_argument("--set", default="toy-n12", help=f"parameter set: {', '.join(sets)}")
     ap.add_argument("-o", "--out", type=pathlib.Path, default=None,
-                    help="output JSON (default: out/cost_lattigo_<set>.json)")
+                    help="output JSON (default: hecompiler/data/cost_lattigo-<set>.json, the table bundled with the compiler)")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds per op (median; default 5)")
     ap.add_argument("--btp-log-slots", default=None,
                     help="comma-separated log2 slot counts to bootstrap at besides the set's own, each with its own "
@@ -455,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = [int(v) for v in args.btp_log_slots.split(",") if v.strip()]
         except ValueError:
             ap.error(f"--btp-log-slots {args.btp_log_slots!r}: expected comma-separated integers")
-    out = args.out or ROOT / "out" / f"cost_lattigo_{args.set}.json"
+    out = args.out or ROOT / "hecompiler" / "data" / f"cost_lattigo-{args.set}.json"
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import importlib
 import importlib.util
 import os
@@ -150,6 +151,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="price of one CPU core-hour (any currency): the report gives the cost per 1000 inferences")
     g.add_argument("--max-refreshes", type=int, default=None, metavar="N",
                    help="refuse plans that refresh more ciphertexts than N (0: non-interactive)")
+    g.add_argument("--target", default="seal", metavar="seal|lattigo[:SET]",
+                   help="where the program will run: seal (client-aided refresh; default) or lattigo (bootstrapping, "
+                        "non-interactive: the server runs the whole network alone). Lattigo sets: n16-sparse "
+                        "(default, 128-bit), n15-dense (128-bit), toy-n12 and toy-n10 (INSECURE, tests)")
     g.add_argument("--refresh", default="client", metavar="client|bootstrap[:SECONDS]",
                    help="what a refresh is on the target: 'client' (client-aided re-encryption, what the SEAL "
                         "backend runs; default) or 'bootstrap' (plan for a bootstrapping backend: the chain keeps "
@@ -288,10 +293,18 @@ def _compile_hec(args) -> int:
                           input_shapes=dict(args.input_shape), dump_after=args.dump_after,
                           dump_weights=args.dump_weights, dump_constants=not args.no_constants,
                           dump_dir=args.dump_dir if args.dump_after else None, check=not args.no_check,
-                          sample=sample, price_per_core_hour=args.price_per_core_hour, **_approx_kwargs(args))
+                          sample=sample, price_per_core_hour=args.price_per_core_hour, target=args.target,
+                          **_approx_kwargs(args))
     if args.price_per_core_hour is not None and not args.price_per_core_hour >= 0:
         raise HecError(f"--price-per-core-hour {args.price_per_core_hour}: must be a non-negative number")
-    cost = CostModel(refresh=refresh)
+    from .target import get_target
+
+    target = get_target(args.target, refresh.kind)
+    if target.backend != "seal" and args.refresh != "client":
+        raise HecError(f"--refresh {args.refresh}: target {target.name} bootstraps (measured); --refresh is for the "
+                       f"seal target")
+    opts = replace(opts, target=target)
+    cost = target.cost_model(refresh if target.backend == "seal" else None)
     bar = tqdm(desc="planning", unit=" candidates", disable=args.quiet or not sys.stderr.isatty(), leave=False)
     try:
         result = compile_model(args.model, opts, cost, progress=lambda c: bar.update(1))
@@ -356,9 +369,10 @@ def _load_input(prog, meta, path: str, precheck: bool = True):
         sys.stderr.write(line + "\n")
     if precheck:
         from .backends.sim import ModulusOverflow, Simulator
+        from .target import target_of
 
         try:
-            Simulator(prog).run({io.name: x})
+            Simulator(prog, target=target_of(meta)).run({io.name: x})
         except ModulusOverflow as e:
             raise HecError(f"--input {path}: refused before encryption: {e}") from None
     return io, x
@@ -375,8 +389,9 @@ def cmd_run(argv: Sequence[str]) -> int:
                                             "optionally compare with the original model.")
     p.add_argument("program", help="the compiled .hec file")
     p.add_argument("--input", required=True, metavar="X.npy", help="the input tensor (shape as the model's input)")
-    p.add_argument("--backend", choices=["sim", "seal"], default="seal",
-                   help="seal: real encryption (default); sim: the slot simulator")
+    p.add_argument("--backend", choices=["sim", "seal", "lattigo"], default=None,
+                   help="real encryption on the program's target (default: seal, or lattigo for a program compiled "
+                        "with --target lattigo); sim: the slot simulator")
     p.add_argument("--reference", metavar="MODEL.onnx", help="compare with this model in onnxruntime")
     p.add_argument("-o", "--output", metavar="Y.npy|Y.npz",
                    help="write the decrypted output (.npy), or every output of a multi-output model (.npz)")
@@ -393,8 +408,17 @@ def cmd_run(argv: Sequence[str]) -> int:
     prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _check_output_kind(prog, args.output)
     _warn_insecure(prog)
-    io, x = _load_input(prog, meta, args.input, precheck=args.backend != "sim" and not args.no_precheck)
+    from . import backends
     from .executor import total_work
+    from .target import target_of
+
+    planned = backends.for_program(meta)
+    args.backend = args.backend or planned
+    if args.backend not in ("sim", planned):
+        raise HecError(f"--backend {args.backend}: the program was compiled for {planned} (its primes, scales and "
+                       f"refreshes are planned for it); compile again with --target {args.backend} or use "
+                       f"--backend {planned} or sim")
+    io, x = _load_input(prog, meta, args.input, precheck=args.backend != "sim" and not args.no_precheck)
 
     n = len(prog.instrs)
     bar = tqdm(total=total_work(prog), desc=f"{args.backend}", unit=" ops", disable=args.quiet or not sys.stderr.isatty(),
@@ -403,14 +427,13 @@ def cmd_run(argv: Sequence[str]) -> int:
         if args.backend == "sim":
             from .backends.sim import Simulator
 
-            outs, stats = Simulator(prog).run({io.name: x}, progress=bar.update)
-            summary = (f"simulated {n} instructions in {stats.wall_seconds:.2f} s; predicted SEAL time "
+            target = target_of(meta)
+            outs, stats = Simulator(prog, target=target).run({io.name: x}, progress=bar.update)
+            summary = (f"simulated {n} instructions in {stats.wall_seconds:.2f} s; predicted {target.backend} time "
                        f"{stats.predicted_seconds:.2f} s; {stats.op_counts}")
         else:
-            from .backends.seal import run_encrypted
-
-            outs, stats = run_encrypted(prog, {io.name: x}, progress=bar.update)
-            summary = _seal_summary(stats)
+            outs, stats = backends.get(args.backend).run_encrypted(prog, {io.name: x}, progress=bar.update, meta=meta)
+            summary = f"{args.backend} run (real encryption):\n" + stats.format()
     finally:
         bar.close()
     name = prog.outputs[0].name
@@ -476,10 +499,6 @@ def _emit_outputs(prog, outs, path: str | None) -> None:
     else:
         np.save(buf, np.asarray(outs[names[0]]))
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _seal_summary(stats) -> str:
-    return "SEAL run (real encryption):\n" + stats.format()
 
 
 def _reference(path: str, x):
@@ -553,24 +572,34 @@ def _add_verify_key(p: argparse.ArgumentParser) -> None:
                         "(see 'hecompile sign')")
 
 
+def _backend(meta):
+    """The encrypted backend a program runs on (its target) and the program's metadata."""
+    from . import backends
+
+    return backends.get(backends.for_program(meta))
+
+
 def cmd_keygen(argv: Sequence[str]) -> int:
-    from .backends.seal import client_keygen, short
+    from .backends.protocol import short
     from .hecfile import load_hec
 
     p = _step_parser("keygen", "Generate keys: secret+public for the client, evaluation keys for the server.")
     p.add_argument("--client-dir", required=True)
     p.add_argument("--server-dir", required=True)
     args = p.parse_args(argv)
-    prog, _ = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
-    client = client_keygen(prog, args.client_dir, args.server_dir)
-    print(f"key set {short(client.keys.fingerprint())}: {args.client_dir} (secret, keep it), {args.server_dir} "
-          f"(evaluation keys, {len(prog.galois_steps)} rotation steps)")
+    be = _backend(meta)
+    be.client_keygen(prog, args.client_dir, args.server_dir, meta=meta)
+    fp = be.open_client(prog, args.client_dir, meta=meta).key_set
+    boots = "; bootstrapping keys too (the server runs alone)" if be.__name__.endswith("lattigo.session") else ""
+    print(f"key set {short(fp)}: {args.client_dir} (secret, keep it), {args.server_dir} "
+          f"(evaluation keys, {len(prog.galois_steps)} rotation steps{boots})")
     return 0
 
 
 def cmd_encrypt(argv: Sequence[str]) -> int:
-    from .backends.seal import client_encrypt
+    from .backends.protocol import client_encrypt
     from .hecfile import load_hec
 
     p = _step_parser("encrypt", "Encrypt an input with the client's keys.")
@@ -582,12 +611,13 @@ def cmd_encrypt(argv: Sequence[str]) -> int:
     prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
     io, x = _load_input(prog, meta, args.input)
-    client_encrypt(prog, args.keys, {io.name: x}).save(args.output)
+    client = _backend(meta).open_client(prog, args.keys, meta=meta)
+    client_encrypt(prog, client, {io.name: x}).save(args.output)
     return 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from .backends.seal import server_reemit, server_start, server_step
+    from .backends.protocol import server_reemit, server_start, server_step
     from .hecfile import load_hec
 
     p = _step_parser("eval", "Server: evaluate the program on encrypted inputs (stops at each refresh). The "
@@ -605,14 +635,15 @@ def cmd_eval(argv: Sequence[str]) -> int:
     req_path = args.request or args.state + ".request"
     _check_outputs({"--state": args.state, "--request": req_path, "-o": args.output},
                    {"program": args.program, "--input": args.input, "--response": args.response})
-    prog, _ = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
+    server = _backend(meta).open_server(prog, args.keys, meta=meta)  # the keys are loaded once
     if args.input or args.response:
-        state = server_start(prog, args.keys, args.input) if args.input else args.state
-        st, req, outs = server_step(prog, args.keys, state, args.response)
+        state = server_start(prog, server, args.input, args.keys) if args.input else args.state
+        st, req, outs = server_step(prog, server, state, args.response, args.keys)
         st.save(args.state)  # the commit point: request and outputs can be rebuilt from it
     else:
-        req, outs = server_reemit(prog, args.keys, args.state)
+        req, outs = server_reemit(prog, server, args.state, args.keys)
     if req is not None:
         req.save(req_path)
         print(f"refresh needed: hecompile refresh {args.program} --keys CLIENT --request {req_path} -o "
@@ -624,7 +655,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 
 def cmd_refresh(argv: Sequence[str]) -> int:
-    from .backends.seal import client_refresh
+    from .backends.protocol import client_refresh
     from .hecfile import load_hec
 
     p = _step_parser("refresh", "Client: answer a refresh request (decrypt and re-encrypt the ciphertexts; "
@@ -634,14 +665,15 @@ def cmd_refresh(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     _check_outputs({"-o": args.output}, {"program": args.program, "--request": args.request})
-    prog, _ = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
-    client_refresh(prog, args.keys, args.request).save(args.output)
+    client = _backend(meta).open_client(prog, args.keys, meta=meta)
+    client_refresh(prog, client, args.request, args.keys).save(args.output)
     return 0
 
 
 def cmd_decrypt(argv: Sequence[str]) -> int:
-    from .backends.seal import client_decrypt
+    from .backends.protocol import client_decrypt
     from .hecfile import load_hec
 
     p = _step_parser("decrypt", "Client: decrypt the encrypted outputs.")
@@ -650,10 +682,11 @@ def cmd_decrypt(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", metavar="Y.npy|Y.npz")
     args = p.parse_args(argv)
     _check_outputs({"-o": args.output}, {"program": args.program, "--ciphertext": args.ciphertext})
-    prog, _ = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_hec(args.program, verify_key=args.verify_key)
     _check_output_kind(prog, args.output)
     _warn_insecure(prog)
-    _emit_outputs(prog, client_decrypt(prog, args.keys, args.ciphertext), args.output)
+    client = _backend(meta).open_client(prog, args.keys, meta=meta)
+    _emit_outputs(prog, client_decrypt(prog, client, args.ciphertext, args.keys), args.output)
     return 0
 
 

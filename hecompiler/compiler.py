@@ -18,7 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel, switching_key_bytes
+from .costmodel import CostModel
+from .errors import HecError, LoweringInvariantError
+from .lower import lower
+from .target import Target, get_target
 from .frontend import load_onnx
 from .heprog import HEProgram, verify_program
 from .ir import Graph
@@ -61,6 +64,8 @@ class CompileOptions:
     maxpool: str = "avg"  # avg | poly | none
     maxpool_degree: int = 15
     maxpool_composite: str = ""
+    #: where the program will run: "seal" (default), "lattigo" / "lattigo:SET", or a Target
+    target: Any = "seal"
     #: price of one CPU core for an hour: the report then gives the cost of 1000 inferences
     price_per_core_hour: float | None = None
 
@@ -88,9 +93,12 @@ def _sha256_of(model) -> tuple[str, str]:
 
 def compile_model(model, options: CompileOptions | None = None, cost: CostModel | None = None,
                   progress=None) -> CompileResult:
-    """Compile an ONNX model (path or ModelProto) to an HE program."""
+    """Compile an ONNX model (path or ModelProto) to an HE program for ``options.target``."""
     opts = options or CompileOptions()
-    cost = cost or CostModel()
+    target = opts.target if isinstance(opts.target, Target) else \
+        get_target(opts.target, cost.refresh.kind if cost is not None else "client")
+    if cost is None or (target.backend != "seal" and not cost.lattigo):
+        cost = target.cost_model(cost.refresh if cost is not None and target.backend == "seal" else None)
     t0 = time.perf_counter()
     graph = load_onnx(model, opts.input_shapes)
     original = graph.clone()
@@ -103,13 +111,15 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     approx = approximation_report(model, graph, pipeline, pm.ctx.options, opts)
     if opts.sample is None and opts.calibration is not None:  # check precision on real data
         opts = replace(opts, sample=as_batch(opts.calibration, graph.inputs[0].type.shape)[:1])
-    best, cands = plan(graph, opts.plan, cost, progress=progress)
+    best, cands = plan(graph, opts.plan, cost, progress=progress, target=target)
+    probes = _probes(graph, opts)
     fidelity = None
     tried = []  # (error, candidate, fidelity) of the plans rejected for precision
     # precision: the fastest plan whose estimated error under encryption (simulator with the CKKS
     # noise model) stays within tolerance; each rejected plan says why in the report
     for attempt, cand in enumerate(ranked(cands)):
         realize(graph, cand, opts.plan)
+        fit_refresh_ranges(graph, cand, opts.plan, target, probes)
         prog = cand.prog
         verify_program(prog)
         n_pm = prog.op_counts().get("mul_plain", 0)
@@ -120,7 +130,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
                                    f"hecompile run OUT.hec --backend sim --input X.npy --reference MODEL.onnx"}
         else:
             fidelity = check_fidelity(original, graph, prog, opts.sample, opts.seed, model,
-                                      approximated=not pipeline.exact, cost=cost)
+                                      approximated=not pipeline.exact, cost=cost, target=target)
             if "skipped" not in fidelity and fidelity["relative_to_range"] > opts.tolerance \
                     and attempt + 1 < opts.max_precision_attempts:
                 cand.reason = (f"estimated error {fidelity['relative_to_range']:.1e} of the output range > "
@@ -135,6 +145,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
             _, best, fidelity = min(tried, key=lambda t: t[0])
             best.reason = ""
             realize(graph, best, opts.plan)
+            fit_refresh_ranges(graph, best, opts.plan, target, probes)
             fidelity = dict(fidelity, note=f"no plan met the tolerance {opts.tolerance:g}: kept the most precise")
     prog = best.prog
     if opts.dump_dir and opts.dump_after:
@@ -147,11 +158,12 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
                                  show_constants=opts.dump_constants))
     seconds = time.perf_counter() - t0
     sha, fname = _sha256_of(model)
-    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost, opts.price_per_core_hour)
+    report = build_report(fname, graph, best, cands, pipeline, fidelity, seconds, cost, opts.price_per_core_hour,
+                          target)
     if approx is not None:
         report["approximation"] = approx
     if opts.check and len(graph.inputs) == 1 and fidelity is not None and "skipped" not in fidelity:
-        report["input_limits"] = planned_input_limits(graph, prog, opts)
+        report["input_limits"] = planned_input_limits(graph, prog, opts, target=target)
     metadata = {
         "source_model": fname,
         "source_sha256": sha,
@@ -160,6 +172,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
         "report": report,
         "report_text": format_report(report),
         "insecure_ok": best.params.security != "tc128",
+        "target": target.metadata(best.params, best.primes),
     }
     if "input_limits" in report:
         metadata["input_limits"] = report["input_limits"]
@@ -167,7 +180,7 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
 
 
 def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model,
-                   approximated: bool = False, cost: CostModel | None = None) -> dict[str, Any]:
+                   approximated: bool = False, cost: CostModel | None = None, target=None) -> dict[str, Any]:
     """Run the program in the slot simulator on a sample input, exactly and with the measured
     CKKS noise model.  The encryption error (``relative_to_range``, what the planner's tolerance
     applies to) is measured against the graph the passes produced (reference interpreter), so a
@@ -182,9 +195,9 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
         return {"skipped": "fidelity check needs one input and one output"}
     x = _check_input(graph, sample, seed)
     name = graph.inputs[0].name
-    outs, stats = Simulator(prog, cost=cost, strict=False).run({name: x})
+    outs, stats = Simulator(prog, cost=cost, strict=False, target=target).run({name: x})
     y_exact = outs[graph.outputs[0].name]
-    outs, _ = Simulator(prog, cost=cost, noise=True, seed=seed, strict=False).run({name: x})
+    outs, _ = Simulator(prog, cost=cost, noise=True, seed=seed, strict=False, target=target).run({name: x})
     y = outs[graph.outputs[0].name]
     ref = np.asarray(run(graph, x)[0], np.float64)
     orig, orig_label = _original_output(model, original, x)
@@ -204,6 +217,7 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
         "simulated_seconds": stats.wall_seconds,
         "modulus_use": stats.modulus_use,
         "modulus_use_at": stats.modulus_use_at,
+        "bootstrap_use": stats.bootstrap_use,
     }
     if approximated:
         out["rewrite_relative_to_range"] = float(np.abs(ref - orig).max()) / orng
@@ -234,30 +248,80 @@ def _check_input(graph: Graph, sample, seed: int) -> np.ndarray:
     return np.asarray(sample, np.float32).reshape(x_shape)
 
 
-def planned_input_limits(graph: Graph, prog: HEProgram, opts: CompileOptions, n_probes: int = 4) -> dict[str, Any]:
-    """``metadata["input_limits"]``: the range the program was planned on and the largest input
-    magnitude its modulus chain holds (see :mod:`hecompiler.inputs`), measured on the
-    ``n_probes`` planning inputs of largest magnitude."""
-    from .backends.sim import Simulator
-    from .inputs import input_limits
-
-    name = graph.inputs[0].name
+def _probes(graph: Graph, opts: CompileOptions, n_probes: int = 4) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """The planning inputs (all of them), the ``n_probes`` of largest magnitude, and what they are."""
+    shape = graph.inputs[0].type.shape
+    if len(graph.inputs) != 1:
+        return np.zeros((0,)), [], "none"
     if opts.calibration is not None:
         from .calibration import as_batch
 
-        x, planned_on = np.asarray(as_batch(opts.calibration, graph.inputs[0].type.shape), np.float64), \
-            "calibration set"
+        x, planned_on = np.asarray(as_batch(opts.calibration, shape), np.float64), "calibration set"
     elif opts.sample is not None:
         x, planned_on = _check_input(graph, opts.sample, opts.seed)[None], "sample"
     else:
         x, planned_on = _check_input(graph, None, opts.seed)[None], f"N(0,1) sample (seed {opts.seed})"
     peaks = np.abs(x.reshape(len(x), -1)).max(axis=1)
-    shape = graph.inputs[0].type.shape
     probes = [x[i].reshape(shape) for i in np.argsort(-peaks, kind="stable")[:n_probes]]
+    return x, probes, planned_on
+
+
+#: a bootstrap input may reach this multiple of the largest value the planning inputs gave there
+REFRESH_MARGIN = 2.0
+
+
+def fit_refresh_ranges(graph: Graph, cand, popts, target, probes) -> None:
+    """On a target whose bootstrap accepts a bounded range: measure, in the simulator on the
+    planning inputs, the largest |slot value| entering each refresh of ``cand``'s program, and
+    lower it again with refresh factors that bring ``REFRESH_MARGIN`` times that within range
+    (the lowering keeps the inverse pending; no level, no error)."""
+    from bisect import bisect_right
+
+    from .backends.sim import Simulator
+
+    prog = cand.prog
+    if getattr(target, "bootstrap_range", None) is None or not any(i.op == "refresh" for i in prog.instrs):
+        return
+    groups = list(cand.lowering.refresh_groups)
+    peaks = [0.0] * len(groups)
+    name = graph.inputs[0].name
+    for x in probes[1]:
+        sim = Simulator(prog, strict=False, target=target)
+        sim.run({name: np.asarray(x, np.float32)})
+        for k, v in sim.prim.refresh_peaks.items():
+            g = bisect_right(groups, k) - 1
+            peaks[g] = max(peaks[g], v if np.isfinite(v) else np.inf)
+    if not all(np.isfinite(p) for p in peaks):
+        raise HecError(f"{graph.name}: the planning inputs overflow before a refresh (infinite values); check the "
+                       f"model and its --calibration/--sample inputs")
+    bounds = tuple(REFRESH_MARGIN * p for p in peaks)
+    lowering = replace(popts.lowering, refresh_factor=target.refresh_factor, refresh_bounds=bounds)
+    prog2, low2 = lower(graph, cand.params, cand.primes, lowering, cand.refresh_plan)
+    if len(low2.refresh_groups) != len(groups):
+        raise LoweringInvariantError(f"{graph.name}: scaling the refresh inputs changed the refreshes "
+                                     f"({len(groups)} -> {len(low2.refresh_groups)})")
+    cand.prog, cand.lowering = prog2, low2
+    cand.refresh_bounds = bounds
+
+
+def planned_input_limits(graph: Graph, prog: HEProgram, opts: CompileOptions, n_probes: int = 4,
+                         target=None) -> dict[str, Any]:
+    """``metadata["input_limits"]``: the range the program was planned on and the largest input
+    magnitude its modulus chain (and, on a bootstrapping target, its bootstraps) holds (see
+    :mod:`hecompiler.inputs`), measured on the ``n_probes`` planning inputs of largest magnitude."""
+    from .backends.sim import Simulator
+    from .inputs import input_limits
+
+    name = graph.inputs[0].name
+    x, probes, planned_on = _probes(graph, opts, n_probes)
 
     def headroom(s: float) -> float:
-        return max(Simulator(prog, strict=False).run({name: (p * s).astype(np.float32)})[1].modulus_use
-                   for p in probes)
+        use = 0.0
+        for p in probes:
+            st = Simulator(prog, strict=False, target=target).run({name: (p * s).astype(np.float32)})[1]
+            # the bootstrap's range counts like the modulus: past it, the output is garbage
+            use = max(use, st.modulus_use, st.bootstrap_use * 0.5)
+        return use
 
     lim = input_limits(probes, planned_on, headroom)
     lim["planned_range"] = [float(np.min(x)), float(np.max(x))]
@@ -276,8 +340,9 @@ def _onnxruntime(model, x):
 
 def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidate], pipeline: PipelineReport,
                  fidelity, seconds: float, cost: CostModel | None = None,
-                 price_per_core_hour: float | None = None) -> dict[str, Any]:
+                 price_per_core_hour: float | None = None, target: Target | None = None) -> dict[str, Any]:
     cost = cost or CostModel()
+    target = target or get_target("seal", cost.refresh.kind)
     p = best.params
     rc = cost.refresh
     reserved = rc.reserved_bits(p.scale_bits)
@@ -296,7 +361,8 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                    "total_bits": sum(p.coeff_bits), "scale_bits": p.scale_bits, "top_level": p.top_level,
                    "security": p.security,
                    "bootstrap_reserved_bits": reserved,
-                   "security_note": _security_note(p, reserved)},
+                   "security_note": (_security_note(p, reserved) if target.backend == "seal"
+                                     else target.security_note(p))},
         "refresh_model": {"kind": rc.kind,
                           "seconds_per_ciphertext": round(cost.refresh_seconds(p.poly_degree, p.top_level + 1), 4),
                           "description": rc.describe(p.poly_degree, p.top_level + 1, cost)},
@@ -314,10 +380,14 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                               "refreshed_ciphertexts": c.refreshes,
                               "unplanned": low.unplanned_refreshes},
         "shared_alignments": low.shared_alignments,
-        "target": "seal",
+        "target": target.name,
+        "bootstraps": c.refreshes if target.backend != "seal" else 0,
+        "refresh_scaling": ([round(float(b), 6) for b in getattr(best, "refresh_bounds", ())]
+                            if getattr(best, "refresh_bounds", None) else None),
         "cost_table": cost.describe_source(),
         "galois_keys": c.galois_keys,
-        "galois_key_bytes": c.galois_keys * switching_key_bytes(p.poly_degree, p.top_level + 1),
+        "galois_key_bytes": c.galois_keys * cost.ksk_bytes(p.poly_degree, p.top_level + 1),
+        "bootstrap_key_bytes": cost.bootstrap_key_bytes(p.poly_degree),
         "key_bytes": c.key_bytes,
         "key_upload_bytes": c.key_upload_bytes,
         "peak_live_ciphertexts": c.peak_live_ciphertexts,
@@ -326,8 +396,9 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
-        # SEAL evaluates on one core: CPU seconds = wall seconds of the server (the key holder's
-        # refresh work is in the refresh time)
+        # the executor runs one instruction at a time: CPU seconds = wall seconds of the server (the
+        # key holder's refresh work is in the refresh time); Lattigo's batched bootstraps may use more
+        # cores, which this does not count
         "predicted_cpu_seconds": round(c.seconds, 3),
         "cost_per_1000_inferences": (round(c.seconds * 1000 / 3600 * price_per_core_hour, 4)
                                      if price_per_core_hour else None),

@@ -111,6 +111,9 @@ class RefreshCost:
     round_trip_s: float = 0.020  # a client on another network, not the same rack
     bootstrap_s: float | None = None
     circuit: BootstrapCircuit = BootstrapCircuit()
+    #: keep the circuit's bits above the chain when planning (a target whose backend adds the
+    #: bootstrapping primes itself, inside its own budget, sets this False)
+    reserve: bool = True
 
     def __post_init__(self):
         if self.kind not in ("client", "bootstrap"):
@@ -128,13 +131,15 @@ class RefreshCost:
         return self.kind == "bootstrap"
 
     def reserved_bits(self, scale_bits: int) -> int:
-        return self.circuit.reserved_bits(scale_bits) if self.bootstraps else 0
+        return self.circuit.reserved_bits(scale_bits) if self.bootstraps and self.reserve else 0
 
     def describe(self, n: int | None = None, top_primes: int | None = None, model: "CostModel | None" = None) -> str:
         if not self.bootstraps:
             return (f"client-aided re-encryption (round trip {self.round_trip_s * 1e3:g} ms per batch, "
                     f"{self.bandwidth_bytes_per_s * 8 / 1e9:g} Gbit/s)")
         c = self.circuit
+        if not self.reserve and self.bootstrap_s is not None:
+            return f"bootstrap (non-interactive): {self.bootstrap_s:.2f} s per ciphertext, measured on the target backend"
         if self.bootstrap_s is not None:
             price = f"{self.bootstrap_s:g} s per ciphertext (given)"
         elif model is not None and n is not None and top_primes is not None:
@@ -156,6 +161,16 @@ class CostModel:
             self.table, self.source = table, "given table"
         self.refresh = refresh or RefreshCost()
         self.rings = {int(r["poly_degree"]): r for r in self.table["rings"]}
+
+    @property
+    def hoists(self) -> bool:
+        """The backend hoists the baby-step rotations of one ciphertext (the table prices them)."""
+        return self.lattigo and any(r.get("by_primes", {}).get("rotate_hoisted_extra") for r in self.rings.values())
+
+    @property
+    def lattigo(self) -> bool:
+        """A Lattigo table (backends/lattigo's measurement): hoisted rotations, its key sizes."""
+        return str(self.table.get("schema", "")).startswith("hecompiler.cost_lattigo")
 
     def noise(self, n: int) -> dict[str, float]:
         """Measured CKKS error per op at ring degree ``n``: standard deviation times the scale
@@ -194,6 +209,8 @@ class CostModel:
         name = _OP_ALIAS.get(op, op)
         ring = self._ring(n)
         pts = [(p, t) for p, t in ring["by_primes"].get(name, []) if t is not None]
+        if not pts and name == "encode_constant":  # a table without it: a full-vector encode bounds it
+            pts = [(p, t) for p, t in ring["by_primes"].get("encode", []) if t is not None]
         if not pts:
             raise HecError(f"cost model: no measurement of {name} at N={n}")
         xs = np.array([p for p, _ in pts], float)
@@ -247,8 +264,18 @@ class CostModel:
         ``data_primes`` primes in its chain, from the one-key times and sizes measured at the
         table's chain for ring ``n``: a key-switching key has one part per data prime over all
         primes plus the special one, so its time and size scale with ``L * (L + 1)``; the public
-        key with ``L + 1``."""
+        key with ``L + 1``.  Lattigo tables add the bootstrapping keys, measured whole."""
         ring = self._ring(n)
+        if self.lattigo:
+            kg, kb = ring.get("keygen", {}).get("seconds", {}), ring.get("key_bytes", {})
+            steps = max(1, len(ring.get("keygen", {}).get("galois_steps") or [1]))
+            lt = int(ring.get("chain_length", data_primes))
+            r = self.ksk_bytes(n, data_primes) / max(1, self.ksk_bytes(n, lt))
+            seconds = (kg.get("secret_public", 0.0) + kg.get("bootstrap", 0.0)
+                       + (galois_keys * kg.get("galois", 0.0) / steps + (kg.get("relin", 0.0) if relin else 0.0)) * r)
+            upload = (kb.get("public.key", 0) + kb.get("bootstrap.key", 0)
+                      + (galois_keys * kb.get("galois_key_one_step", 0) + (kb.get("relin.key", 0) if relin else 0)) * r)
+            return seconds, int(upload)
         st, kb = ring.get("setup_s", {}), ring.get("key_bytes", {})
         lt = len(ring.get("coeff_bits", [])) - 1 or data_primes  # the table's data primes
         ksk = data_primes * (data_primes + 1) / (lt * (lt + 1))
@@ -260,6 +287,18 @@ class CostModel:
         upload = size("public_key") * pk + (galois_keys * size("galois_key_one_step")
                                             + (size("relin_keys") if relin else 0)) * ksk
         return seconds, int(upload)
+
+    def ksk_bytes(self, n: int, data_primes: int) -> int:
+        """In-memory size of one key-switching key (relinearisation or one rotation) for a chain
+        of ``data_primes`` primes: SEAL (one special prime, one part per data prime) or Lattigo
+        (its ``P`` primes, ``ceil(Q/P)`` parts)."""
+        if self.lattigo:
+            p = len(self._ring(n).get("p", [])) or 1
+            return math.ceil(data_primes / p) * 2 * n * (data_primes + p) * 8
+        return switching_key_bytes(n, data_primes)
+
+    def bootstrap_key_bytes(self, n: int) -> int:
+        return int(self._ring(n).get("key_bytes", {}).get("bootstrap.key", 0)) if self.lattigo else 0
 
 
 def peak_rss_bytes() -> int:
@@ -294,6 +333,23 @@ def machine_table_path() -> str:
     """Where ``hecompile calibrate`` writes this machine's cost table."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hecompiler", "cost_seal.json")
+
+
+def load_table(kind: str = "seal") -> tuple[dict, str]:
+    """The cost table of a backend (``seal``, ``lattigo-SET``) and where it came from: this
+    machine's (user cache, written by ``hecompile calibrate`` / the measuring benchmark) unless
+    ``$HECOMPILER_COST_TABLE`` is ``bundled``, else the one bundled with the compiler."""
+    if kind == "seal":
+        return _default_table()
+    fn = f"cost_{kind}.json"
+    mine = os.path.join(os.path.dirname(machine_table_path()), fn)
+    if os.environ.get("HECOMPILER_COST_TABLE", "") != "bundled" and os.path.exists(mine):
+        return _read_table(mine), f"this machine's table {mine}"
+    try:
+        text = resources.files("hecompiler").joinpath(f"data/{fn}").read_text()
+    except FileNotFoundError:
+        raise HecError(f"no cost table for {kind}: run benchmarks/measure_{kind.split('-')[0]}_costs.py") from None
+    return json.loads(text), f"the bundled table hecompiler/data/{fn}"
 
 
 def _default_table() -> tuple[dict, str]:
@@ -361,7 +417,13 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
         lin = prog.linears[ins.plain.args[0]]
         c = lin.counts
         pin = ins.level + 2  # primes of the input (one more than the output)
-        by = {"rotate": c.get("rotate", 0) * model.op_seconds("rotate", n, pin),
+        rot = c.get("rotate", 0) * model.op_seconds("rotate", n, pin)
+        if getattr(model, "hoists", False):  # the baby steps of each input ciphertext share one decomposition
+            baby = c.get("baby_rotations", 0)
+            first = min(baby, prog.layouts[lin.in_layout].n_ct)
+            rot += (first * model.op_seconds("rotate", n, pin) + (baby - first)
+                    * model.op_seconds("rotate_hoisted_extra", n, pin) - baby * model.op_seconds("rotate", n, pin))
+        by = {"rotate": rot,
               "mul_plain": c.get("mul_plain", 0) * model.op_seconds("mul_plain", n, pin),
               "add": c.get("add", 0) * model.op_seconds("add", n, pin),
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
@@ -373,7 +435,7 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
     primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
     t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
     enc = 0.0
-    if ins.plain is not None:
+    if ins.plain is not None and ins.op != "refresh":  # a refresh's factor is a relabel, not a plaintext
         enc = model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
     return {ins.op: t}, enc, {ins.op: 1}
 
@@ -428,7 +490,8 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
 
     pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0)
     n_keys = len(prog.galois_steps)
-    kb = (n_keys + (1 if prog.needs_relin else 0)) * switching_key_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
+    kb = ((n_keys + (1 if prog.needs_relin else 0)) * model.ksk_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
+          + model.bootstrap_key_bytes(n))
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))

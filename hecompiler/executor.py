@@ -100,6 +100,8 @@ class ExecStats:
     #: the simulator's check of value magnitudes against the modulus (see backends/sim.py)
     modulus_use: float = 0.0
     modulus_use_at: str = ""
+    #: the simulator's check of bootstrap inputs against the target's range (largest |v| / limit)
+    bootstrap_use: float = 0.0
 
     @property
     def predicted_seconds(self) -> float:
@@ -187,6 +189,90 @@ def work_units(prog: HEProgram, ins: Instr) -> int:
 
 def total_work(prog: HEProgram) -> int:
     return sum(work_units(prog, ins) for ins in prog.instrs)
+
+
+class ProgressLog:
+    """A ``progress(n)`` callback for :meth:`Executor.run` (or any count of work) that shows up
+    where the user looks: a tqdm bar when ``stream`` is a terminal, and otherwise (a log file, a
+    service's journal, a pipe) a line every ``interval`` seconds and one at the end, with the
+    percentage, the count, the rate and the ETA::
+
+        hecompile: seal eval: 37% (1024/2745 work units), 12.1 s, ETA 20.6 s
+
+    The executor counts work units (:func:`work_units`: the rotations, ct-pt multiplications,
+    additions and rescales a macro runs), not instructions, so a convolution of 300 diagonals
+    weighs 300 times an addition.  ``prefix`` starts every line (e.g. a session id)."""
+
+    def __init__(self, total: int, desc: str, stream=None, interval: float = 10.0, tty: bool | None = None,
+                 unit: str = "work units", prefix: str = "hecompile: ", enabled: bool = True):
+        import sys
+
+        self.total = max(0, int(total))
+        self.desc = desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = float(interval)
+        self.unit = unit
+        self.prefix = prefix
+        self.done = 0
+        self.enabled = enabled
+        self.t0 = time.monotonic()
+        self._last = self.t0
+        self._closed = False
+        if tty is None:
+            try:
+                tty = bool(self.stream.isatty())
+            except (AttributeError, ValueError):
+                tty = False
+        self.bar = None
+        if enabled and tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=" " + unit.split()[-1], file=self.stream, leave=False)
+
+    def line(self) -> str:
+        el = time.monotonic() - self.t0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = ""
+        if 0 < self.done < self.total and el > 0:
+            eta = f", ETA {el * (self.total - self.done) / self.done:.1f} s"
+        return (f"{self.prefix}{self.desc}: {pct:.0f}% ({self.done}/{self.total} {self.unit}), "
+                f"{el:.1f} s{eta}")
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += int(n)
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval and self.done < self.total:
+            self._last = now
+            self._write(self.line())
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """Finish: the bar disappears; in logs a last line is written when earlier lines were (a
+        run shorter than ``interval`` writes none)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self._last > self.t0:
+            self._write(self.line())
+
+    def __enter__(self) -> "ProgressLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- the executor
@@ -432,12 +518,24 @@ class Executor:
             k += 1
         return out
 
+    def _refresh_input(self, ins: Instr, ct: Any) -> Any:
+        """A refresh's input, multiplied by the refresh's factor when it has one (a relabel of the
+        scale by ``1/factor``: the value decrypts to ``factor`` times itself; no level, no error),
+        so it fits the bootstrap's range.  The live ciphertext is left as it is."""
+        if ins.plain is None:
+            return ct
+        f = float(ins.plain.args[0])
+        copy = getattr(self.prim, "copy", None)
+        if copy is not None:
+            ct = copy(ct)
+        return self.prim.set_scale(ct, self.prim.meta(ct)[1] / f)
+
     def _refresh_inline(self, state: EvalState, progress) -> None:
         batch = self._batch(state)
         instrs = self.prog.instrs
         t = time.perf_counter()
         try:
-            fresh = self.prim.refresh([state.live[instrs[k].args[0]] for k in batch])
+            fresh = self.prim.refresh([self._refresh_input(instrs[k], state.live[instrs[k].args[0]]) for k in batch])
         except HecError as e:
             raise ExecutionError(f"{where(batch[0], instrs[batch[0]])}: refresh: {e}") from None
         dt = time.perf_counter() - t
@@ -466,7 +564,7 @@ class Executor:
         for k in self._batch(state):
             ins = instrs[k]
             state.pending.append(k)
-            state.request[ins.out] = state.live[ins.args[0]]
+            state.request[ins.out] = self._refresh_input(ins, state.live[ins.args[0]])
             self._free(k, ins, state.live)
         state.request_id = secrets.token_hex(16)
         state.stats.refresh_round_trips += 1

@@ -580,6 +580,12 @@ def _check_structure(prog: HEProgram) -> None:
             if ins.plain is None:
                 raise ProgramError(f"{where}: missing plaintext operand")
             _check_plain(prog, where, ins.plain)
+        elif ins.op == "refresh" and ins.plain is not None:
+            # a bootstrapping target's refresh scales its input into the bootstrap's range first
+            p = ins.plain
+            if p.kind != "scalar" or len(p.args) != 1 or not (isinstance(p.args[0], (int, float))
+                                                              and math.isfinite(p.args[0]) and 0 < p.args[0] <= 1):
+                raise ProgramError(f"{where}: a refresh's factor must be a scalar in (0, 1], got {p}")
         elif ins.plain is not None:
             raise ProgramError(f"{where}: {ins.op} takes no plaintext operand")
         if ins.op == "mod_switch" and ins.to_level < 0:

@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,11 @@ class LoweringOptions:
     plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
     #: time.monotonic() after which lowering stops with CompileBudgetError (None: no limit)
     deadline: float | None = field(default=None, repr=False, compare=False)
+    #: a bootstrapping target's refresh input scaling: ``refresh_factor(level, scale, bound)``
+    #: (hecompiler.target.Target.refresh_factor) and, per refresh of a tensor in program order,
+    #: the largest |slot value| its ciphertexts reach (measured by the simulator)
+    refresh_factor: Any = field(default=None, repr=False, compare=False)
+    refresh_bounds: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -109,6 +115,7 @@ class Lowering:
         self.unplanned_refreshes = 0  # refreshes the plan did not foresee (greedy fallback)
         self.refreshed_cts = 0
         self.refreshed_before: dict[str, int] = {}  # node output name -> ciphertexts refreshed for it
+        self.refresh_groups: list[int] = []  # index of the first refresh instruction of each refreshed tensor
         self.node_view: dict[int, tuple] = {}  # id(node) -> (level, #ct, layout, alpha) when it was lowered
         self.level_model_nodes: list[NodeInfo] = []  # what this lowering observed, for planning
         # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
@@ -187,14 +194,24 @@ class Lowering:
 
     # ================================================================== levels
     def refresh(self, t: Tensor, planned: bool = False) -> Tensor:
-        cts = [self._emit("refresh", (c,)) for c in t.cts]
+        """Refresh every ciphertext of ``t``.  On a bootstrapping target whose bootstrap accepts a
+        bounded range, the refresh first multiplies its input by a factor (the backends relabel the
+        scale: no level, no error) so the measured bound fits, and the inverse stays pending."""
+        factor = 1.0
+        k = len(self.refresh_groups)
+        if self.opts.refresh_factor is not None and self.opts.refresh_bounds is not None \
+                and k < len(self.opts.refresh_bounds):
+            factor = self.opts.refresh_factor(t.level, t.scale, self.opts.refresh_bounds[k])
+        plain = PlainRef("scalar", (factor,), 1.0) if factor != 1.0 else None
+        cts = [self._emit("refresh", (c,), plain=plain) for c in t.cts]
+        self.refresh_groups.append(len(self.prog.instrs) - len(cts))
         where = self.node.outputs[0].name if self.node else "?"
         self.refresh_points.append(where)
         self.refreshed_before[where] = self.refreshed_before.get(where, 0) + len(cts)
         self.refreshed_cts += len(cts)
         if self.refresh_plan is not None and not planned:
             self.unplanned_refreshes += 1
-        return Tensor(cts, t.layout, self.top, self.delta, t.alpha, None, t.dirty)
+        return Tensor(cts, t.layout, self.top, self.delta, t.alpha / factor, None, t.dirty)
 
     def need(self, v: Value, levels: int) -> Tensor:
         """The tensor of ``v`` with at least ``levels`` levels left (refreshing it

@@ -28,11 +28,10 @@ from .heprog import HEProgram, Params
 from .ir import Graph
 from .lower import Lowering, LoweringOptions, lower
 from .refresh import RefreshPlan, plan_refreshes
-from .security import HE_STANDARD_MAX_BITS, max_bits
+from .primes import chain_primes
+from .target import SEAL_RINGS, Target, chain_bits, max_levels, seal_target  # noqa: F401 (re-exported)
 
-#: rings tried when the user gives none: client-aided refresh / a bootstrapping target (a 128-bit
-#: bootstrap needs N=2^16 to hold its own ~770 bits of modulus)
-DEFAULT_RINGS = {"client": (8192, 16384, 32768), "bootstrap": (65536,)}
+DEFAULT_RINGS = SEAL_RINGS  # kept for callers of the old name
 
 
 @dataclass
@@ -86,80 +85,29 @@ class Candidate:
         return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}"
 
 
-def chain_bits(n: int, scale_bits: int, levels: int) -> tuple[int, ...]:
-    """SEAL order: q_0 (holds the result: scale + 20 bits), L data primes of
-    ``scale_bits``, then the special key-switching prime (>= every other)."""
-    q0 = min(60, scale_bits + 20)
-    special = max(q0, scale_bits)
-    return (q0,) + (scale_bits,) * levels + (special,)
-
-
-def max_levels(n: int, scale_bits: int, security: str, reserved_bits: int = 0) -> int:
-    """Data levels that fit ring ``n`` with ``reserved_bits`` of modulus kept
-    for a bootstrap circuit above the chain."""
-    if security == "none":
-        limit = 60 * 30 if n >= 32768 else (max_bits(n) or 0) * 2
-    else:
-        if max_bits(n) is None:
-            raise HecError(f"ring degree {n} has no 128-bit parameters in the HE standard table "
-                           f"(supported: {sorted(HE_STANDARD_MAX_BITS['tc128'])}); pass --security none to go beyond")
-        limit = max_bits(n)
-    q0 = min(60, scale_bits + 20)
-    special = max(q0, scale_bits)
-    return max(0, (limit - q0 - special - reserved_bits) // scale_bits)
-
-
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
     """The data primes q_0..q_L of a chain (the special prime dropped): the ones SEAL makes for
     these sizes, made without SEAL (:mod:`hecompiler.primes`)."""
-    from .primes import chain_primes
-
     return chain_primes(n, bits)[:-1]
 
 
-def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None) -> list[Params]:
+def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None, target: Target | None = None) -> list[Params]:
+    """The parameter sets the planner lowers, from the target's rings, security table and chains."""
     refresh = refresh or RefreshCost()
-    rings = opts.ring_degrees or DEFAULT_RINGS[refresh.kind]
-    out = []
-    too_small = []
-    for n in rings:
-        if n < 1024 or n & (n - 1):
-            raise HecError(f"ring degree {n} is not a power of two >= 1024")
-        scales = [opts.scale_bits] if opts.scale_bits else ([40, 30] if n <= 8192 else [40])
-        for sb in scales:
-            lmax = max_levels(n, sb, opts.security, refresh.reserved_bits(sb))
-            if lmax < 1:
-                too_small.append(f"N={n} with {sb}-bit primes"
-                                 + (f" and {refresh.reserved_bits(sb)} bits kept for bootstrapping"
-                                    if refresh.bootstraps else ""))
-                continue
-            # the maximum and about half; a bootstrapping target trades levels against bootstraps more
-            # finely (a bootstrap costs as much as dozens of convolutions), so it also tries quarters
-            fracs = (4, 3, 2, 1) if refresh.bootstraps else (4, 2)
-            ls = [opts.levels] if opts.levels else sorted({max(1, lmax * f // 4) for f in fracs}, reverse=True)
-            for lv in ls:
-                if lv > lmax:
-                    raise HecError(f"{lv} levels do not fit N={n} at "
-                                   f"{'128-bit security' if opts.security == 'tc128' else 'these settings'} (at most {lmax}"
-                                   + (" beside the bootstrap circuit)" if refresh.bootstraps else ")"))
-                out.append(Params(n, chain_bits(n, sb, lv), sb, opts.security))
-    if not out:
-        raise HecError(f"ring degree(s) {', '.join(map(str, rings))} hold no multiplicative level "
-                       f"at {'128-bit security' if opts.security == 'tc128' else 'these settings'} "
-                       f"({'; '.join(too_small)}); use --ring "
-                       f"{'65536' if refresh.bootstraps else '8192 or larger'}")
-    return out
+    target = target or seal_target(refresh.kind)
+    return target.candidates(opts.ring_degrees, opts.scale_bits, opts.levels, opts.security, refresh)
 
 
 def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None = None,
-         progress=None) -> tuple[Candidate, list[Candidate]]:
-    """Lower ``graph`` under every candidate parameter set; return the best
-    and all candidates (with the reason each rejected one was rejected)."""
+         progress=None, target: Target | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Lower ``graph`` under every candidate parameter set of ``target`` (SEAL by default);
+    return the best and all candidates (with the reason each rejected one was rejected)."""
     opts = opts or PlanOptions()
     cost = cost or CostModel()
     cands: list[Candidate] = []
     best: Candidate | None = None
-    queue = candidate_params(opts, cost.refresh)
+    target = target or seal_target(cost.refresh.kind)
+    queue = candidate_params(opts, cost.refresh, target)
     extra_done = not cost.refresh.bootstraps or opts.levels is not None
     lowering = opts.lowering
     if opts.max_compile_seconds is not None:
@@ -167,7 +115,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         lowering.plan_cache = opts.lowering.plan_cache
     while queue:
         params = queue.pop(0)
-        primes = make_primes(params.poly_degree, params.coeff_bits)
+        primes = target.primes(params)
         lb = lower_bounds(graph, params, cost)
         if lb["memory_bytes"] > opts.max_memory_bytes or (opts.max_seconds and lb["seconds"] > opts.max_seconds):
             why = (f"memory at least {lb['memory_bytes'] / 2**30:.1f} GiB > budget"
@@ -207,11 +155,14 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
             extra_done = True
             tried = {(p.poly_degree, p.scale_bits, p.top_level) for p in (cd.params for cd in cands)}
             p0 = best.params
-            lmax = max_levels(p0.poly_degree, p0.scale_bits, opts.security, cost.refresh.reserved_bits(p0.scale_bits))
+            lmax = max(c.params.top_level for c in cands)
+            if target.backend == "seal":
+                lmax = max_levels(p0.poly_degree, p0.scale_bits, opts.security,
+                                  cost.refresh.reserved_bits(p0.scale_bits))
             for lv in promising_levels(best, cost, lmax):
                 if (p0.poly_degree, p0.scale_bits, lv) not in tried:
-                    queue.append(Params(p0.poly_degree, chain_bits(p0.poly_degree, p0.scale_bits, lv),
-                                        p0.scale_bits, opts.security))
+                    bits = (p0.coeff_bits[0],) + (p0.scale_bits,) * lv + (p0.coeff_bits[-1],)
+                    queue.append(Params(p0.poly_degree, bits, p0.scale_bits, opts.security))
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")

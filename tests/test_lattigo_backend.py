@@ -1,0 +1,174 @@
+"""Programs compiled for Lattigo run non-interactively: bootstraps instead of client refreshes.
+
+Fast tests use the INSECURE ring-2^12 set (toy-n12, three levels between bootstraps); the
+128-bit test (n16-sparse) is marked slow and needs the memory its bootstrapping keys take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import hecompiler as hc
+from hecompiler.backends import protocol as P
+from hecompiler.cli import main
+from hecompiler.planner import PlanOptions
+
+from conftest import ROOT, ort_run
+
+L = pytest.importorskip("hecompiler.backends.lattigo")
+LS = pytest.importorskip("hecompiler.backends.lattigo.session")
+
+TINY = ROOT / "models" / "tiny_resnet_poly.onnx"
+TOY = "lattigo:toy-n12"
+
+
+def _compile(model=TINY, **kw):
+    return hc.compile_model(str(model) if not isinstance(model, onnx.ModelProto) else model,
+                            hc.CompileOptions(target=TOY, plan=PlanOptions(security="none"), **kw))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    res = _compile()
+    x = np.load(ROOT / "models" / "tiny_resnet_poly.input.npy")
+    return res, x
+
+
+def test_tiny_runs_with_real_bootstraps_and_matches_onnxruntime(tiny):
+    res, x = tiny
+    prog = res.prog
+    n_refresh = sum(i.op == "refresh" for i in prog.instrs)
+    assert n_refresh > 0 and res.metadata["target"]["backend"] == "lattigo"
+    outs, st = LS.run_encrypted(prog, {prog.inputs[0].name: x}, meta=res.metadata)
+    y = outs[prog.outputs[0].name]
+    ref = ort_run(onnx.load(TINY), x)[0]
+    assert np.abs(y - ref).max() <= 1e-4 * np.ptp(ref)
+    assert np.argmax(y) == np.argmax(ref)
+    assert st.bootstraps == n_refresh and st.refresh_round_trips == 0
+    # the simulator of the compile-time check agrees with the encrypted run
+    assert res.fidelity["relative_to_range"] < 1e-4
+
+
+def test_report_and_inspect_say_non_interactive(tiny, tmp_path, capsys):
+    res, _ = tiny
+    hec = tmp_path / "t.hec"
+    hc.save_hec(hec, res.prog, res.metadata)
+    assert main(["inspect", str(hec), "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["target"] == TOY and j["client_round_trips"] == 0
+    assert j["ops"]["bootstraps"] == sum(i.op == "refresh" for i in res.prog.instrs) and j["ops"]["refreshes"] == 0
+    assert "bootstrap (non-interactive)" in res.report_text and "SEES" not in res.report_text
+
+
+def test_split_commands_run_to_the_end_without_a_request(tiny, tmp_path, capsys):
+    res, x = tiny
+    d = tmp_path
+    hec = d / "t.hec"
+    hc.save_hec(hec, res.prog, res.metadata)
+    np.save(d / "x.npy", x)
+    assert main(["keygen", str(hec), "--client-dir", str(d / "c"), "--server-dir", str(d / "s")]) == 0
+    assert not (d / "s" / "secret.key").exists() and (d / "s" / "bootstrap.key").exists()
+    assert oct((d / "c" / "secret.key").stat().st_mode & 0o777) == "0o600"
+    assert main(["encrypt", str(hec), "--keys", str(d / "c"), "--input", str(d / "x.npy"), "-o", str(d / "x.b")]) == 0
+    assert main(["eval", str(hec), "--keys", str(d / "s"), "--input", str(d / "x.b"), "--state", str(d / "st.b"),
+                 "-o", str(d / "y.b")]) == 0
+    assert not (d / "st.b.request").exists()
+    capsys.readouterr()
+    assert main(["decrypt", str(hec), "--keys", str(d / "c"), "--ciphertext", str(d / "y.b"), "-o",
+                 str(d / "y.npy")]) == 0
+    ref = ort_run(onnx.load(TINY), x)[0]
+    assert np.abs(np.load(d / "y.npy") - ref).max() <= 1e-4 * np.ptp(ref)
+    # the server refuses the client directory, and another key set's ciphertexts
+    assert main(["eval", str(hec), "--keys", str(d / "c"), "--input", str(d / "x.b"), "--state", str(d / "s2.b"),
+                 "-o", str(d / "y2.b")]) == 1
+    assert "holds the secret key" in capsys.readouterr().err
+    assert main(["keygen", str(hec), "--client-dir", str(d / "c2"), "--server-dir", str(d / "s2")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(hec), "--keys", str(d / "s2"), "--input", str(d / "x.b"), "--state", str(d / "s3.b"),
+                 "-o", str(d / "y3.b")]) == 1
+    err = capsys.readouterr().err
+    assert "encrypted under key set" in err and "wrong keys" in err and not (d / "y3.b").exists()
+
+
+def test_large_values_are_scaled_into_the_bootstrap_range():
+    """Activations beyond the bootstrap's |v| <= 16 (toy-n12) enter it scaled by a power of two
+    (a relabel of the scale, pending afterwards); the result stays exact."""
+    x = 4.0 * np.load(ROOT / "models" / "tiny_resnet_poly.input.npy")
+    res = _compile(sample=x)
+    scale_of = {o: i.scale for i in res.prog.instrs for o in i.results}
+    scaled = [(scale_of[i.args[0]], i.plain.args[0]) for i in res.prog.instrs if i.op == "refresh" and i.plain]
+    assert scaled and all(0 < f < 1 for _, f in scaled)
+    # the relabelled scale (input scale / factor) is a power of two: exact for Lattigo at level 0
+    assert all(np.log2(s / f) == round(np.log2(s / f)) for s, f in scaled)
+    outs, st = LS.run_encrypted(res.prog, {res.prog.inputs[0].name: x}, meta=res.metadata)
+    ref = ort_run(onnx.load(TINY), x.astype(np.float32))[0]
+    y = outs[res.prog.outputs[0].name]
+    assert np.abs(y - ref).max() <= 1e-3 * np.ptp(ref) and np.argmax(y) == np.argmax(ref)
+
+
+def test_simulator_refuses_bootstrap_inputs_beyond_the_range(tiny, tmp_path, capsys):
+    res, x = tiny
+    hec = tmp_path / "t.hec"
+    hc.save_hec(hec, res.prog, res.metadata)
+    big = tmp_path / "big.npy"
+    lim = res.metadata["input_limits"][res.prog.inputs[0].name]["max_abs"]
+    np.save(big, (x * 1.5 * lim / np.abs(x).max()).astype(np.float32))
+    assert main(["run", str(hec), "--input", str(big), "-o", str(tmp_path / "y.npy")]) == 1
+    assert "beyond" in capsys.readouterr().err and not (tmp_path / "y.npy").exists()
+
+
+def test_lattigo_targets_are_data_matching_lattigo():
+    """The target's copy of Lattigo's reference sets agrees with what Lattigo builds."""
+    from hecompiler.target import LATTIGO_SETS
+
+    for name in ("n16-sparse", "n15-dense"):
+        ref = L.reference_literal(name)
+        s = LATTIGO_SETS[name]
+        assert ref["log_n"] == s["log_n"] and ref["log_default_scale"] == s["log_default_scale"]
+        assert len(ref["q"]) - 1 == s["max_levels"] and ref["secret"] == s["secret"]
+        assert [int(p).bit_length() for p in ref["p"]] == s["log_p"]
+        p = L.LattigoParams(ref)
+        assert p.bootstrap.message_ratio == s["message_ratio"]
+        if "max_log_qp" in s:
+            assert p.bootstrap.log_qp <= s["max_log_qp"] + 0.5
+
+
+def test_secure_chains_fit_their_budget():
+    """Every chain the planner can pick for a 128-bit Lattigo set stays within the set's Q*P."""
+    from hecompiler.target import get_target
+
+    for name in ("lattigo:n16-sparse", "lattigo:n15-dense"):
+        t = get_target(name)
+        for lv in range(1, t.lattigo["max_levels"] + 1):
+            (params,) = t.candidates(None, None, lv, "tc128", None)
+            meta = {"target": t.metadata(params, t.primes(params))}
+            p = L.LattigoParams(meta["target"]["lattigo"])
+            assert p.bootstrap.log_qp <= meta["target"]["max_log_qp"] + 1e-9, (name, params)
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_available_gib() < 16, reason="128-bit bootstrapping keys need ~14 GiB free")
+def test_one_128_bit_bootstrap(tmp_path):
+    """Lattigo's N16QP1546H192H32 set: keys, one bootstrap at 2^15 slots, precision."""
+    os.environ.setdefault("GOGC", "20")
+    L.set_gc_percent(20)
+    p = L.LattigoParams(L.reference_literal("n16-sparse"))
+    L.keygen(p, tmp_path / "c", tmp_path / "s", rotations=(), relin=True, bootstrap=True)
+    cl, ev = L.Client(p, tmp_path / "c"), L.Evaluator(p, tmp_path / "s")
+    x = np.random.default_rng(0).uniform(-1, 1, p.slots)
+    out = ev.bootstrap(cl.encrypt(x, level=1))
+    assert out.level == p.max_level and out.scale == p.default_scale
+    assert np.abs(cl.decrypt(out) - x).max() < 1e-5  # ~2^-20 or better
