@@ -55,6 +55,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hecompiler.backends.seal_costs import measure_plaintext_generation
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA = "hecompiler.cost_lattigo/1"
 
@@ -244,9 +246,13 @@ def measure_bootstrap(p: Any, cl: Any, ev: Any, rng: np.random.Generator, reps: 
                       log: Callable[[str], None]) -> dict[str, Any]:
     b = p.bootstrap
     x = rng.uniform(-1, 1, p.slots)
+    L.free_os_memory()
+    heap0 = L.go_memory().get("heap_inuse", 0)
     t0 = time.perf_counter()
     ev.prepare_bootstrap(1)
     prep = time.perf_counter() - t0
+    L.free_os_memory()
+    prep_bytes = max(0, L.go_memory().get("heap_inuse", 0) - heap0)  # the evaluator's own matrices
     level_in = min(1, p.max_level)  # level >= 1: exact scale conversion, no bias
     ct = cl.encrypt(x, level=level_in)
     walls, cpus, errs = [], [], []
@@ -259,7 +265,7 @@ def measure_bootstrap(p: Any, cl: Any, ev: Any, rng: np.random.Generator, reps: 
         errs.append(max_err(cl.decrypt(out), x))
     res: dict[str, Any] = {
         "log_slots": p.log_slots, "slots": p.slots, "depth": b.depth, "output_level": out.level,
-        "output_scale": out.scale, "input_level": level_in, "prepare_s": prep,
+        "output_scale": out.scale, "input_level": level_in, "prepare_s": prep, "prepare_heap_bytes": prep_bytes,
         "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "wall_min_s": min(walls),
         "error_max_abs_le_1": max(errs),
     }
@@ -386,6 +392,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,
         "errors": errors, "noise": noise, "bootstrap": boots,
+        "plaintext_generation_s": measure_plaintext_generation(p.n, log),
         "go_memory": L.go_memory(),
     }
 

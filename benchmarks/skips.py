@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,7 +98,8 @@ def drop_skips(graph, identity_only: bool = False) -> int:
     return dropped
 
 
-def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memory: str = "8G") -> dict:
+def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memory: str = "8G",
+         target: str = "seal") -> dict:
     import numpy as np
     import onnx
 
@@ -136,9 +138,13 @@ def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memor
     passes = DEFAULT_PIPELINE if variant != "baseline" else DEFAULT_PIPELINE.replace("dirac-merge,", "")
     lowering = LoweringOptions(share_alignment=variant != "baseline")
     popts = PlanOptions(lowering=lowering, optimal_refresh=variant != "baseline", max_memory_bytes=_size_arg(max_memory))
-    cost = CostModel(refresh=_refresh_arg(refresh, 20.0))
+    if target == "seal":
+        cost = CostModel(refresh=_refresh_arg(refresh, 20.0))
+    else:  # a bootstrapping backend: the target's measured table prices everything
+        cost = None
+        popts.security = "none" if "toy" in target else "tc128"
     t0 = time.perf_counter()
-    res = compile_model(model, CompileOptions(passes=passes, plan=popts, check=not big), cost)
+    res = compile_model(model, CompileOptions(passes=passes, plan=popts, check=not big, target=target), cost)
     row["compile_s"] = time.perf_counter() - t0
     r = res.metadata["report"]
     row["adds"], row["skips"], row["skip_range"] = _skip_stats(res.graph)
@@ -146,12 +152,24 @@ def step(name: str, variant: str, seal: bool, refresh: str = "client", max_memor
                depth=r["levels_used"], pred_s=r["predicted_seconds"], fidelity=r.get("fidelity"),
                live=r["peak_live_ciphertexts"], mem=r["predicted_memory_bytes"],
                refresh_s=res.chosen.cost.by_op.get("refresh", 0.0))
-    if seal:
-        from hecompiler.backends.seal import run_encrypted
+    if seal:  # run it encrypted on the target's backend (SEAL client-aided, or Lattigo with real bootstraps)
+        from hecompiler import backends
 
         x = rng.standard_normal(shape).astype(np.float32)
-        outs, stats = run_encrypted(res.prog, {res.prog.inputs[0].name: x})
-        row["seal_s"] = stats.phases.get("total", stats.eval_seconds)
+        be = backends.get(backends.for_program(res.metadata))
+        c0 = os.times()
+        outs, stats = be.run_encrypted(res.prog, {res.prog.inputs[0].name: x}, meta=res.metadata)
+        c1 = os.times()
+        y = outs[res.prog.outputs[0].name]
+        row["seal_s"] = stats.phases.get("eval", stats.eval_seconds)
+        row["run_cpu_s"] = (c1.user + c1.system) - (c0.user + c0.system)
+        row["bootstraps_run"] = stats.bootstraps
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path.as_posix(), providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        row["run_err_vs_original"] = float(np.abs(y - ref).max() / np.ptp(ref))
+        row["run_argmax_vs_original"] = bool(np.argmax(y) == np.argmax(ref))
     return row
 
 
@@ -170,12 +188,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-seal", action="store_true")
     ap.add_argument("--refresh", default="client", metavar="client|bootstrap[:SECONDS]")
     ap.add_argument("--max-memory", default="8G", metavar="SIZE", help="planner memory budget (default: %(default)s)")
+    ap.add_argument("--target", default="seal", metavar="seal|lattigo[:SET]",
+                    help="lattigo: plan and run with real bootstraps (every variant that is a model runs encrypted)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--_step", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._step:
         name, variant, seal = args._step
-        print(json.dumps(step(name, variant, seal == "1", args.refresh, args.max_memory)))
+        print(json.dumps(step(name, variant, seal == "1", args.refresh, args.max_memory, args.target)))
         return 0
     models = args.models or (SMALL + (BIG if args.big else []))
     rows = []
@@ -183,17 +203,21 @@ def main(argv=None) -> int:
         for v in args.variants:
             if name in PAPER and v not in PAPER[name]:
                 continue
-            seal = (not args.no_seal and name not in BIG and v in ("baseline", "exact")
-                    and args.refresh == "client")
+            if args.target == "seal":
+                seal = (not args.no_seal and name not in BIG and v in ("baseline", "exact")
+                        and args.refresh == "client")
+            else:  # real bootstraps: every variant that is a model (not the cost references) runs
+                seal = not args.no_seal and name not in BIG and v not in ("no-skips", "no-id-skips")
             print(f"[{name} / {v}] ...", file=sys.stderr, flush=True)
             row = _child(["--_step", name, v, "1" if seal else "0", "--refresh", args.refresh,
-                          "--max-memory", args.max_memory])
+                          "--max-memory", args.max_memory, "--target", args.target])
             row.setdefault("model", name)
             row.setdefault("variant", v)
             rows.append(row)
-    print(f"refresh priced as: {args.refresh}")
+    print(f"target {args.target}; refresh priced as: "
+          + (args.refresh if args.target == "seal" else "a bootstrap, measured on the target (real bootstraps run)"))
     hdr = (f"{'model':<25} {'variant':<14} {'adds':>4} {'skips':>5} {'range':>5} {'live':>5} {'params':<22} "
-           f"{'refr':>5} {'refr s':>7} {'rot':>7} {'depth':>5} {'pred':>9} {'x base':>6} {'SEAL':>7}  fidelity")
+           f"{'refr':>5} {'refr s':>7} {'rot':>7} {'depth':>5} {'pred':>9} {'x base':>6} {'run':>7}  fidelity")
     print(hdr)
     print("-" * (len(hdr) + 30))
     base = {}
@@ -217,6 +241,9 @@ def main(argv=None) -> int:
             fid = f.get("skipped", "-")[:40]
         speed = f"{base[r['model']] / r['pred_s']:.2f}x" if r["model"] in base else "-"
         seal = f"{r['seal_s']:.1f}s" if "seal_s" in r else "-"
+        if "run_err_vs_original" in r:
+            fid += (f"; encrypted run: {r['bootstraps_run']} bootstraps, err {r['run_err_vs_original']:.1e} of range vs "
+                    f"the original, argmax {'agrees' if r['run_argmax_vs_original'] else 'DIFFERS'}")
         print(f"{r['model']:<25} {r['variant']:<14} {r['adds']:>4} {r['skips']:>5} {r['skip_range']:>5.1f} "
               f"{r['live']:>5} {r['params']:<22} {r['refreshes']:>5} {r['refresh_s']:>6.1f}s {r['rotations']:>7} "
               f"{r['depth']:>5} {r['pred_s']:>8.1f}s {speed:>6} {seal:>7}  {fid}")

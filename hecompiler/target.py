@@ -99,10 +99,14 @@ class Target:
         if self.backend == "seal":
             return CostModel(refresh=refresh)
         table, src = load_table(self.cost_table)
-        boot = min((b["wall_s"] for b in table["rings"][0].get("bootstrap", [])), default=None)
-        if boot is None:
+        boots = table["rings"][0].get("bootstrap", [])
+        full = max(boots, key=lambda b: b.get("slots", 0), default=None)  # the program uses every slot
+        if full is None:
             raise HecError(f"cost table {src}: no bootstrap measurement; run benchmarks/measure_lattigo_costs.py")
-        rc = RefreshCost(kind="bootstrap", bootstrap_s=float(boot), reserve=False)
+        many = full.get("many") or {}
+        par = many["wall_s"] / many["ciphertexts"] if many.get("ciphertexts") else None
+        rc = RefreshCost(kind="bootstrap", bootstrap_s=float(full["wall_s"]), reserve=False,
+                         bootstrap_parallel_s=par)
         m = CostModel(table, refresh=rc)
         m.source = src
         return m

@@ -548,6 +548,17 @@ def build_resnet20_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = PO
     return g.model("CIFAR ResNet-20 with degree-2 polynomial activations a*x^2+b*x+c.")
 
 
+def build_resnet8_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = POLY_A,
+                      b: float = POLY_B, c: float = POLY_C) -> onnx.ModelProto:
+    """CIFAR ResNet-8 (3 stages x 1 basic block, 16/32/64 channels, 1x3x32x32) with degree-2
+    polynomial activations: the shape of IBM HElayers' ResNet-8 benchmark."""
+    g = GraphBuilder("resnet8_poly", opset, seed)
+    poly = _poly_setup(g, a, b, c)
+    x = g.add_input("input", [1, 3, 32, 32])
+    _cifar_resnet(g, x, 3, widths=[16, 32, 64], blocks=[1, 1, 1], num_classes=10, poly=poly, logits_shape=[1, 10])
+    return g.model("CIFAR ResNet-8 with degree-2 polynomial activations a*x^2+b*x+c (HElayers' ResNet-8 shape).")
+
+
 def build_shared_source_resnet_poly(opset: int = DEFAULT_OPSET, seed: int = 0, a: float = POLY_A,
                                     b: float = POLY_B, c: float = POLY_C) -> onnx.ModelProto:
     """CIFAR-style ResNet on 1x3x16x16 whose skips within a stage all come from
@@ -896,6 +907,7 @@ MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "tiny_resnet_poly": build_tiny_resnet_poly,
     "resnet20": build_resnet20,
     "resnet20_poly": build_resnet20_poly,
+    "resnet8_poly": build_resnet8_poly,
     "diracnet": build_diracnet,
     "diracnet_poly": build_diracnet_poly,
     "shared_source_resnet_poly": build_shared_source_resnet_poly,

@@ -102,10 +102,11 @@ class LattigoPrimitives:
     refresh_kind = "inline"
     bootstraps = True
 
-    def __init__(self, params: LattigoParams, ev: Evaluator):
+    def __init__(self, params: LattigoParams, ev: Evaluator, workers: int = 1):
         self.params = params
         self.ev = ev
         self.slots = params.slots
+        self.workers = workers
 
     @_guarded
     def meta(self, ct: Ciphertext):
@@ -177,7 +178,7 @@ class LattigoPrimitives:
     def refresh(self, cts):
         if len(cts) == 1:
             return [self.ev.bootstrap(cts[0])]
-        return self.ev.bootstrap_many(cts)
+        return self.ev.bootstrap_many(cts, workers=self.workers)
 
     def release(self, ct) -> None:
         with contextlib.suppress(Exception):
@@ -185,6 +186,15 @@ class LattigoPrimitives:
 
 
 # =========================================================================== the two sides
+
+def _largest_refresh_batch(prog: HEProgram) -> int:
+    """The most refresh instructions in a row (the executor bootstraps them together)."""
+    best = run = 0
+    for ins in prog.instrs:
+        run = run + 1 if ins.op == "refresh" else 0
+        best = max(best, run)
+    return best
+
 
 def _key_set(d: Path) -> str:
     try:
@@ -273,12 +283,15 @@ class LattigoServer:
         if self.refreshes and not self.ev.has_bootstrap:
             raise LattigoBackendError(f"{d}: the program bootstraps but there is no bootstrap.key")
         if self.refreshes:
+            # one bootstrapping evaluator per ciphertext bootstrapped at once (each holds its own
+            # CoeffsToSlots/SlotsToCoeffs matrices, GBs at N=2^16): no more than the largest batch
+            self.workers = max(1, min(os.cpu_count() or 1, _largest_refresh_batch(prog)))
             try:
-                self.ev.prepare_bootstrap(os.cpu_count() or 1)
+                self.ev.prepare_bootstrap(self.workers)
             except LattigoError as e:
                 raise LattigoBackendError(f"preparing the bootstrap: {e}") from None
         self.load_seconds = time.perf_counter() - t
-        self.prim = LattigoPrimitives(params, self.ev)
+        self.prim = LattigoPrimitives(params, self.ev, getattr(self, "workers", 1))
         self.ex = Executor(prog, self.prim, cost)
         sizes = {fn: (d / fn).stat().st_size for fn in SERVER_FILES if (d / fn).exists()}
         self._key_stats = {"galois_keys": len(self.ev.steps), "galois_key_bytes": sizes.get("galois.key", 0),
