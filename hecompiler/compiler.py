@@ -295,7 +295,8 @@ def fit_refresh_ranges(graph: Graph, cand, popts, target, probes) -> None:
         raise HecError(f"{graph.name}: the planning inputs overflow before a refresh (infinite values); check the "
                        f"model and its --calibration/--sample inputs")
     bounds = tuple(REFRESH_MARGIN * p for p in peaks)
-    lowering = replace(popts.lowering, refresh_factor=target.refresh_factor, refresh_bounds=bounds)
+    lowering = replace(getattr(cand, "lowering_options", None) or popts.lowering, refresh_factor=target.refresh_factor,
+                       refresh_bounds=bounds)
     prog2, low2 = lower(graph, cand.params, cand.primes, lowering, cand.refresh_plan)
     if len(low2.refresh_groups) != len(groups):
         raise LoweringInvariantError(f"{graph.name}: scaling the refresh inputs changed the refreshes "
@@ -404,6 +405,11 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                                      if price_per_core_hour else None),
         "price_per_core_hour": price_per_core_hour,
         "client_round_trips": c.round_trips,
+        "rotation_keys": (getattr(low, "he_notes", None) or {}).get("rotation_keys"),
+        "plaintexts": {"encoded": c.plaintexts, "bytes_all": c.plaintext_bytes_all,
+                       "encode_seconds": round(c.encode_seconds, 3),
+                       "cache_headroom_bytes": max(0, best.lowering_options.max_memory_bytes - c.memory_bytes)
+                       if getattr(best, "lowering_options", None) and best.lowering_options.max_memory_bytes else None},
         "layers": layers,
         "passes": [{"pass": r.spec, "exact": r.exact, "nodes": [r.nodes_before, r.nodes_after]}
                    for r in pipeline.records],
@@ -464,24 +470,29 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"parameters: N={p['poly_degree']} ({p['slots']} slots), primes "
                  f"{'+'.join(str(b) for b in p['coeff_bits'])} = {p['total_bits']} bits, scale 2^{p['scale_bits']}, "
                  f"{p['top_level']} levels; {p['security_note']}")
-    lines.append("candidates (predicted SEAL latency on this machine):")
+    target = r.get("target", "seal")
+    boots = not target.startswith("seal")
+    word = "bootstraps" if boots else "refreshes"
+    lines.append(f"target: {target}" + (" (non-interactive: the server runs the whole network alone; the key holder "
+                                         "only encrypts the input and decrypts the output)" if boots else ""))
+    lines.append(f"candidates (predicted {target.split(':')[0]} latency with the cost table below):")
     for cd in r["candidates"]:
         mark = "*" if cd["chosen"] else " "
         if cd["predicted_seconds"] is None:
             lines.append(f"  {mark} {cd['params']:<24} {cd['rejected']}")
         else:
             lines.append(f"  {mark} {cd['params']:<24} {cd['predicted_seconds']:8.2f} s  {cd['memory_gib']:6.2f} GiB  "
-                         f"{cd['refreshes']:3d} refreshes  {cd['rejected']}")
+                         f"{cd['refreshes']:3d} {word}  {cd['rejected']}")
     ops = r["ops"]
     lines.append(f"ops: {ops.get('rotate', 0)} rotations, {ops.get('mul_plain', 0)} ct-pt mults, "
                  f"{ops.get('mul', 0)} ct-ct mults, {ops.get('rescale', 0)} rescales, "
                  f"{ops.get('add', 0) + ops.get('add_plain', 0)} adds, {ops.get('mod_switch', 0)} mod-switches, "
-                 f"{r['refreshes']} refreshes")
+                 f"{r['refreshes']} {word}")
     rm = r.get("refresh_model")
     if rm:
         lines.append(f"refresh: {rm['description']}")
     rp = r["refresh_placement"]
-    lines.append(f"depth: {r['levels_used']} levels on the longest path; refreshes before: "
+    lines.append(f"depth: {r['levels_used']} levels on the longest path; {word} before: "
                  f"{', '.join(r['refresh_points']) or 'none'}")
     if r["refreshes"]:
         lines.append(f"refresh placement: {rp['method']}: {rp['refreshed_ciphertexts']} ciphertexts refreshed "
@@ -490,8 +501,12 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("shared_alignments"):
         lines.append(f"shared-source: {r['shared_alignments']} level alignment(s) of skip sources reused "
                      f"instead of recomputed")
-    lines.append(f"keys: {r['galois_keys']} Galois keys (only the rotation steps used) + relin + public = "
-                 f"{_mb(r['key_bytes'])}")
+    bk = r.get("bootstrap_key_bytes") or 0
+    from .report import key_trade_lines
+
+    lines.extend(key_trade_lines(r))
+    lines.append(f"keys: {r['galois_keys']} Galois keys + relin + public"
+                 + (f" + bootstrapping keys ({_mb(bk)})" if bk else "") + f" = {_mb(r['key_bytes'])}")
     lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s on one core (of which encoding "
                  f"plaintexts {r['predicted_encode_seconds']:.2f} s), peak memory {_mb(r['predicted_memory_bytes'])}, "
                  f"{r['peak_live_ciphertexts']} live ciphertexts at peak"
@@ -540,7 +555,7 @@ def format_report(r: dict[str, Any]) -> str:
                 if lim["max_abs"] is not None else "the chain OVERFLOWS on the planning input itself")
         lines.append(f"inputs: planned on the {lim['planned_on']}, {name} in [{lo:.4g}, {hi:.4g}] (run/encrypt warn "
                      f"outside it); {held}; modulus use on the sample {lim['modulus_use']:.1e} of the wrap-around point")
-    if r["refreshes"] and (rm or {}).get("kind", "client") == "client":
+    if r["refreshes"] and (rm or {}).get("kind", "client") == "client" and not boots:
         lines.append("privacy: client-aided refresh: the key holder decrypts the refreshed ciphertexts and SEES those "
                      "intermediate activations in the clear (no masking); use it only when the key holder may see them, "
                      "e.g. when it also owns the model. A bootstrapping target has no such exposure.")

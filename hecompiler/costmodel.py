@@ -114,6 +114,8 @@ class RefreshCost:
     #: keep the circuit's bits above the chain when planning (a target whose backend adds the
     #: bootstrapping primes itself, inside its own budget, sets this False)
     reserve: bool = True
+    #: seconds per ciphertext when a batch of several bootstraps runs on all cores (measured)
+    bootstrap_parallel_s: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("client", "bootstrap"):
@@ -300,6 +302,14 @@ class CostModel:
     def bootstrap_key_bytes(self, n: int) -> int:
         return int(self._ring(n).get("key_bytes", {}).get("bootstrap.key", 0)) if self.lattigo else 0
 
+    def bootstrapper_bytes(self, n: int) -> int:
+        """Memory of one prepared bootstrapping evaluator beside its keys (its CoeffsToSlots and
+        SlotsToCoeffs matrices), measured; 0 when the table has no measurement."""
+        if not self.lattigo:
+            return 0
+        boots = self._ring(n).get("bootstrap") or []
+        return int(max((b.get("prepare_heap_bytes", 0) for b in boots), default=0))
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (VmHWM; ru_maxrss elsewhere)."""
@@ -402,6 +412,16 @@ class ProgramCost:
     keygen_seconds: float = 0.0  # client: secret/public, relin and the Galois keys of the program
     key_upload_bytes: int = 0  # serialized evaluation keys the server gets (public, relin, Galois)
     round_trips: int = 0  # batches of client-aided refreshes per inference
+    plaintexts: int = 0  # plaintext operands encoded per inference (each at its level)
+    plaintext_bytes_all: int = 0  # all of them encoded at their levels: what keeping every one takes
+
+    def repeat_seconds(self, cache_bytes: int) -> float:
+        """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
+        previous ones (the cache fills in program order: that share of the encoding is saved)."""
+        if not self.plaintext_bytes_all:
+            return self.seconds
+        kept = min(1.0, max(0, cache_bytes) / self.plaintext_bytes_all)
+        return self.seconds - kept * self.encode_seconds
 
 
 #: resident memory of the Python process with numpy, onnx, SEAL loaded, when the cost table has
@@ -443,6 +463,8 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
 def linear_temporaries(lin) -> int:
     """Ciphertexts a ``linear`` macro holds besides its inputs and outputs: its baby-step
     rotations, one giant-step accumulator and one running sum (see runtime.run_linear)."""
+    if "baby_held" in lin.counts:  # a key-set schedule (hecompiler.rotkeys): its baby trees
+        return lin.counts["baby_held"] + 2
     baby = lin.counts.get("baby_rotations")
     if baby is None:  # programs from before the count existed: every rotation, an upper bound
         baby = lin.counts.get("rotate", 0)
@@ -458,6 +480,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     counts: dict[str, int] = {}
     enc = 0.0
     top_primes = p.top_level + 1
+    n_pt = pt_all = 0
     for ins in prog.instrs:
         by, e, cnt = instr_cost(ins, prog, model)
         for k, v in by.items():
@@ -465,6 +488,13 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         for k, v in cnt.items():
             counts[k] = counts.get(k, 0) + v
         enc += e
+        if ins.op == "linear":
+            c = prog.linears[ins.plain.args[0]].counts
+            n_pt += c.get("mul_plain", 0) + c.get("add_plain", 0)
+            pt_all += c.get("mul_plain", 0) * pt_bytes(n, ins.level + 2) + c.get("add_plain", 0) * pt_bytes(n, ins.level + 1)
+        elif ins.plain is not None and ins.op != "refresh" and ins.plain.kind != "scalar":
+            n_pt += 1
+            pt_all += pt_bytes(n, ins.level + 1)
     # liveness: peak live ciphertexts and their bytes (a linear op also holds its baby rotations)
     last = prog.last_uses()
     live: dict[int, int] = {v: top_primes for io in prog.inputs for v in io.values}
@@ -492,15 +522,35 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     n_keys = len(prog.galois_steps)
     kb = ((n_keys + (1 if prog.needs_relin else 0)) * model.ksk_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
           + model.bootstrap_key_bytes(n))
+    run = longest = 0
+    for ins in prog.instrs:
+        run = run + 1 if ins.op == "refresh" else 0
+        longest = max(longest, run)
+    # a bootstrapping server prepares one evaluator per ciphertext bootstrapped at once (os.cpu_count at most)
+    workers = min(longest, os.cpu_count() or 1)
+    boot_mem = workers * model.bootstrapper_bytes(n) if model.refresh.bootstraps else 0
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
     network = 0.0
+    par = model.refresh.bootstrap_parallel_s
+    if model.refresh.bootstraps and par is not None and model.refresh.bootstrap_s is not None:
+        # a batch of several bootstraps runs on every core at once: price those at the measured rate
+        run = 0
+        saved = 0.0
+        for k, ins in enumerate(prog.instrs + [None]):
+            if ins is not None and ins.op == "refresh":
+                run += 1
+                continue
+            if run >= 2:
+                saved += run * (model.refresh.bootstrap_s - par)
+            run = 0
+        by_op["refresh"] = by_op.get("refresh", 0.0) - saved
     if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
         network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
     seconds = sum(by_op.values()) + enc
     kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin)
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
-                       peak_n, peak_b, pt, kb + peak_b + pt + model.baseline_bytes, counts.get("refresh", 0),
-                       network, kg, upload, batches if not model.refresh.bootstraps else 0)
+                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + model.baseline_bytes, counts.get("refresh", 0),
+                       network, kg, upload, batches if not model.refresh.bootstraps else 0, n_pt, pt_all)

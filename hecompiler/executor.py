@@ -34,8 +34,12 @@ from .costmodel import CostModel, instr_cost, linear_temporaries, peak_rss_bytes
 from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
-from .plaintexts import PlaintextFactory
+from .plaintexts import PlaintextCache, PlaintextFactory
 from .runtime import LinearPlans, run_linear
+
+
+#: an all-zero plaintext, remembered as such (the product is an encryption of zero)
+_ZERO = object()
 
 
 class ExecutionError(HecError):
@@ -83,6 +87,7 @@ class ExecStats:
     seconds_by_op: dict[str, float] = field(default_factory=dict)
     encode_seconds: float = 0.0  # measured plaintext generation + encoding (inside seconds_by_op)
     plaintexts: int = 0
+    plaintexts_reused: int = 0  # served by the executor's plaintext cache (same reference or same content)
     refreshes: int = 0  # ciphertexts refreshed (client-aided or bootstrapped)
     refresh_round_trips: int = 0  # batches sent to the key holder
     bootstraps: int = 0
@@ -139,7 +144,7 @@ class ExecStats:
         boot = f", {self.bootstraps} bootstraps" if self.bootstraps else ""
         lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
                      f"{self.refresh_round_trips} round trips{boot}, encode {self.encode_seconds:.3f} s "
-                     f"({self.plaintexts} plaintexts)")
+                     f"({self.plaintexts} plaintexts" + (f", {self.plaintexts_reused} reused" if self.plaintexts_reused else "") + ")")
         lines.append(f"  {'op':<10} {'count':>6}  {'time':>10}")
         for op in sorted(self.op_counts):
             t = self.seconds_by_op.get(op)
@@ -315,11 +320,14 @@ class _LinearAdapter:
 class Executor:
     """Runs ``prog`` on backend primitives ``prim`` (see the module doc)."""
 
-    def __init__(self, prog: HEProgram, prim: Primitives, cost: CostModel | None = None):
+    def __init__(self, prog: HEProgram, prim: Primitives, cost: CostModel | None = None,
+                 plaintext_cache_bytes: int | None = None):
         self.prog = prog
         self.prim = prim
         self.cost = cost
         self.pf = PlaintextFactory(prog)
+        #: encoded plaintexts reused within a run and across runs (hecompiler.plaintexts.PlaintextCache)
+        self.ptcache = PlaintextCache(plaintext_cache_bytes)
         self.plans = LinearPlans(prog, self.pf)
         self.last = prog.last_uses()
         self.top = prog.params.top_level
@@ -334,11 +342,41 @@ class Executor:
         if ref.kind == "scalar":
             v = float(ref.args[0])
             pt = None if v == 0.0 else self.prim.encode_scalar(v, ref.scale, level)
+            stats.plaintexts += pt is not None
         else:
-            vec = self.pf.vector(ref)
-            pt = self.prim.encode(vec, ref.scale, level) if np.any(vec) else None
+            pt = self.ptcache.lookup_ref(ref, level)
+            if pt is not None:
+                stats.plaintexts_reused += 1
+            else:
+                pt = self._encode(ref, level, stats)
+            if pt is _ZERO:
+                pt = None
         stats.encode_seconds += time.perf_counter() - t
-        stats.plaintexts += pt is not None
+        return pt
+
+    def _encode(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
+        """Generate and encode ``ref`` at ``level`` (a constant vector as a scalar, an all-zero
+        one as nothing), sharing the encoding of an identical vector already cached."""
+        cache = self.ptcache
+        vec = self.pf.vector(ref)
+        nbytes = self.prog.params.poly_degree * (level + 1) * 8
+        if not np.any(vec):
+            cache.store(ref, level, None, _ZERO, 0)
+            return _ZERO
+        if np.all(vec == vec[0]):  # a constant: no FFT
+            pt = self.prim.encode_scalar(float(vec[0]), ref.scale, level)
+            cache.store(ref, level, None, pt, nbytes)
+            stats.plaintexts += 1
+            return pt
+        key = cache.content_key(vec, level, ref.scale)
+        pt = cache.lookup_content(key)
+        if pt is not None:
+            cache.link(ref, level, pt)
+            stats.plaintexts_reused += 1
+            return pt
+        pt = self.prim.encode(vec, ref.scale, level)
+        cache.store(ref, level, key, pt, nbytes)
+        stats.plaintexts += 1
         return pt
 
     def _snap(self, ct: Any, planned: float, what: str) -> Any:

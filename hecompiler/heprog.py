@@ -136,6 +136,14 @@ class LinearOp:
     n1: int = 0
     steps: list[int] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: how the rotations run (hecompiler.rotkeys): "" every BSGS step with its own key, each
+    #: baby step from the input and each giant step from its accumulator; "tree" baby steps
+    #: each from the nearest one made (a tree), giant steps accumulated Horner-style, every
+    #: rotation composed from the program's ``rotation_keys``; "star" as "tree" but every baby
+    #: step from the input (hoisted by backends that can)
+    schedule: str = ""
+    #: "tree"/"star": the distinct rotations (steps mod slots) the schedule composes from the keys
+    needs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +196,8 @@ class HEProgram:
     outputs: list[IOSpec] = field(default_factory=list)
     instrs: list[Instr] = field(default_factory=list)
     n_values: int = 0
+    #: the Galois keys the program gets (steps mod slots); None: one for every step it uses
+    rotation_keys: list[int] | None = None
 
     def new_value(self) -> int:
         self.n_values += 1
@@ -195,11 +205,22 @@ class HEProgram:
 
     @property
     def galois_steps(self) -> list[int]:
+        """The rotation steps that get a Galois key."""
+        s = self.params.slots
+        if self.rotation_keys is not None:
+            return sorted({k % s for k in self.rotation_keys if k % s})
+        return self.used_steps
+
+    @property
+    def used_steps(self) -> list[int]:
+        """Every rotation step the program's ops name (a ``tree`` linear op's BSGS steps and the
+        rotations its schedule composes)."""
         s = self.params.slots
         steps = {i.step % s for i in self.instrs if i.op == "rotate" and i.step % s}
         for i in self.instrs:
             if i.op == "linear":
-                steps.update(k % s for k in self.linears[i.plain.args[0]].steps if k % s)
+                lin = self.linears[i.plain.args[0]]
+                steps.update(k % s for k in (lin.needs if lin.schedule else lin.steps) if k % s)
         return sorted(steps)
 
     @property
@@ -259,6 +280,7 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
         for v in io.values:
             meta[v] = (top, delta)
     keys = set(prog.galois_steps) if galois_steps is None else {k % p.slots for k in galois_steps}
+    graph: list = []  # the key graph, made when a "tree" linear op needs it
     for k, ins in enumerate(prog.instrs):
         where = f"instruction {k} ({ins.op} -> %{ins.out}{', ' + ins.note if ins.note else ''})"
         for a in ins.args:
@@ -272,7 +294,7 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
         if ins.op == "add_plain" and ins.plain is None or ins.op == "mul_plain" and ins.plain is None:
             raise ProgramError(f"{where}: {ins.op} needs a plaintext operand")
         if ins.op == "linear":
-            _check_linear(prog, ins, keys, where)
+            _check_linear(prog, ins, keys, where, graph)
         try:
             level, scale = instr_meta(prog, ins, [meta[a] for a in ins.args])
         except OpSemanticsError as e:
@@ -290,7 +312,7 @@ def verify_program(prog: HEProgram, galois_steps: set[int] | None = None) -> Non
             raise ProgramError(f"output {io.name}: its ciphertexts differ in level or scale")
 
 
-def _check_linear(prog: HEProgram, ins: Instr, keys, where: str) -> None:
+def _check_linear(prog: HEProgram, ins: Instr, keys, where: str, graph: list) -> None:
     """The structure of a ``linear`` macro (its level and scale come from :mod:`hecompiler.opsem`)."""
     p = ins.plain
     if p is None or p.kind != "diag" or len(p.args) != 1 or not 0 <= p.args[0] < len(prog.linears):
@@ -300,7 +322,20 @@ def _check_linear(prog: HEProgram, ins: Instr, keys, where: str) -> None:
     if len(ins.args) != lin_in.n_ct or len(ins.results) != lout.n_ct:
         raise ProgramError(f"{where}: linear op #{p.args[0]} maps {lin_in.n_ct} ciphertext(s) to {lout.n_ct}, "
                            f"got {len(ins.args)} -> {len(ins.results)}")
-    missing = [k for k in lin.steps if k % prog.params.slots and k % prog.params.slots not in keys]
+    S = prog.params.slots
+    if lin.schedule in ("tree", "star"):
+        if not graph:
+            from .rotkeys import KeyGraph
+
+            graph.append(KeyGraph(keys, S))
+        missing = [k for k in lin.needs if not graph[0].reaches(k)]
+        if missing:
+            raise ProgramError(f"{where}: rotation(s) {missing[:5]} of linear op #{p.args[0]} cannot be composed "
+                               f"from the program's Galois keys")
+        return
+    if lin.schedule:
+        raise ProgramError(f"{where}: linear op #{p.args[0]} has an unknown schedule {lin.schedule!r}")
+    missing = [k for k in lin.steps if k % S and k % S not in keys]
     if missing:
         raise ProgramError(f"{where}: no Galois key for rotation(s) {missing[:5]} of linear op #{p.args[0]}")
 
@@ -326,6 +361,8 @@ def print_program(prog: HEProgram) -> str:
     out = [f"heprogram v{FORMAT_VERSION} {{",
            f"  params {_fmt_params(p.to_dict())}",
            f"  primes [{', '.join(str(q) for q in prog.primes)}]"]
+    if prog.rotation_keys is not None:
+        out.append(f"  keys [{', '.join(str(k) for k in sorted(prog.rotation_keys))}]")
     for k, lay in enumerate(prog.layouts):
         out.append(f"  layout #{k} {_fmt_params(lay.to_dict())}")
     for k, lin in enumerate(prog.linears):
@@ -333,6 +370,9 @@ def print_program(prog: HEProgram) -> str:
              "out_shape": list(lin.out_shape), "params": lin.params, "mult": lin.mult,
              "bias_mult": lin.bias_mult, "note": lin.note, "n1": lin.n1, "steps": list(lin.steps),
              "counts": lin.counts}
+        if lin.schedule:
+            d["schedule"] = lin.schedule
+            d["needs"] = list(lin.needs)
         out.append(f"  linear #{k} {_fmt_params(d)}")
     for io in prog.inputs:
         vals = ", ".join(f"%{v}" for v in io.values)
@@ -387,6 +427,8 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
             elif kind == "primes":
                 primes = tuple(int(t) for t in c)
                 prog = HEProgram(params, primes, weights=dict(weights or {}))
+            elif kind == "keys":
+                prog.rotation_keys = sorted(int(t) for t in c if t is not None)
             elif kind == "layout":
                 prog.layouts.append(Layout.from_dict(json.loads(str(c[1]))))
             elif kind == "linear":
@@ -395,7 +437,8 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
                                              tuple(d["out_shape"]), d["params"], float(d["mult"]),
                                              float(d["bias_mult"]), d["note"], int(d.get("n1", 0)),
                                              [int(k) for k in d.get("steps", [])],
-                                             {str(k): int(v) for k, v in d.get("counts", {}).items()}))
+                                             {str(k): int(v) for k, v in d.get("counts", {}).items()},
+                                             str(d.get("schedule", "")), [int(k) for k in d.get("needs", [])]))
             elif kind in ("input", "output"):
                 name = json.loads(str(c[0]))
                 shape = tuple(int(t) for t in c[1].children)

@@ -378,6 +378,9 @@ class BsgsPlan:
     n1: int
     baby: dict[int, list[int]]  # input ct -> baby steps used (0 first if used)
     giant: dict[int, dict[int, list[tuple[int, int, int]]]]  # out j -> g -> [(i, b, d)]
+    #: the runtime's schedule over the program's keys (hecompiler.rotkeys.LinearSchedule), when
+    #: the op has one
+    schedule: object = None
 
     @property
     def rotations(self) -> int:

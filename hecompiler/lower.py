@@ -84,6 +84,12 @@ class LoweringOptions:
     #: the largest |slot value| its ciphertexts reach (measured by the simulator)
     refresh_factor: Any = field(default=None, repr=False, compare=False)
     refresh_bounds: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
+    #: HE-program passes run on every lowered program (hecompiler.hepasses; "" for none)
+    he_passes: str | None = None  # None: hecompiler.hepasses.DEFAULT_HE_PIPELINE
+    #: what those passes price with (rotation costs by level, key sizes) and the memory budget
+    #: they keep the Galois keys within (the planner sets both)
+    cost: Any = field(default=None, repr=False, compare=False)
+    max_memory_bytes: int | None = None
 
 
 @dataclass
@@ -121,6 +127,9 @@ class Lowering:
         # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
         self._aligned: dict[tuple[int, int], Tensor] = {}
         self.shared_alignments = 0
+        self.bsgs_plans: dict[int, Any] = {}  # linear op id -> its BSGS plan (for the HE passes)
+        self.he_report = None  # the HE passes' PipelineReport
+        self.he_notes: dict[str, Any] = {}  # what they reported (e.g. the rotation-key trade)
 
     # ================================================================== instruction emission
     @property
@@ -312,6 +321,7 @@ class Lowering:
             if self.opts.key_cost == 0:
                 self.opts.plan_cache[ck] = cached
         plan = cached
+        self.bsgs_plans[lid] = plan
         level = x.level
         target = self.delta if out_scale is None else out_scale
         q = self.prog.primes[level]
@@ -847,5 +857,29 @@ def _unsupported(node: Node) -> str:
 
 def lower(graph: Graph, params: Params, primes, options: LoweringOptions | None = None,
           refresh_plan: RefreshPlan | None = None) -> tuple[HEProgram, Lowering]:
+    """Lower ``graph`` to an HE program, then run the HE-program passes of the options (by
+    default :data:`hecompiler.hepasses.DEFAULT_HE_PIPELINE`: mod-switch sharing, hoisting where
+    the cost model's backend hoists, rotation-key selection within the memory budget)."""
     low = Lowering(graph, params, primes, options, refresh_plan)
-    return low.run(), low
+    prog = low.run()
+    run_he_passes(prog, low)
+    return prog, low
+
+
+def run_he_passes(prog: HEProgram, low: Lowering) -> None:
+    from .hepasses import DEFAULT_HE_PIPELINE
+    from .passmanager import PassManager
+
+    opts = low.opts
+    spec = DEFAULT_HE_PIPELINE if opts.he_passes is None else opts.he_passes
+    if not spec:
+        return
+    # refresh groups are instruction indices: passes insert and remove instructions, so follow them
+    # by the value each group's first refresh defines
+    group_values = [prog.instrs[k].out for k in low.refresh_groups]
+    ctx = {"cost": opts.cost, "max_memory_bytes": opts.max_memory_bytes, "bsgs_plans": low.bsgs_plans}
+    pm = PassManager(spec, options=ctx)
+    low.he_report = pm.run(prog)
+    low.he_notes = {k: v for k, v in pm.ctx.options.items() if k not in ctx}
+    where = {ins.out: k for k, ins in enumerate(prog.instrs) if ins.op == "refresh"}
+    low.refresh_groups = [where[v] for v in group_values]

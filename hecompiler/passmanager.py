@@ -70,6 +70,8 @@ class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    #: the IR the pass rewrites: "graph" (the graph IR) or "heprogram" (hecompiler.hepasses)
+    ir: ClassVar[str] = "graph"
     #: reads calibration statistics (``ctx.options["calibration"]``): the driver measures them first
     uses_calibration: ClassVar[bool] = False
 
@@ -119,6 +121,7 @@ def _load_builtins() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         from . import passes  # noqa: F401  (registers the built-in passes)
+        from . import hepasses  # noqa: F401  (and the HE-program passes)
 
 
 def list_passes() -> list[type[Pass]]:
@@ -231,6 +234,48 @@ class PipelineReport:
         return "\n".join(lines) + "\n"
 
 
+class _GraphIR:
+    """What the pass manager needs of an IR: verify, count ops, size, dump."""
+
+    name = "graph"
+
+    @staticmethod
+    def verify(g: Graph, where: str) -> None:
+        verify(g, where)
+
+    @staticmethod
+    def counts(g: Graph) -> dict[str, int]:
+        return g.op_counts()
+
+    @staticmethod
+    def size(g: Graph) -> int:
+        return len(g.nodes)
+
+
+class _ProgramIR:
+    name = "heprogram"
+
+    @staticmethod
+    def verify(prog, where: str) -> None:
+        from .heprog import ProgramError, verify_program
+
+        try:
+            verify_program(prog)
+        except ProgramError as e:
+            raise VerificationError(f"{where}: {e}") from None
+
+    @staticmethod
+    def counts(prog) -> dict[str, int]:
+        return prog.op_counts(expand=False)
+
+    @staticmethod
+    def size(prog) -> int:
+        return len(prog.instrs)
+
+
+_IRS = {"graph": _GraphIR, "heprogram": _ProgramIR}
+
+
 class PassManager:
     """Runs a list of passes, verifying after each and optionally dumping snapshots.
 
@@ -244,6 +289,10 @@ class PassManager:
                  options: dict[str, Any] | None = None, dump_weights: bool = False,
                  dump_constants: bool = True):
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        kinds = {getattr(p, "ir", "graph") for p in self.passes}
+        if len(kinds) > 1:
+            raise PassError(f"a pipeline runs on one IR: {', '.join(p.spec + ' (' + p.ir + ')' for p in self.passes)}")
+        self.ir = _IRS[kinds.pop() if kinds else "graph"]
         #: dumped .ir spells out every weight (parses back) only when asked; else large
         #: constants are elided (a ResNet-20 would write 17 MB per pass)
         self.dump_weights = dump_weights
@@ -270,6 +319,11 @@ class PassManager:
         from .text import print_graph
 
         base = os.path.join(self.dump_dir, f"{index:02d}-{tag}")
+        if self.ir is _ProgramIR:
+            from .heprog import print_program
+
+            atomic_write_text(base + ".heprog", print_program(graph))
+            return
         atomic_write_text(base + ".ir", print_graph(graph, None if self.dump_weights else DUMP_ELIDE))
         atomic_write_text(base + ".dot", to_dot(graph, title=f"{graph.name} after {tag}",
                                                 show_constants=self.dump_constants))
@@ -279,9 +333,10 @@ class PassManager:
         if self.dump_after:
             self._dump(graph, 0, "input")
         ran: list[str] = []
+        ir = self.ir
         for i, p in enumerate(self.passes, start=1):
-            before = graph.op_counts()
-            n_before = len(graph.nodes)
+            before = ir.counts(graph)
+            n_before = ir.size(graph)
             t0 = time.perf_counter()
             try:
                 res = p.run(graph, self.ctx)
@@ -295,14 +350,14 @@ class PassManager:
                 res = PassResult(modified=bool(res))
             if self.verify_each:
                 try:
-                    verify(graph, f"after pass {p.spec}")
+                    ir.verify(graph, f"after pass {p.spec}")
                 except VerificationError as e:
                     raise VerificationError(f"{e}\n  (passes run: {', '.join(ran + [p.spec])})") from None
-            after_counts = graph.op_counts()
+            after_counts = ir.counts(graph)
             delta = {op: after_counts.get(op, 0) - before.get(op, 0)
                      for op in set(before) | set(after_counts)
                      if after_counts.get(op, 0) != before.get(op, 0)}
-            report.records.append(PassRecord(p.spec, p.exact, res.modified, n_before, len(graph.nodes), delta,
+            report.records.append(PassRecord(p.spec, p.exact, res.modified, n_before, ir.size(graph), delta,
                                              list(res.notes), dt))
             ran.append(p.spec)
             if "all" in self.dump_after or p.name in self.dump_after:

@@ -79,3 +79,87 @@ class PlaintextFactory:
         if k == "scalar":
             return np.full(self.S, float(ref.args[0]))
         raise HecError(f"unknown plaintext kind {k!r}")
+
+
+# --------------------------------------------------------------------------- encoded plaintexts
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1048576"`` -> bytes."""
+    t = str(text).strip().upper().rstrip("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise HecError(f"plaintext cache size {text!r}: expected bytes such as 512M or 2G") from None
+
+
+#: encoded plaintexts kept for reuse, unless the executor is given another budget
+#: (``$HECOMPILER_PLAINTEXT_CACHE``, e.g. ``2G``; ``0`` turns reuse off)
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+def default_cache_bytes() -> int:
+    import os
+
+    env = os.environ.get("HECOMPILER_PLAINTEXT_CACHE")
+    return parse_bytes(env) if env else DEFAULT_CACHE_BYTES
+
+
+class PlaintextCache:
+    """Encoded plaintexts kept for reuse, within ``budget_bytes``.
+
+    * The same reference at the same level (a diagonal, a bias...) is encoded once for as long
+      as it stays cached: repeated inference on one executor (a server answering many queries
+      with one key set) skips plaintext generation and encoding for every cached one.
+    * Identical slot vectors (equal diagonals of different blocks, of different ciphertexts of
+      one channel, of pooling and layout conversions) share one encoding (content hash).
+
+    The cache fills in program order and then stops growing (no eviction): a program runs its
+    plaintexts in the same order every time, where an LRU would evict each entry just before
+    its reuse.  ``stats``: hits by reference, hits by content, encodings, bytes held."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget = default_cache_bytes() if budget_bytes is None else max(0, int(budget_bytes))
+        self._by_ref: dict = {}
+        self._by_content: dict = {}
+        self.bytes = 0
+        self.ref_hits = 0
+        self.content_hits = 0
+        self.encoded = 0
+
+    @staticmethod
+    def content_key(vec: np.ndarray, level: int, scale: float) -> tuple:
+        import hashlib
+
+        return hashlib.blake2b(np.ascontiguousarray(vec).tobytes(), digest_size=16).digest(), level, scale
+
+    def lookup_ref(self, ref: PlainRef, level: int):
+        pt = self._by_ref.get((ref, level))
+        if pt is not None:
+            self.ref_hits += 1
+        return pt
+
+    def lookup_content(self, key: tuple):
+        pt = self._by_content.get(key)
+        if pt is not None:
+            self.content_hits += 1
+        return pt
+
+    def store(self, ref: PlainRef, level: int, key: tuple | None, pt, nbytes: int) -> None:
+        self.encoded += 1
+        if self.bytes + nbytes > self.budget:
+            return
+        self.bytes += nbytes
+        self._by_ref[(ref, level)] = pt
+        if key is not None:
+            self._by_content[key] = pt
+
+    def link(self, ref: PlainRef, level: int, pt) -> None:
+        """Remember ``ref`` for a plaintext already held (a content hit)."""
+        if (ref, level) not in self._by_ref and len(self._by_ref) < 1 << 22:
+            self._by_ref[(ref, level)] = pt
+
+    def clear(self) -> None:
+        self._by_ref.clear()
+        self._by_content.clear()
+        self.bytes = 0

@@ -78,6 +78,8 @@ class Candidate:
     reason: str = ""  # why it was rejected, if it was
     greedy_refreshed: int = 0  # ciphertexts a greedy placement refreshes
     refresh_plan: RefreshPlan | None = None  # the optimal placement, when it was used
+    #: the lowering options it was lowered with (cost model and memory budget of the HE passes)
+    lowering_options: LoweringOptions | None = None
 
     @property
     def label(self) -> str:
@@ -109,10 +111,11 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     target = target or seal_target(cost.refresh.kind)
     queue = candidate_params(opts, cost.refresh, target)
     extra_done = not cost.refresh.bootstraps or opts.levels is not None
-    lowering = opts.lowering
+    lowering = replace(opts.lowering, cost=cost, max_memory_bytes=opts.max_memory_bytes)
     if opts.max_compile_seconds is not None:
-        lowering = replace(lowering, deadline=time.monotonic() + opts.max_compile_seconds)
-        lowering.plan_cache = opts.lowering.plan_cache
+        lowering.deadline = time.monotonic() + opts.max_compile_seconds
+    lowering.plan_cache = opts.lowering.plan_cache
+    final_opts = replace(lowering, deadline=None)  # what realize() and later re-lowerings use
     while queue:
         params = queue.pop(0)
         primes = target.primes(params)
@@ -128,10 +131,31 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         except OutOfLevelsError:
             cands.append(Candidate(params, primes, None, None, None, "chain too short"))
             continue
-        c = Candidate(params, primes, prog, low, program_cost(prog, cost))
+        c = Candidate(params, primes, prog, low, program_cost(prog, cost), lowering_options=final_opts)
         c.greedy_refreshed = low.refreshed_cts
         if low.refreshed_cts and opts.optimal_refresh:
-            c = _place_refreshes(graph, c, opts, cost)
+            c = _place_refreshes(graph, c, opts, cost, lowering)
+        if (low.refreshed_cts and opts.levels is None and opts.scale_bits is None and target.backend == "seal"
+                and params.top_level == max_levels(params.poly_degree, params.scale_bits, opts.security,
+                                                   cost.refresh.reserved_bits(params.scale_bits))):
+            # the longest chain of these primes needs refreshes: smaller primes hold more levels (a
+            # 30-bit chain keeps 20 bits above the scale at the bottom; the precision check decides)
+            depth = prog.levels_used()
+            for sb in (30,):
+                if sb < params.scale_bits and \
+                        max_levels(params.poly_degree, sb, opts.security, cost.refresh.reserved_bits(sb)) >= depth \
+                        and not any(q.poly_degree == params.poly_degree and q.scale_bits == sb and q.top_level == depth
+                                    for q in [cd.params for cd in cands] + queue):
+                    queue.append(Params(params.poly_degree, chain_bits(params.poly_degree, sb, depth), sb,
+                                        opts.security))
+        if not low.refreshed_cts and opts.levels is None and prog.levels_used() < params.top_level:
+            # the chain has levels the program never uses: a shorter one is cheaper in every op and
+            # in key memory (keys grow with the square of the chain)
+            lv = max(1, prog.levels_used())
+            if not any(q.poly_degree == params.poly_degree and q.scale_bits == params.scale_bits
+                       and q.top_level == lv for q in [cd.params for cd in cands] + queue):
+                bits = (params.coeff_bits[0],) + (params.scale_bits,) * lv + (params.coeff_bits[-1],)
+                queue.insert(0, Params(params.poly_degree, bits, params.scale_bits, params.security))
         if c.cost.memory_bytes > opts.max_memory_bytes:
             c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
         elif opts.max_seconds and c.cost.seconds > opts.max_seconds:
@@ -201,7 +225,8 @@ def promising_levels(cand: Candidate, cost: CostModel, lmax: int, k: int = 2) ->
 REPLANS = 3
 
 
-def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: CostModel) -> Candidate:
+def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: CostModel,
+                     lowering: LoweringOptions | None = None) -> Candidate:
     """Exact refresh placement (DP) on the level model the greedy lowering
     observed.  Where the lowering then deviates from the plan (an Add's
     alignment or a pending scalar spends a level the model did not show, and
@@ -216,8 +241,9 @@ def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: C
         if key in tried:
             break
         tried.add(key)
-        prog, low = lower(graph, greedy.params, greedy.primes, opts.lowering, rplan)
-        c = Candidate(greedy.params, greedy.primes, prog, low, program_cost(prog, cost))
+        prog, low = lower(graph, greedy.params, greedy.primes, lowering or opts.lowering, rplan)
+        c = Candidate(greedy.params, greedy.primes, prog, low, program_cost(prog, cost),
+                      lowering_options=greedy.lowering_options)
         c.greedy_refreshed = greedy.lowering.refreshed_cts
         c.refresh_plan = rplan
         if (c.cost.refreshes, c.cost.seconds) <= (best.cost.refreshes, best.cost.seconds):
@@ -237,5 +263,6 @@ def ranked(cands: list[Candidate]) -> list[Candidate]:
 def realize(graph: Graph, cand: Candidate, opts: PlanOptions) -> Candidate:
     """Lower ``graph`` again for a candidate whose program was dropped."""
     if cand.prog is None:
-        cand.prog, cand.lowering = lower(graph, cand.params, cand.primes, opts.lowering, cand.refresh_plan)
+        cand.prog, cand.lowering = lower(graph, cand.params, cand.primes, cand.lowering_options or opts.lowering,
+                                         cand.refresh_plan)
     return cand

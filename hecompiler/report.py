@@ -55,6 +55,8 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
         "passes": list(metadata.get("passes") or []),
         "fidelity": r.get("fidelity"),
         "layers": list(r.get("layers") or []),
+        "rotation_keys": r.get("rotation_keys"),
+        "plaintexts": r.get("plaintexts"),
     }
     return out
 
@@ -74,6 +76,7 @@ def run_json(backend: str, stats, outputs: Mapping[str, Any], reference_error: M
         "bootstraps": stats.bootstraps,
         "encode_seconds": stats.encode_seconds,
         "plaintexts": stats.plaintexts,
+        "plaintexts_reused": getattr(stats, "plaintexts_reused", 0),
         "peak_live_ciphertexts": stats.peak_live_ciphertexts,
         "galois_keys": stats.galois_keys,
         "seconds_by_op": dict(stats.seconds_by_op),
@@ -88,3 +91,35 @@ def run_json(backend: str, stats, outputs: Mapping[str, Any], reference_error: M
     if predicted:
         out["predicted"] = dict(predicted)
     return out
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def key_trade_lines(r: Mapping[str, Any]) -> list[str]:
+    """The compile report's lines on the rotation-key trade (pass select-rotation-keys) and on
+    plaintexts (encoded per inference, kept across inferences)."""
+    lines = []
+    rk = r.get("rotation_keys")
+    if rk:
+        extra = rk["rotations"] - rk["rotations_direct"]
+        budget = (f"; the memory budget allows {rk['budget_keys']}" if rk.get("budget_keys") is not None else "")
+        lines.append(f"rotation keys: {rk['keys']} Galois keys ({_mib(rk['key_bytes'])}) instead of one per step used "
+                     f"({rk['keys_before']}, {_mib(rk['key_bytes_before'])}), {extra:+d} rotations "
+                     f"(every rotation composed from them){budget}")
+        curve = rk.get("curve") or []
+        if len(curve) > 1:
+            per = rk["key_bytes"] / max(1, rk["keys"])
+            pick = sorted({curve[0], curve[len(curve) // 4], curve[len(curve) // 2], curve[3 * len(curve) // 4],
+                           curve[-1]})
+            lines.append("  trade (keys: memory, rotations): " + "; ".join(
+                f"{k}: {_mib(k * per)}, {rot}" for k, rot in pick))
+    pt = r.get("plaintexts")
+    if pt and pt.get("encoded"):
+        head = pt.get("cache_headroom_bytes")
+        lines.append(f"plaintexts: {pt['encoded']} encoded per inference, each at the level it is used "
+                     f"({pt['encode_seconds']:.2f} s predicted, {_mib(pt['bytes_all'])} if all are kept); a server keeps "
+                     f"them across inferences up to HECOMPILER_PLAINTEXT_CACHE (default 256 MiB)"
+                     + (f"; the memory budget leaves {_mib(head)} for them" if head is not None else ""))
+    return lines

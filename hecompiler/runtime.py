@@ -21,6 +21,7 @@ from .heprog import HEProgram, Instr, PlainRef
 from .inputs import check_array
 from .linear import BsgsPlan, plan_with_n1
 from .plaintexts import PlaintextFactory
+from .rotkeys import KeyGraph, LinearSchedule, linear_schedule
 
 
 def pack_inputs(prog: HEProgram, inputs: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
@@ -50,8 +51,20 @@ class Primitives(Protocol):
     def zero(self, level: int, scale: float) -> Any: ...
 
 
+def key_graph(prog: HEProgram) -> KeyGraph:
+    """The compositions of rotations over the program's Galois keys (made once per program)."""
+    keys = tuple(prog.galois_steps)
+    cached = prog.__dict__.get("_key_graph")
+    if cached is None or cached.keys != tuple(sorted({k % prog.params.slots for k in keys} - {0})):
+        cached = KeyGraph(keys, prog.params.slots)
+        prog.__dict__["_key_graph"] = cached
+    return cached
+
+
 class LinearPlans:
-    """BSGS plans of a program's linear ops, rebuilt from the weights."""
+    """BSGS plans of a program's linear ops, rebuilt from the weights, and (``tree`` schedule)
+    how their rotations run over the program's keys; checked against what the compiler
+    recorded."""
 
     def __init__(self, prog: HEProgram, pf: PlaintextFactory):
         self.prog = prog
@@ -65,8 +78,85 @@ class LinearPlans:
             if sorted(plan.steps()) != sorted(lin.steps):
                 raise HecError(f"linear op #{lin_id} ({lin.note}): its weights give rotation steps "
                                f"{sorted(plan.steps())[:6]}... but the program recorded {sorted(lin.steps)[:6]}...")
+            if lin.schedule:
+                sched = linear_schedule(plan, key_graph(self.prog), lin.schedule == "star")
+                if sched.needs(self.prog.params.slots) != sorted(lin.needs) or \
+                        sched.rotations != lin.counts.get("rotate", -1):
+                    raise HecError(f"linear op #{lin_id} ({lin.note}): over the program's Galois keys its rotations "
+                                   f"are {sched.rotations}, composing {sched.needs(self.prog.params.slots)[:6]}..., "
+                                   f"but the program recorded {lin.counts.get('rotate')} composing "
+                                   f"{sorted(lin.needs)[:6]}...")
+                plan.schedule = sched
             self._plans = {lin_id: plan}  # one op at a time, like the diagonals
         return self._plans[lin_id]
+
+
+def _rotate_path(prim: Primitives, ct: Any, path: Sequence[int]) -> Any:
+    for k in path:
+        ct = prim.rotate(ct, k)
+    return ct
+
+
+def _run_tree(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, sched: LinearSchedule,
+              prim: Primitives) -> list[Any]:
+    """A ``tree`` linear op: baby steps along each input's tree (the first hops from the input
+    hoisted together), giant steps of each output accumulated Horner-style from both sides of 0,
+    every rotation composed from the program's keys (:mod:`hecompiler.rotkeys`)."""
+    lin_id = ins.plain.args[0]
+    lin = prog.linears[lin_id]
+    S = prog.params.slots
+    level_in = ins.level + 1
+    s_pt = ins.plain.scale
+    lout = prog.layouts[lin.out_layout]
+    baby = {}
+    for i, edges in sched.trees.items():
+        first = sorted({e.path[0] for e in edges if e.src == 0})
+        hoisted = dict(zip(first, prim.rotate_many(xs[i], first))) if first else {}
+        made = {0: xs[i]}
+        for e in edges:
+            if e.src == 0:
+                ct = _rotate_path(prim, hoisted[e.path[0]], e.path[1:])
+            else:
+                ct = _rotate_path(prim, made[e.src], e.path)
+            made[e.dst] = ct
+        del hoisted
+        for b in plan.baby[i]:
+            baby[(i, b)] = made[b - S if b > S // 2 else b]
+    outs = []
+    for j in range(lout.n_ct):
+        if j not in plan.giant:
+            r = prim.zero(ins.level, ins.scale)
+        else:
+            groups = plan.giant[j]
+            by_signed = {(g - S if g > S // 2 else g): g for g in groups}
+            chain = sched.chains[j]
+            hops = iter(chain.hops)
+
+            def acc_of(gs: int) -> Any:
+                g = by_signed[gs]
+                acc = None
+                for (i, b, d) in groups[g]:
+                    m = prim.mul_plain(baby[(i, b)], PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt), level_in)
+                    acc = m if acc is None else prim.add(acc, m)
+                return acc
+
+            total = None
+            for side in (chain.pos, chain.neg):
+                t = None
+                for k in range(len(side) - 1, -1, -1):
+                    a = acc_of(side[k])
+                    t = a if t is None else prim.add(_rotate_path(prim, t, next(hops)), a)
+                if side:
+                    t = _rotate_path(prim, t, next(hops))
+                    total = t if total is None else prim.add(total, t)
+            if chain.zero:
+                a = acc_of(0)
+                total = a if total is None else prim.add(total, a)
+            r = prim.rescale(total, ins.scale)
+        if lin.params.get("bias"):
+            r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
+        outs.append(r)
+    return outs
 
 
 def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, prim: Primitives) -> list[Any]:
@@ -79,6 +169,11 @@ def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, p
     lout = prog.layouts[lin.out_layout]
     if lout.n_ct != len(ins.results):
         raise HecError(f"linear op #{lin_id}: {len(ins.results)} results for {lout.n_ct} output ciphertexts")
+    if lin.schedule:
+        sched = getattr(plan, "schedule", None)
+        if sched is None:
+            sched = linear_schedule(plan, key_graph(prog), lin.schedule == "star")
+        return _run_tree(prog, ins, xs, plan, sched, prim)
     baby = {}
     for i, bs in plan.baby.items():
         steps = [b for b in bs if b]

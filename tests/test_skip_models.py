@@ -144,8 +144,16 @@ def test_shared_source_resnet_poly_compiles_and_shares_alignment(models):
     assert off.chosen.lowering.shared_alignments == 0
     assert off.metadata["report"]["shared_alignments"] == 0
     assert off.chosen.label == res.chosen.label
-    on_ops, off_ops = res.prog.op_counts(), off.prog.op_counts()
-    # every reuse saves the mod-switch of each of the source's ciphertexts, and nothing else changes
+    # the HE pass share-mod-switch then shares what the lowering did not: the same program
+    assert off.prog.op_counts() == res.prog.op_counts()
+
+    # the lowering alone (no HE passes): every reuse saves the mod-switch of each of the
+    # source's ciphertexts, and nothing else changes
+    def raw(share: bool):
+        lo = LoweringOptions(share_alignment=share, he_passes="")
+        return compile_model(model, CompileOptions(plan=PlanOptions(lowering=lo))).prog.op_counts()
+
+    on_ops, off_ops = raw(True), raw(False)
     assert off_ops.get("mod_switch", 0) - on_ops.get("mod_switch", 0) >= shared
     assert {k: v for k, v in on_ops.items() if k != "mod_switch"} == \
         {k: v for k, v in off_ops.items() if k != "mod_switch"}
