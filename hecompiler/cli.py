@@ -523,8 +523,28 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     p.add_argument("--program-text", action="store_true", help="print the whole HE program as text")
     p.add_argument("--json", action="store_true",
                    help="one JSON object: params, target, ops, keys, predicted time/memory/keygen, layers")
+    p.add_argument("--plot", metavar="COST.png",
+                   help="draw per-layer predicted time (rotations, ct-pt mults, encoding, refresh/bootstrap) and the "
+                        "level along the network (needs matplotlib: pip install 'hecompiler[plot]')")
+    p.add_argument("--plot-run", metavar="RUN.json",
+                   help="with --plot: also draw what 'hecompile run ... --json > RUN.json' measured beside the "
+                        "prediction")
     _add_verify_key(p)
     args = p.parse_args(argv)
+    if args.plot_run and not args.plot:
+        raise HecError("--plot-run RUN.json draws beside the prediction: give --plot COST.png too")
+    if args.plot:
+        from .fileio import atomic_write_bytes
+        from .plot import plot_cost
+
+        if not args.plot.lower().endswith(".png"):
+            raise HecError(f"--plot {args.plot}: give a .png file name")
+        _check_outputs({"--plot": args.plot}, {"program": args.program, "--plot-run": args.plot_run})
+        prog, meta = load_hec(args.program, verify_key=args.verify_key)
+        atomic_write_bytes(args.plot, plot_cost(prog, meta, run=args.plot_run))
+        sys.stderr.write(f"wrote {args.plot}\n")
+        if not (args.json or args.program_text):
+            return 0
     if args.json:
         import json
 
@@ -807,10 +827,178 @@ def cmd_sign(argv: Sequence[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serving
+
+def cmd_export_client(argv: Sequence[str]) -> int:
+    from .clientfile import export_client
+
+    p = _Parser(prog="hecompile export-client",
+                description="Write what a client needs to use a served program, without its weights: parameters, "
+                            "primes, input/output layouts, the rotation steps its evaluation keys must cover, the "
+                            "planned input range, and the program and parameter ids every key and ciphertext is "
+                            "bound to. keygen, query (and the hecompiler.client API) work from it.")
+    p.add_argument("program", help="the compiled .hec file")
+    p.add_argument("-o", "--output", required=True, metavar="M.client")
+    p.add_argument("--sign-key", metavar="SIGNER.pem",
+                   help="sign the client file with this ed25519 key (hecompile keygen-signing); clients check it "
+                        "with --verify-key")
+    _add_verify_key(p)
+    args = p.parse_args(argv)
+    _check_outputs({"-o": args.output}, {"program": args.program, "--sign-key": args.sign_key})
+    key = None
+    if args.sign_key:
+        from .signing import load_private_key
+
+        key = load_private_key(args.sign_key)
+    cp = export_client(args.program, args.output, verify_key=args.verify_key, sign_key=key)
+    size = os.path.getsize(args.output)
+    pr = cp.params
+    print(f"wrote {args.output} ({size} bytes, no weights): program {cp.program_digest[:16]}, {cp.backend}, "
+          f"N={pr.poly_degree}, {len(cp.galois_steps)} rotation steps, refresh {cp.refresh}"
+          + (", signed" if key is not None else ""))
+    return 0
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    from .serving.app import ServeConfig, run_server
+
+    p = _Parser(prog="hecompile serve",
+                description="Serve a compiled program over HTTP: clients upload their evaluation keys once (never a "
+                            "secret key), then send encrypted inputs and get encrypted outputs, answering client-aided "
+                            "refreshes as steps of a session. Key sets and sessions live under --store and survive a "
+                            "restart. Prints 'listening on URL' on stdout when ready; logs go to stderr. "
+                            "API: see hecompiler/serving/wire.py.")
+    p.add_argument("program", help="the compiled .hec file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="key sets and sessions (default: $XDG_STATE_HOME/hecompiler/serve or "
+                        "~/.local/state/hecompiler/serve)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes evaluating at once (default: 1; with --scheduler: the cluster's threads)")
+    p.add_argument("--queue", type=int, default=16, metavar="N",
+                   help="requests that may wait for a worker; more get 503 (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="per-request limit, waiting included; past it 504 and the worker is stopped "
+                        "(default: %(default)s)")
+    p.add_argument("--worker-memory", default=None, metavar="SIZE",
+                   help="memory budget of each worker process, e.g. 2G; a worker above it is stopped and the request "
+                        "gets 503 (default: 1.5x the compile report's prediction + 512M)")
+    p.add_argument("--max-request-bytes", default=None, metavar="SIZE",
+                   help="largest ciphertext body (default: twice what the program's inputs or refreshes need)")
+    p.add_argument("--max-key-bytes", default=None, metavar="SIZE",
+                   help="largest key upload (default: 1.5x the program's evaluation keys)")
+    p.add_argument("--max-key-sets", type=int, default=64, metavar="N", help="key sets kept (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=256, metavar="N",
+                   help="sessions at once (default: %(default)s)")
+    p.add_argument("--session-ttl", type=float, default=600.0, metavar="S",
+                   help="a session waiting for its client longer than this is dropped (default: %(default)s)")
+    p.add_argument("--key-sets-per-worker", type=int, default=None, metavar="N",
+                   help="key sets a worker keeps loaded (default: as many as its memory budget allows, up to 8)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="evaluate on a Dask distributed cluster (tcp://HOST:PORT) instead of local workers "
+                        "(pip install 'hecompiler[distributed]')")
+    p.add_argument("--log-interval", type=float, default=10.0, metavar="S",
+                   help="progress lines of long evaluations every S seconds (default: %(default)s)")
+    _add_verify_key(p)
+    args = p.parse_args(argv)
+    if not os.path.exists(args.program):
+        raise HecError(f"{args.program}: no such file")
+    for flag, v in (("--queue", args.queue), ("--max-key-sets", args.max_key_sets),
+                    ("--max-sessions", args.max_sessions)):
+        if v < 0 or (flag != "--queue" and v == 0):
+            raise HecError(f"{flag} {v}: must be positive")
+    if args.workers is not None and args.workers < 1:
+        raise HecError(f"--workers {args.workers}: must be at least 1")
+    if not args.timeout > 0 or not args.session_ttl > 0:
+        raise HecError("--timeout and --session-ttl must be positive seconds")
+    if not 0 <= args.port <= 65535:
+        raise HecError(f"--port {args.port}: not a port number")
+    store = args.store or os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
+                                       "hecompiler", "serve")
+
+    def size(flag, v):
+        if v is None:
+            return None
+        try:
+            return _size_arg(v)
+        except HecError:
+            raise HecError(f"{flag} {v!r}: give a size like 2G, 512M or a byte count") from None
+
+    cfg = ServeConfig(program=args.program, host=args.host, port=args.port, store=store,
+                      workers=args.workers or (0 if args.scheduler else 1), queue=args.queue, timeout=args.timeout,
+                      worker_memory=size("--worker-memory", args.worker_memory),
+                      max_request_bytes=size("--max-request-bytes", args.max_request_bytes),
+                      max_key_bytes=size("--max-key-bytes", args.max_key_bytes), session_ttl=args.session_ttl,
+                      max_sessions=args.max_sessions, max_key_sets=args.max_key_sets,
+                      key_sets_per_worker=args.key_sets_per_worker, scheduler=args.scheduler,
+                      verify_key=args.verify_key, log_interval=args.log_interval)
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise HecError("hecompile serve needs aiohttp: pip install 'hecompiler[serve]'") from None
+    return run_server(cfg)
+
+
+def cmd_query(argv: Sequence[str]) -> int:
+    import time
+
+    from .client import Client, join_batch, split_batch
+    from .executor import ProgressLog
+
+    p = _Parser(prog="hecompile query",
+                description="Run encrypted inferences on a 'hecompile serve' server: encrypt each input with your "
+                            "keys, send it, answer the server's refresh requests, decrypt the outputs. When --keys "
+                            "does not exist, a new key set is made there and its evaluation keys uploaded (the secret "
+                            "key never leaves it); later queries reuse it. Needs no weights: PROGRAM may be the "
+                            "client file (hecompile export-client) or the .hec.")
+    p.add_argument("program", help="the client file (M.client) or the compiled .hec")
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--keys", required=True, metavar="CLIENT_DIR", help="your key directory (created if missing)")
+    p.add_argument("--input", required=True, metavar="X.npy",
+                   help="one input shaped like the model's, or N of them stacked on a first axis (N queries)")
+    p.add_argument("-o", "--output", metavar="Y.npy|Y.npz", help="the decrypted outputs (stacked like the inputs)")
+    p.add_argument("--concurrency", type=int, default=1, metavar="K", help="queries in flight at once (default: 1)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up on an answer after S seconds (default: the server's timeout + 30 s)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="retries of a step after a lost connection or a busy server (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    _add_verify_key(p)
+    args = p.parse_args(argv)
+    if args.concurrency < 1:
+        raise HecError(f"--concurrency {args.concurrency}: must be at least 1")
+    _check_outputs({"-o": args.output}, {"program": args.program, "--input": args.input})
+    say = (lambda m: None) if args.quiet else (lambda m: sys.stderr.write(m.rstrip() + "\n"))
+    client = Client(args.program, args.url, args.keys, timeout=args.timeout, retries=args.retries,
+                    verify_key=args.verify_key, log=say)
+    prog = client.prog
+    if prog.params.security != "tc128":
+        sys.stderr.write("hecompile: warning: this program is NOT 128-bit secure: for tests only, never for real data\n")
+    if args.output and len(prog.outputs) > 1 and not args.output.endswith(".npz"):
+        raise HecError(f"-o {args.output}: the program has {len(prog.outputs)} outputs; give -o Y.npz")
+    xs, how = split_batch(prog, _load_npy(args.input, "--input"))
+    t0 = time.perf_counter()
+    ks = client.ensure_keys()
+    t1 = time.perf_counter()
+    with ProgressLog(len(xs), "query", unit="queries", enabled=not args.quiet and len(xs) > 1) as bar:
+        ys = client.infer_many(xs, concurrency=args.concurrency, progress=bar)
+    t2 = time.perf_counter()
+    y = join_batch([{o.name: v for o, v in zip(prog.outputs, [yy] if not isinstance(yy, dict) else
+                                                 [yy[o.name] for o in prog.outputs])} for yy in ys], how)
+    say(f"{len(xs)} quer{'y' if len(xs) == 1 else 'ies'} answered by {client.url} in {t2 - t1:.2f} s "
+        f"({len(xs) / max(t2 - t1, 1e-9):.2f}/s, concurrency {args.concurrency}); key set {ks[:16]}"
+        + (f" (made and uploaded in {t1 - t0:.2f} s)" if client.created else
+           " (uploaded again)" if client.uploaded else ""))
+    _emit_outputs(prog, y, args.output)
+    return 0
+
+
 COMMANDS = {"passes": cmd_passes, "run": cmd_run, "inspect": cmd_inspect, "keygen": cmd_keygen,
             "encrypt": cmd_encrypt, "eval": cmd_eval, "refresh": cmd_refresh, "decrypt": cmd_decrypt,
             "rewrite": cmd_rewrite, "calibrate": cmd_calibrate,
-            "sign": cmd_sign, "keygen-signing": cmd_keygen_signing}
+            "sign": cmd_sign, "keygen-signing": cmd_keygen_signing,
+            "serve": cmd_serve, "query": cmd_query, "export-client": cmd_export_client}
 
 
 def _unknown_command(word: str) -> None:
