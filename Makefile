@@ -12,7 +12,7 @@ LATTIGO_LIB := backends/lattigo/libheclattigo.so
 LATTIGO_SRC := $(wildcard backends/lattigo/capi/*.go) go.mod go.sum
 
 $(LATTIGO_LIB): $(LATTIGO_SRC)
-	@command -v $(GO) >/dev/null 2>&1 || { echo "error: $(GO) not found; install Go >= 1.21 or set GO=/path/to/go" >&2; exit 1; }
+	@command -v $(GO) >/dev/null 2>&1 || { echo "error: $(GO) not found; install Go >= 1.22 or set GO=/path/to/go" >&2; exit 1; }
 	CGO_ENABLED=1 $(GO) build -buildmode=c-shared -trimpath -buildvcs=false -o $@ ./backends/lattigo/capi
 
 lattigo: $(LATTIGO_LIB)

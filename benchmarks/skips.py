@@ -28,8 +28,10 @@ bootstrap[:SECONDS] prices it as a bootstrap on a bootstrapping target (planned 
 for the bootstrap circuit; SEAL cannot run those programs, so no SEAL column).
 
 Columns: graph Adds, skip edges and their mean live range (graph nodes between the skip source and
-its Add), peak live ciphertexts (memory), refreshed ciphertexts, rotations, depth, predicted SEAL latency, measured SEAL latency
-(where it fits), and fidelity: for exact variants the simulated error against onnxruntime on the
+its Add), peak live ciphertexts (memory), refreshed ciphertexts, rotations, depth, predicted latency
+and its speed-up over baseline ("x base"), measured latency of the encrypted run ("run": SEAL where
+it fits, or with --target lattigo every model variant with real bootstraps) and its measured
+speed-up over baseline ("run x"), and fidelity: for exact variants the simulated error against onnxruntime on the
 original model; for rewrites the held-out top-1 agreement and mean logit error of the re-fitted
 network against the original.
 """
@@ -217,10 +219,10 @@ def main(argv=None) -> int:
     print(f"target {args.target}; refresh priced as: "
           + (args.refresh if args.target == "seal" else "a bootstrap, measured on the target (real bootstraps run)"))
     hdr = (f"{'model':<25} {'variant':<14} {'adds':>4} {'skips':>5} {'range':>5} {'live':>5} {'params':<22} "
-           f"{'refr':>5} {'refr s':>7} {'rot':>7} {'depth':>5} {'pred':>9} {'x base':>6} {'run':>7}  fidelity")
+           f"{'refr':>5} {'refr s':>7} {'rot':>7} {'depth':>5} {'pred':>9} {'x base':>6} {'run':>7} {'run x':>6}  fidelity")
     print(hdr)
     print("-" * (len(hdr) + 30))
-    base = {}
+    base, base_run = {}, {}
     for r in rows:
         if "error" in r:
             err = r["error"] if len(r["error"]) <= 160 else r["error"][:157] + "..."
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
             continue
         if r["variant"] == "baseline":
             base[r["model"]] = r["pred_s"]
+            if "seal_s" in r:
+                base_run[r["model"]] = r["seal_s"]
         f = r.get("fidelity") or {}
         if "rewrite" in r:
             h = r["rewrite"]
@@ -241,12 +245,13 @@ def main(argv=None) -> int:
             fid = f.get("skipped", "-")[:40]
         speed = f"{base[r['model']] / r['pred_s']:.2f}x" if r["model"] in base else "-"
         seal = f"{r['seal_s']:.1f}s" if "seal_s" in r else "-"
+        run_x = f"{base_run[r['model']] / r['seal_s']:.2f}x" if "seal_s" in r and r["model"] in base_run else "-"
         if "run_err_vs_original" in r:
             fid += (f"; encrypted run: {r['bootstraps_run']} bootstraps, err {r['run_err_vs_original']:.1e} of range vs "
                     f"the original, argmax {'agrees' if r['run_argmax_vs_original'] else 'DIFFERS'}")
         print(f"{r['model']:<25} {r['variant']:<14} {r['adds']:>4} {r['skips']:>5} {r['skip_range']:>5.1f} "
               f"{r['live']:>5} {r['params']:<22} {r['refreshes']:>5} {r['refresh_s']:>6.1f}s {r['rotations']:>7} "
-              f"{r['depth']:>5} {r['pred_s']:>8.1f}s {speed:>6} {seal:>7}  {fid}")
+              f"{r['depth']:>5} {r['pred_s']:>8.1f}s {speed:>6} {seal:>7} {run_x:>6}  {fid}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

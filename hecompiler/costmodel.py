@@ -303,12 +303,13 @@ class CostModel:
         return int(self._ring(n).get("key_bytes", {}).get("bootstrap.key", 0)) if self.lattigo else 0
 
     def bootstrapper_bytes(self, n: int) -> int:
-        """Memory of one prepared bootstrapping evaluator beside its keys (its CoeffsToSlots and
-        SlotsToCoeffs matrices), measured; 0 when the table has no measurement."""
+        """Memory of one more concurrent bootstrapping worker (its own copy of the CoeffsToSlots
+        and SlotsToCoeffs matrices; the first one is in the server's measured key load), measured;
+        0 when the table has no measurement."""
         if not self.lattigo:
             return 0
         boots = self._ring(n).get("bootstrap") or []
-        return int(max((b.get("prepare_heap_bytes", 0) for b in boots), default=0))
+        return int(max((b.get("worker_heap_bytes", 0) for b in boots), default=0))
 
 
 def peak_rss_bytes() -> int:
@@ -528,7 +529,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         longest = max(longest, run)
     # a bootstrapping server prepares one evaluator per ciphertext bootstrapped at once (os.cpu_count at most)
     workers = min(longest, os.cpu_count() or 1)
-    boot_mem = workers * model.bootstrapper_bytes(n) if model.refresh.bootstraps else 0
+    boot_mem = max(0, workers - 1) * model.bootstrapper_bytes(n) if model.refresh.bootstraps else 0
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))

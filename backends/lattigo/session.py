@@ -260,6 +260,18 @@ class LattigoClient:
             raise LattigoBackendError(str(e)) from None
 
 
+#: Go's GC percent on a server: its live heap is GBs of keys (pointer-free slices, cheap to
+#: mark), and the default GOGC=100 lets garbage grow as large as them before collecting
+SERVER_GC_PERCENT = 20
+
+
+def server_gc_policy() -> None:
+    """Bound Go's garbage beside the keys: ``GOGC`` from the environment when the user set it,
+    else :data:`SERVER_GC_PERCENT`."""
+    if "GOGC" not in os.environ:
+        set_gc_percent(SERVER_GC_PERCENT)
+
+
 class LattigoServer:
     """Evaluates with the evaluation keys of ``keys_dir`` (never secret.key), on the shared executor."""
 
@@ -269,6 +281,7 @@ class LattigoServer:
         _check_files(d, meta, SERVER_FILES)
         self.prog, self.params = prog, params
         self.key_set = meta["key_set"]
+        server_gc_policy()
         t = time.perf_counter()
         try:
             self.ev = Evaluator(params, d)
@@ -416,7 +429,7 @@ def _scratch_dir() -> str:
 
 
 def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray], progress: Callable[[int], Any] | None = None,
-                  meta=None, gc_percent: int | None = 50) -> tuple[dict[str, np.ndarray], ExecStats]:
+                  meta=None, gc_percent: int | None = SERVER_GC_PERCENT) -> tuple[dict[str, np.ndarray], ExecStats]:
     """Keygen (a throwaway key set), encrypt, evaluate with bootstraps, decrypt; phase timings in
     ``stats.phases``.  ``gc_percent`` bounds Go's garbage next to gigabytes of live keys."""
     if gc_percent is not None:
