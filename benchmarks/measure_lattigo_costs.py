@@ -324,6 +324,20 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     cl, ev = L.Client(p, keys / "client"), L.Evaluator(p, keys / "server")
     load_s = time.perf_counter() - t0
     log(f"  server keys loaded in {load_s:.1f}s (+{(rss_bytes() - rss0) / 2**20:.0f} MiB RSS)")
+    bootstrapper = None
+    if p.bootstrap is not None and ev.has_bootstrap:
+        # the bootstrapping evaluator (its CoeffsToSlots/SlotsToCoeffs matrices, encoded at the
+        # bootstrap's primes) is built on first use: what that adds to a server beside its keys
+        L.free_os_memory()
+        heap0, rss1 = L.go_memory().get("heap_inuse", 0), rss_bytes()
+        t0 = time.perf_counter()
+        ev.prepare_bootstrap(1)
+        build_s = time.perf_counter() - t0
+        L.free_os_memory()
+        bootstrapper = {"build_s": build_s, "heap_bytes": max(0, L.go_memory().get("heap_inuse", 0) - heap0),
+                        "rss_bytes": max(0, rss_bytes() - rss1)}
+        log(f"  bootstrapper built in {build_s:.1f}s (+{bootstrapper['heap_bytes'] / 2**20:.0f} MiB Go heap, "
+            f"+{bootstrapper['rss_bytes'] / 2**20:.0f} MiB RSS)")
     server = keys / "server"
     key_bytes = {f.name: f.stat().st_size for f in sorted(server.iterdir())}
     key_bytes["secret.key"] = (keys / "client" / "secret.key").stat().st_size
@@ -390,7 +404,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
             "q_bits": [round(math.log2(q), 2) for q in b.q], "p_bits": [round(math.log2(q), 2) for q in b.p]},
         "keygen": {"seconds": kg["seconds"], "wall_s": kg["wall_s"], "cpu_s": kg["cpu_s"],
                    "peak_rss_bytes": kg["peak_rss_bytes"], "galois_steps": kg["steps"]},
-        "server_load_s": load_s, "server_peak_rss_bytes": peak_rss_bytes(),
+        "server_load_s": load_s, "server_peak_rss_bytes": peak_rss_bytes(), "bootstrapper": bootstrapper,
         "key_bytes": key_bytes,
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,

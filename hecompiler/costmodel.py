@@ -311,6 +311,14 @@ class CostModel:
         boots = self._ring(n).get("bootstrap") or []
         return int(max((b.get("worker_heap_bytes", 0) for b in boots), default=0))
 
+    def bootstrapper_base_bytes(self, n: int) -> int:
+        """Memory the first bootstrapping evaluator adds to a server beside its keys (its
+        CoeffsToSlots/SlotsToCoeffs matrices), measured; 0 when the table has no measurement."""
+        if not self.lattigo:
+            return 0
+        b = self._ring(n).get("bootstrapper") or {}
+        return int(max(b.get("heap_bytes", 0), b.get("rss_bytes", 0)))
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (VmHWM; ru_maxrss elsewhere)."""
@@ -529,7 +537,8 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         longest = max(longest, run)
     # a bootstrapping server prepares one evaluator per ciphertext bootstrapped at once (os.cpu_count at most)
     workers = min(longest, os.cpu_count() or 1)
-    boot_mem = max(0, workers - 1) * model.bootstrapper_bytes(n) if model.refresh.bootstraps else 0
+    boot_mem = (model.bootstrapper_base_bytes(n) + max(0, workers - 1) * model.bootstrapper_bytes(n)
+                if model.refresh.bootstraps and workers else 0)
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
