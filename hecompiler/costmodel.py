@@ -423,6 +423,7 @@ class ProgramCost:
     round_trips: int = 0  # batches of client-aided refreshes per inference
     plaintexts: int = 0  # plaintext operands encoded per inference (each at its level)
     plaintext_bytes_all: int = 0  # all of them encoded at their levels: what keeping every one takes
+    plaintext_cache_bytes: int = 0  # of those, what the executor's plaintext cache keeps (inside memory_bytes)
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
@@ -561,6 +562,12 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
     seconds = sum(by_op.values()) + enc
     kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin)
+    # the executor keeps encoded plaintexts for reuse (hecompiler.plaintexts.PlaintextCache), up to its
+    # budget: resident memory the server holds from the first inference on
+    from .plaintexts import default_cache_bytes
+
+    cached = min(default_cache_bytes(), pt_all)
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
-                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + model.baseline_bytes, counts.get("refresh", 0),
-                       network, kg, upload, batches if not model.refresh.bootstraps else 0, n_pt, pt_all)
+                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + model.baseline_bytes,
+                       counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
+                       n_pt, pt_all, cached)

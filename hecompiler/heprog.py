@@ -330,8 +330,9 @@ def _check_linear(prog: HEProgram, ins: Instr, keys, where: str, graph: list) ->
             graph.append(KeyGraph(keys, S))
         missing = [k for k in lin.needs if not graph[0].reaches(k)]
         if missing:
-            raise ProgramError(f"{where}: rotation(s) {missing[:5]} of linear op #{p.args[0]} cannot be composed "
-                               f"from the program's Galois keys")
+            signed = sorted((k - S if k % S > S // 2 else k % S for k in missing), key=lambda k: (abs(k), k))
+            raise ProgramError(f"{where}: rotation(s) {signed[:5]} of linear op #{p.args[0]} cannot be composed "
+                               f"from the program's Galois keys {sorted(k - S if k > S // 2 else k for k in keys)[:12]}")
         return
     if lin.schedule:
         raise ProgramError(f"{where}: linear op #{p.args[0]} has an unknown schedule {lin.schedule!r}")

@@ -31,7 +31,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -554,7 +554,7 @@ class Lowering:
                 raise CompileBudgetError(f"planning ran out of its compile time budget while lowering node "
                                          f"{k_node + 1} of {len(g.nodes)} ({node.label}) at N={self.prog.params.poly_degree}; raise --max-compile-seconds or give a smaller input "
                                          f"(--input-shape)")
-            fn = getattr(self, "lower_" + node.op, None)
+            fn = LOWERINGS.get(node.op)
             if fn is None:
                 raise LoweringError(_unsupported(node))
             enc = [v for v in dict.fromkeys(node.inputs) if id(v) in self.t]
@@ -563,7 +563,7 @@ class Lowering:
                 if v.name in planned and self.t[id(v)].level < self.top:
                     self.t[id(v)] = self.refresh(self.t[id(v)], planned=True)
             n_layers = len(self.layers)
-            res = fn(node)
+            res = fn(self, node)
             if res is not None:
                 self.t[id(node.output)] = res
                 self.node_view[id(node)] = (res.level, len(res.cts), self.layout(res).describe(), res.alpha)
@@ -578,7 +578,7 @@ class Lowering:
             self.prog.outputs.append(IOSpec(v.name, tuple(v.type.shape), t.layout, list(t.cts), float(t.alpha)))
         return self.prog
 
-    # ------------------------------------------------------------------ per-op rules
+    # ------------------------------------------------------------------ helpers of the lowering rules
     def _const_operand(self, node: Node) -> tuple[Value, Value] | None:
         a, b = node.inputs
         if a.is_constant and not b.is_constant:
@@ -586,100 +586,6 @@ class Lowering:
         if b.is_constant and not a.is_constant:
             return a, b
         return None
-
-    def lower_Conv(self, node: Node) -> Tensor:
-        x = node.inputs[0]
-        w = node.inputs[1]
-        if not w.is_constant:
-            raise LoweringError(f"{self._where()}: Conv weights must be constants (encrypted weights are "
-                                f"not supported)")
-        t = self.tensor(x)
-        in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
-        lout = self.choose_out_layout(node, self.layout(t), out_shape, node.attrs["strides"][0]
-                                      if node.attrs["strides"][0] == node.attrs["strides"][1] else 1)
-        params = {"weight": self.weight(w), "strides": list(node.attrs["strides"]), "pads": list(node.attrs["pads"]),
-                  "dilations": list(node.attrs["dilations"]), "group": node.attrs["group"]}
-        if len(node.inputs) > 2:
-            params["bias"] = self.weight(node.inputs[2])
-        lin = LinearOp("conv", t.layout, self.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
-        return self.linear(lin, x)
-
-    def lower_AveragePool(self, node: Node) -> Tensor:
-        x = node.inputs[0]
-        t = self.tensor(x)
-        a = node.attrs
-        in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
-        stride = a["strides"][0] if a["strides"][0] == a["strides"][1] else 1
-        lout = self.choose_out_layout(node, self.layout(t), out_shape, stride)
-        params = {"kernel": list(a["kernel_shape"]), "strides": list(a["strides"]), "pads": list(a["pads"]),
-                  "count_include_pad": a["count_include_pad"]}
-        lin = LinearOp("pool", t.layout, self.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
-        return self.linear(lin, x)
-
-    def lower_BatchNormalization(self, node: Node) -> Tensor:
-        x = node.inputs[0]
-        if not all(v.is_constant for v in node.inputs[1:]):
-            raise LoweringError(f"{self._where()}: BatchNormalization parameters must be constants")
-        scale, beta, mean, var = (v.data.astype(np.float64) for v in node.inputs[1:])
-        s = scale / np.sqrt(var + node.attrs["epsilon"])
-        t = self.tensor(x)
-        shape = chw(x.type.shape)
-        params = {"weight": self.add_weight(node.output.name + ".scale", s),
-                  "bias": self.add_weight(node.output.name + ".shift", beta - mean * s)}
-        lin = LinearOp("affine", t.layout, t.layout, shape, shape, params, note=node.output.name)
-        return self.linear(lin, x)
-
-    def lower_Gemm(self, node: Node) -> Tensor:
-        a = node.attrs
-        x, w = node.inputs[0], node.inputs[1]
-        if not w.is_constant or (len(node.inputs) > 2 and not node.inputs[2].is_constant):
-            raise LoweringError(f"{self._where()}: Gemm B and C must be constants")
-        if a["transA"] or x.type.shape[0] != 1:
-            raise LoweringError(f"{self._where()}: Gemm needs A of shape [1, K] without transA")
-        wm = w.data.astype(np.float64)
-        wm = (wm if a["transB"] else wm.T) * a["alpha"]  # [N, K]
-        t = self.tensor(x)
-        n = wm.shape[0]
-        params = {"weight": self.add_weight(node.output.name + ".matrix", wm)}
-        if len(node.inputs) > 2:
-            c = np.broadcast_to(node.inputs[2].data.astype(np.float64) * a["beta"], (1, n)).reshape(-1)
-            params["bias"] = self.add_weight(node.output.name + ".bias", c)
-        lout = self.layout_id(Layout.vector(n, self.prog.params.slots))
-        lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
-        return self.linear(lin, x)
-
-    def lower_MatMul(self, node: Node) -> Tensor:
-        x, w = node.inputs
-        if not w.is_constant or w.type.rank != 2 or x.type.rank != 2:
-            raise LoweringError(f"{self._where()}: only [1, K] @ constant [K, N] MatMul is supported")
-        n = w.type.shape[1]
-        t = self.tensor(x)
-        params = {"weight": self.add_weight(node.output.name + ".matrix", w.data.astype(np.float64).T)}
-        lout = self.layout_id(Layout.vector(n, self.prog.params.slots))
-        lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
-        return self.linear(lin, x)
-
-    def lower_GlobalAveragePool(self, node: Node) -> Tensor:
-        x = node.inputs[0]
-        t = self.tensor(x)
-        lay = self.layout(t)
-        C, H, W = chw(x.type.shape)
-        if lay.channel_straddles or lay.hs == 0 and H > 1:
-            # rotations cannot sum across ciphertexts: a block-matrix average instead
-            out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "flat", lay.gap, (0, 0), lay.per_fp)
-            lin = LinearOp("gap", t.layout, self.layout_id(out), (C, H, W), (C, 1, 1), {}, note=node.output.name)
-            return self.linear(lin, x)
-        cts = list(t.cts)
-        rots = 0
-        for count, stride in ((W, lay.ws), (H, lay.hs)):
-            if count > 1:
-                cts = [self._sum_window(c, count, stride) for c in cts]
-                rots += _sum_rotations(count) * len(cts)
-        out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "sum", lay.gap, (0, 0), lay.per_fp)
-        lid = self.layout_id(out)
-        self.layers.append(LayerStat(node.outputs[0].name, node.op, lay.describe(), out.describe(), rots, 0, 0,
-                                     t.level, t.level))
-        return Tensor(cts, lid, t.level, t.scale, t.alpha / (H * W), None, True)
 
     def _sum_window(self, ct: int, count: int, stride: int) -> int:
         """Slot k gets sum_{i<count} x[k + i*stride] (rotate-and-sum, ~2 log2 count rotations)."""
@@ -697,54 +603,6 @@ class Lowering:
         tail = self._sum_window(self.rotate(ct, half * stride), count - half, stride)
         return self.add(head, tail)
 
-    def _reinterpret(self, node: Node) -> Tensor:
-        x = node.inputs[0]
-        t = self.tensor(x)
-        lay = self.layout(t)
-        new_shape = chw(node.output.type.shape)
-        if new_shape == lay.shape:
-            return t
-        if new_shape[1:] == (1, 1):
-            pos = tuple(int(p) for p in lay.positions)
-            out = Layout(new_shape, lay.slots, lay.n_ct, pos, 0, 0, "flat", 1, (0, 0), 1)
-            return replace(t, layout=self.layout_id(out), emission=t.emission)
-        raise LoweringError(f"{self._where()}: reshape from {lay.shape} to {new_shape} is not supported yet")
-
-    lower_Flatten = _reinterpret
-    lower_Reshape = _reinterpret
-
-    def lower_Identity(self, node: Node) -> Tensor:
-        return self.tensor(node.inputs[0])
-
-    lower_Dropout = lower_Identity
-
-    def lower_Add(self, node: Node, negate_b: bool = False) -> Tensor:
-        co = self._const_operand(node)
-        if co is not None:
-            xv, cv = co
-            t = self.tensor(xv)
-            k = cv.data.astype(np.float64)
-            if negate_b and node.inputs[0] is cv:  # c - x
-                t = replace(t, alpha=-t.alpha, emission=None)
-            elif negate_b:
-                k = -k
-            name = self._channel_const(k, xv, node, scale=1.0 / t.alpha)
-            cts = [self._fill_add(c, name, t.layout, j, t.scale) for j, c in enumerate(t.cts)]
-            return Tensor(cts, t.layout, t.level, t.scale, t.alpha, None, t.dirty)
-        a, b = node.inputs
-        if a is b:
-            if negate_b:
-                raise LoweringError(f"{self._where()}: x - x is identically zero")
-            t = self.tensor(a)
-            return replace(t, alpha=2.0 * t.alpha, emission=None)
-        ta, tb = self.align(a, b)
-        op = "sub" if negate_b else "add"
-        cts = [self._emit(op, (x, y)) for x, y in zip(ta.cts, tb.cts)]
-        return Tensor(cts, ta.layout, ta.level, ta.scale, ta.alpha, None, ta.dirty or tb.dirty)
-
-    def lower_Sub(self, node: Node) -> Tensor:
-        return self.lower_Add(node, negate_b=True)
-
     def _channel_const(self, k: np.ndarray, xv: Value, node: Node, scale: float = 1.0):
         """A constant operand as a fill value: a float, or a per-channel weight name."""
         C, H, W = chw(xv.type.shape)
@@ -755,62 +613,245 @@ class Lowering:
             return self.add_weight(node.output.name + ".const", k[:, 0] * scale)
         return self.add_weight(node.output.name + ".const", k.reshape(-1) * scale)
 
-    def lower_Mul(self, node: Node) -> Tensor:
-        co = self._const_operand(node)
-        if co is not None:
-            xv, cv = co
-            t = self.tensor(xv)
-            k = cv.data.astype(np.float64)
-            if k.size == 1:
-                if float(k.reshape(-1)[0]) == 0.0:
-                    raise LoweringError(f"{self._where()}: multiplication by zero (result does not depend "
-                                        f"on the input)")
-                return replace(t, alpha=t.alpha * float(k.reshape(-1)[0]))
-            t = self.need(xv, 1)
-            name = self._channel_const(k, xv, node)
-            q = self.prog.primes[t.level]
-            cts = []
-            for j, c in enumerate(t.cts):
-                m = self._emit("mul_plain", (c,), plain=PlainRef("fill", (t.layout, j, name), q))
-                cts.append(self._emit("rescale", (m,), scale=t.scale))
-            return Tensor(cts, t.layout, t.level - 1, t.scale, t.alpha, None, False)  # the fill masks garbage
-        a, b = node.inputs
-        if a is b:
-            return self.poly(a, [0.0, 0.0, 1.0])
-        ta, tb = self.need(a, 1), self.need(b, 1)
-        if ta.layout != tb.layout and \
-                self.layout(ta).positions.tolist() != self.layout(tb).positions.tolist():
-            raise LoweringError(f"{self._where()}: operands have different layouts "
-                                f"({self.layout(ta).describe()} vs {self.layout(tb).describe()}); "
-                                f"layout conversion is not implemented yet")
-        lv = min(ta.level, tb.level)
-        ta, tb = self.to_level(ta, lv), self.to_level(tb, lv)
+
+# ====================================================================== per-op lowering rules
+#: ONNX/IR op -> its lowering rule ``rule(low, node) -> Tensor``: ``low`` is the
+#: :class:`Lowering` (the program builder: levels, scales, layouts, refreshes, linear ops and
+#: polynomials), ``node`` the graph node; the rule returns the node's output tensor.  Rules are
+#: registered by op with :func:`lowers`, as the frontend registers its lifters; an op without
+#: one is refused with a one-line error naming the node.
+LOWERINGS: dict[str, Callable[["Lowering", Node], "Tensor | None"]] = {}
+
+
+def lowers(*ops: str):
+    """Register a lowering rule for ``ops`` (a later registration of an op replaces the earlier)."""
+    def deco(fn):
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+    return deco
+
+
+@lowers("Conv")
+def _lower_conv(low: "Lowering", node: Node) -> Tensor:
+    x = node.inputs[0]
+    w = node.inputs[1]
+    if not w.is_constant:
+        raise LoweringError(f"{low._where()}: Conv weights must be constants (encrypted weights are "
+                            f"not supported)")
+    t = low.tensor(x)
+    in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
+    lout = low.choose_out_layout(node, low.layout(t), out_shape, node.attrs["strides"][0]
+                                 if node.attrs["strides"][0] == node.attrs["strides"][1] else 1)
+    params = {"weight": low.weight(w), "strides": list(node.attrs["strides"]), "pads": list(node.attrs["pads"]),
+              "dilations": list(node.attrs["dilations"]), "group": node.attrs["group"]}
+    if len(node.inputs) > 2:
+        params["bias"] = low.weight(node.inputs[2])
+    lin = LinearOp("conv", t.layout, low.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
+    return low.linear(lin, x)
+
+
+@lowers("AveragePool")
+def _lower_averagepool(low: "Lowering", node: Node) -> Tensor:
+    x = node.inputs[0]
+    t = low.tensor(x)
+    a = node.attrs
+    in_shape, out_shape = chw(x.type.shape), chw(node.output.type.shape)
+    stride = a["strides"][0] if a["strides"][0] == a["strides"][1] else 1
+    lout = low.choose_out_layout(node, low.layout(t), out_shape, stride)
+    params = {"kernel": list(a["kernel_shape"]), "strides": list(a["strides"]), "pads": list(a["pads"]),
+              "count_include_pad": a["count_include_pad"]}
+    lin = LinearOp("pool", t.layout, low.layout_id(lout), in_shape, out_shape, params, note=node.output.name)
+    return low.linear(lin, x)
+
+
+@lowers("BatchNormalization")
+def _lower_batchnormalization(low: "Lowering", node: Node) -> Tensor:
+    x = node.inputs[0]
+    if not all(v.is_constant for v in node.inputs[1:]):
+        raise LoweringError(f"{low._where()}: BatchNormalization parameters must be constants")
+    scale, beta, mean, var = (v.data.astype(np.float64) for v in node.inputs[1:])
+    s = scale / np.sqrt(var + node.attrs["epsilon"])
+    t = low.tensor(x)
+    shape = chw(x.type.shape)
+    params = {"weight": low.add_weight(node.output.name + ".scale", s),
+              "bias": low.add_weight(node.output.name + ".shift", beta - mean * s)}
+    lin = LinearOp("affine", t.layout, t.layout, shape, shape, params, note=node.output.name)
+    return low.linear(lin, x)
+
+
+@lowers("Gemm")
+def _lower_gemm(low: "Lowering", node: Node) -> Tensor:
+    a = node.attrs
+    x, w = node.inputs[0], node.inputs[1]
+    if not w.is_constant or (len(node.inputs) > 2 and not node.inputs[2].is_constant):
+        raise LoweringError(f"{low._where()}: Gemm B and C must be constants")
+    if a["transA"] or x.type.shape[0] != 1:
+        raise LoweringError(f"{low._where()}: Gemm needs A of shape [1, K] without transA")
+    wm = w.data.astype(np.float64)
+    wm = (wm if a["transB"] else wm.T) * a["alpha"]  # [N, K]
+    t = low.tensor(x)
+    n = wm.shape[0]
+    params = {"weight": low.add_weight(node.output.name + ".matrix", wm)}
+    if len(node.inputs) > 2:
+        c = np.broadcast_to(node.inputs[2].data.astype(np.float64) * a["beta"], (1, n)).reshape(-1)
+        params["bias"] = low.add_weight(node.output.name + ".bias", c)
+    lout = low.layout_id(Layout.vector(n, low.prog.params.slots))
+    lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
+    return low.linear(lin, x)
+
+
+@lowers("MatMul")
+def _lower_matmul(low: "Lowering", node: Node) -> Tensor:
+    x, w = node.inputs
+    if not w.is_constant or w.type.rank != 2 or x.type.rank != 2:
+        raise LoweringError(f"{low._where()}: only [1, K] @ constant [K, N] MatMul is supported")
+    n = w.type.shape[1]
+    t = low.tensor(x)
+    params = {"weight": low.add_weight(node.output.name + ".matrix", w.data.astype(np.float64).T)}
+    lout = low.layout_id(Layout.vector(n, low.prog.params.slots))
+    lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
+    return low.linear(lin, x)
+
+
+@lowers("GlobalAveragePool")
+def _lower_globalaveragepool(low: "Lowering", node: Node) -> Tensor:
+    x = node.inputs[0]
+    t = low.tensor(x)
+    lay = low.layout(t)
+    C, H, W = chw(x.type.shape)
+    if lay.channel_straddles or lay.hs == 0 and H > 1:
+        # rotations cannot sum across ciphertexts: a block-matrix average instead
+        out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "flat", lay.gap, (0, 0), lay.per_fp)
+        lin = LinearOp("gap", t.layout, low.layout_id(out), (C, H, W), (C, 1, 1), {}, note=node.output.name)
+        return low.linear(lin, x)
+    cts = list(t.cts)
+    rots = 0
+    for count, stride in ((W, lay.ws), (H, lay.hs)):
+        if count > 1:
+            cts = [low._sum_window(c, count, stride) for c in cts]
+            rots += _sum_rotations(count) * len(cts)
+    out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "sum", lay.gap, (0, 0), lay.per_fp)
+    lid = low.layout_id(out)
+    low.layers.append(LayerStat(node.outputs[0].name, node.op, lay.describe(), out.describe(), rots, 0, 0,
+                                t.level, t.level))
+    return Tensor(cts, lid, t.level, t.scale, t.alpha / (H * W), None, True)
+
+
+@lowers("Flatten", "Reshape")
+def _lower_reshape(low: "Lowering", node: Node) -> Tensor:
+    x = node.inputs[0]
+    t = low.tensor(x)
+    lay = low.layout(t)
+    new_shape = chw(node.output.type.shape)
+    if new_shape == lay.shape:
+        return t
+    if new_shape[1:] == (1, 1):
+        pos = tuple(int(p) for p in lay.positions)
+        out = Layout(new_shape, lay.slots, lay.n_ct, pos, 0, 0, "flat", 1, (0, 0), 1)
+        return replace(t, layout=low.layout_id(out), emission=t.emission)
+    raise LoweringError(f"{low._where()}: reshape from {lay.shape} to {new_shape} is not supported yet")
+
+
+@lowers("Identity", "Dropout")
+def _lower_identity(low: "Lowering", node: Node) -> Tensor:
+    return low.tensor(node.inputs[0])
+
+
+@lowers("Add")
+def _lower_add(low: "Lowering", node: Node, negate_b: bool = False) -> Tensor:
+    co = low._const_operand(node)
+    if co is not None:
+        xv, cv = co
+        t = low.tensor(xv)
+        k = cv.data.astype(np.float64)
+        if negate_b and node.inputs[0] is cv:  # c - x
+            t = replace(t, alpha=-t.alpha, emission=None)
+        elif negate_b:
+            k = -k
+        name = low._channel_const(k, xv, node, scale=1.0 / t.alpha)
+        cts = [low._fill_add(c, name, t.layout, j, t.scale) for j, c in enumerate(t.cts)]
+        return Tensor(cts, t.layout, t.level, t.scale, t.alpha, None, t.dirty)
+    a, b = node.inputs
+    if a is b:
+        if negate_b:
+            raise LoweringError(f"{low._where()}: x - x is identically zero")
+        t = low.tensor(a)
+        return replace(t, alpha=2.0 * t.alpha, emission=None)
+    ta, tb = low.align(a, b)
+    op = "sub" if negate_b else "add"
+    cts = [low._emit(op, (x, y)) for x, y in zip(ta.cts, tb.cts)]
+    return Tensor(cts, ta.layout, ta.level, ta.scale, ta.alpha, None, ta.dirty or tb.dirty)
+
+
+@lowers("Sub")
+def _lower_sub(low: "Lowering", node: Node) -> Tensor:
+    return _lower_add(low, node, negate_b=True)
+
+
+@lowers("Mul")
+def _lower_mul(low: "Lowering", node: Node) -> Tensor:
+    co = low._const_operand(node)
+    if co is not None:
+        xv, cv = co
+        t = low.tensor(xv)
+        k = cv.data.astype(np.float64)
+        if k.size == 1:
+            if float(k.reshape(-1)[0]) == 0.0:
+                raise LoweringError(f"{low._where()}: multiplication by zero (result does not depend "
+                                    f"on the input)")
+            return replace(t, alpha=t.alpha * float(k.reshape(-1)[0]))
+        t = low.need(xv, 1)
+        name = low._channel_const(k, xv, node)
+        q = low.prog.primes[t.level]
         cts = []
-        for x, y in zip(ta.cts, tb.cts):
-            cts.append(self._emit("rescale", (self._emit("mul", (x, y)),)))
-        lvl, sc = self.meta[cts[0]]
-        return Tensor(cts, ta.layout, lvl, sc, ta.alpha * tb.alpha, None, ta.dirty or tb.dirty)
+        for j, c in enumerate(t.cts):
+            m = low._emit("mul_plain", (c,), plain=PlainRef("fill", (t.layout, j, name), q))
+            cts.append(low._emit("rescale", (m,), scale=t.scale))
+        return Tensor(cts, t.layout, t.level - 1, t.scale, t.alpha, None, False)  # the fill masks garbage
+    a, b = node.inputs
+    if a is b:
+        return low.poly(a, [0.0, 0.0, 1.0])
+    ta, tb = low.need(a, 1), low.need(b, 1)
+    if ta.layout != tb.layout and \
+            low.layout(ta).positions.tolist() != low.layout(tb).positions.tolist():
+        raise LoweringError(f"{low._where()}: operands have different layouts "
+                            f"({low.layout(ta).describe()} vs {low.layout(tb).describe()}); "
+                            f"layout conversion is not implemented yet")
+    lv = min(ta.level, tb.level)
+    ta, tb = low.to_level(ta, lv), low.to_level(tb, lv)
+    cts = []
+    for x, y in zip(ta.cts, tb.cts):
+        cts.append(low._emit("rescale", (low._emit("mul", (x, y)),)))
+    lvl, sc = low.meta[cts[0]]
+    return Tensor(cts, ta.layout, lvl, sc, ta.alpha * tb.alpha, None, ta.dirty or tb.dirty)
 
-    def lower_Div(self, node: Node) -> Tensor:
-        x, c = node.inputs
-        if not c.is_constant or c.data.size != 1 or x.is_constant:
-            raise LoweringError(f"{self._where()}: only division by a scalar constant is supported")
-        k = float(c.data.reshape(-1)[0])
-        if k == 0:
-            raise LoweringError(f"{self._where()}: division by zero")
-        t = self.tensor(x)
-        return replace(t, alpha=t.alpha / k)
 
-    def lower_Poly(self, node: Node) -> Tensor:
-        return self.poly(node.inputs[0], node.attrs["coeffs"])
+@lowers("Div")
+def _lower_div(low: "Lowering", node: Node) -> Tensor:
+    x, c = node.inputs
+    if not c.is_constant or c.data.size != 1 or x.is_constant:
+        raise LoweringError(f"{low._where()}: only division by a scalar constant is supported")
+    k = float(c.data.reshape(-1)[0])
+    if k == 0:
+        raise LoweringError(f"{low._where()}: division by zero")
+    t = low.tensor(x)
+    return replace(t, alpha=t.alpha / k)
 
-    def lower_Pow(self, node: Node) -> Tensor:
-        x, e = node.inputs
-        if not e.is_constant or e.data.size != 1 or float(e.data.reshape(-1)[0]) != int(e.data.reshape(-1)[0]) \
-                or not 1 <= int(e.data.reshape(-1)[0]) <= 64:
-            raise LoweringError(f"{self._where()}: only integer powers 1..64 by a constant are supported")
-        k = int(e.data.reshape(-1)[0])
-        return self.poly(x, [0.0] * k + [1.0])
+
+@lowers("Poly")
+def _lower_poly(low: "Lowering", node: Node) -> Tensor:
+    return low.poly(node.inputs[0], node.attrs["coeffs"])
+
+
+@lowers("Pow")
+def _lower_pow(low: "Lowering", node: Node) -> Tensor:
+    x, e = node.inputs
+    if not e.is_constant or e.data.size != 1 or float(e.data.reshape(-1)[0]) != int(e.data.reshape(-1)[0]) \
+            or not 1 <= int(e.data.reshape(-1)[0]) <= 64:
+        raise LoweringError(f"{low._where()}: only integer powers 1..64 by a constant are supported")
+    k = int(e.data.reshape(-1)[0])
+    return low.poly(x, [0.0] * k + [1.0])
 
 
 #: |log2 alpha| above which a pending scalar is multiplied out when it is free (a spare level)

@@ -254,7 +254,10 @@ class _Evaluator:
         """``unit``: count rotations (uses) instead of weighing them."""
         c = 0 if unit else 1
         self.S = S = dem.slots
-        trees = [(np.concatenate([[0], np.asarray(st, np.int64)]), e[c]) for st, e in sorted(dem.trees.items())]
+        # each baby set in baby_tree's tie-break order (|step|, step): Prim's rule on a directed
+        # distance is not tie-free, and the count must be the one the runtime performs
+        trees = [(np.concatenate([[0], np.asarray(sorted(st, key=lambda s: (abs(s), s)), np.int64)]), e[c])
+                 for st, e in sorted(dem.trees.items())]
         self.singles = np.asarray(sorted(dem.singles), np.int64)
         self.sw = np.asarray([dem.singles[s][c] for s in sorted(dem.singles)], float)
         need = [self.singles % S] + [((a[None, :] - a[:, None]) % S).reshape(-1) for a, _ in trees]

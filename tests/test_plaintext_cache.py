@@ -1,0 +1,169 @@
+"""The executor's cache of encoded plaintexts (hecompiler/plaintexts.py PlaintextCache):
+repeated runs on one executor reuse what the first run encoded, identical diagonals are
+encoded once (by content), the budget bounds it, and outputs never change."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import build_models as bm  # noqa: E402  (tests/conftest.py puts models/ on sys.path)
+import hecompiler as hc
+from hecompiler.backends.sim import SimPrimitives
+from hecompiler.executor import Executor
+from hecompiler.heprog import Params
+from hecompiler.lower import LoweringOptions, lower
+from hecompiler.plaintexts import PlaintextCache, parse_bytes
+from hecompiler.runtime import pack_inputs
+
+from conftest import ort_run
+
+sealapi = pytest.importorskip("tenseal.sealapi")
+
+N, BITS = 8192, (60, 40, 40, 60)
+
+
+def _primes(n, bits):
+    return tuple(q.value() for q in sealapi.CoeffModulus.Create(n, list(bits)))[:-1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = bm.MODELS["tiny_resnet_poly"]()
+    g = hc.load_onnx(model)
+    hc.run_pipeline(g)
+    prog, _ = lower(g, Params(N, BITS, 40), _primes(N, BITS))
+    xs = [np.random.default_rng(s).uniform(-1, 1, (1, 1, 8, 8)).astype(np.float32) for s in (1, 2)]
+    return SimpleNamespace(model=model, prog=prog, xs=xs)
+
+
+def _sim_run(ex, prog, x):
+    prim = ex.prim
+    cts = {v: prim.fresh(row) for v, row in pack_inputs(prog, {prog.inputs[0].name: x}).items()}
+    out, st = ex.run_all(cts)
+    (io,) = prog.outputs
+    packed = np.stack([out[v].vec for v in io.values])
+    return prog.layouts[io.layout].unpack(packed) * io.alpha, st
+
+
+def _sim_executor(prog, cache_bytes=None):
+    prim = SimPrimitives(prog, None, np.random.default_rng(0), True)
+    return Executor(prog, prim, None, plaintext_cache_bytes=cache_bytes)
+
+
+def test_repeated_runs_reuse_plaintexts_in_simulator(tiny):
+    prog = tiny.prog
+    ex = _sim_executor(prog)
+    y1, s1 = _sim_run(ex, prog, tiny.xs[0])
+    y2, s2 = _sim_run(ex, prog, tiny.xs[0])
+    y3, s3 = _sim_run(ex, prog, tiny.xs[1])
+    total = s1.plaintexts + s1.plaintexts_reused
+    assert s1.plaintexts > 0 and total > 100
+    # the second run encodes nothing that the first kept (the default budget holds all of them)
+    assert s2.plaintexts == 0 and s2.plaintexts_reused == total and s3.plaintexts_reused == total
+    np.testing.assert_array_equal(y1, y2)
+    # the cache changes nothing: a fresh executor without one gives the same outputs
+    y3_nocache, s_nc = _sim_run(_sim_executor(prog, 0), prog, tiny.xs[1])
+    np.testing.assert_array_equal(y3, y3_nocache)
+    assert s_nc.plaintexts_reused == 0 or s_nc.plaintexts_reused < s1.plaintexts_reused
+    ref = np.asarray(ort_run(tiny.model, tiny.xs[1])[0], np.float64).reshape(-1)
+    assert np.abs(y3.reshape(-1) - ref).max() < 1e-6 * max(1.0, np.ptp(ref))
+
+
+def test_budget_bounds_the_cache(tiny):
+    prog = tiny.prog
+    full = _sim_executor(prog)
+    _sim_run(full, prog, tiny.xs[0])
+    held = full.ptcache.bytes
+    assert held > 0
+    half = _sim_executor(prog, held // 2)
+    _sim_run(half, prog, tiny.xs[0])
+    assert 0 < half.ptcache.bytes <= held // 2
+    _, s2 = _sim_run(half, prog, tiny.xs[0])
+    _, f2 = _sim_run(full, prog, tiny.xs[0])
+    assert 0 < s2.plaintexts < f2.plaintexts_reused and s2.plaintexts_reused < f2.plaintexts_reused
+    none = _sim_executor(prog, 0)
+    _sim_run(none, prog, tiny.xs[0])
+    assert none.ptcache.bytes == 0
+    _, n2 = _sim_run(none, prog, tiny.xs[0])
+    assert n2.plaintexts_reused == 0
+
+
+def test_parse_bytes():
+    assert parse_bytes("512M") == 512 * 2**20 and parse_bytes("2G") == 2 * 2**30
+    assert parse_bytes("1048576") == 2**20 and parse_bytes("1.5k") == 1536
+    with pytest.raises(Exception, match="expected bytes such as 512M"):
+        parse_bytes("lots")
+
+
+def _pool_model():
+    """AveragePool over 8 channels of 32x32: two ciphertexts of 4096 slots with identical
+    diagonals (the same pooling in every block)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_identical_diagonals_are_encoded_once():
+    model = _pool_model()
+    g = hc.load_onnx(model)
+    hc.run_pipeline(g)
+    bits = (60, 40, 60)
+    prog, _ = lower(g, Params(N, bits, 40), _primes(N, bits))
+    assert prog.layouts[prog.inputs[0].layout].n_ct >= 2
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 8, 32, 32)).astype(np.float32)
+    ex = _sim_executor(prog)
+    y, st = _sim_run(ex, prog, x)
+    assert ex.ptcache.content_hits > 0 and st.plaintexts_reused == ex.ptcache.content_hits
+    # fewer encodings than plaintext operands: the repeats were shared
+    assert st.plaintexts < prog.op_counts()["mul_plain"]
+    y0, s0 = _sim_run(_sim_executor(prog, 0), prog, x)
+    np.testing.assert_array_equal(y, y0)
+    assert s0.plaintexts > st.plaintexts
+    ref = np.asarray(ort_run(model, x)[0], np.float64)
+    np.testing.assert_allclose(y.reshape(ref.shape), ref, atol=1e-6)
+
+
+def test_repeated_runs_reuse_plaintexts_under_seal(tiny):
+    from hecompiler.backends import seal as SB
+
+    prog = tiny.prog
+    client = SB.SealClient.create(prog)
+    server = SB.SealServer(prog, client.public_keys())
+    outs, stats = [], []
+    for x in (tiny.xs[0], tiny.xs[0], tiny.xs[1]):
+        cts = client.encrypt_inputs({prog.inputs[0].name: x})
+        out_cts, st = server.run(cts, client.refresh)
+        outs.append(next(iter(client.decrypt_outputs(out_cts).values())).reshape(-1))
+        stats.append(st)
+    total = stats[0].plaintexts + stats[0].plaintexts_reused
+    assert stats[1].plaintexts_reused == total and stats[1].plaintexts == 0
+    assert stats[2].plaintexts_reused == total
+    for x, y in ((tiny.xs[0], outs[0]), (tiny.xs[0], outs[1]), (tiny.xs[1], outs[2])):
+        ref = np.asarray(ort_run(tiny.model, x)[0], np.float64).reshape(-1)
+        assert np.abs(y - ref).max() <= 1e-4 * np.ptp(ref)
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.ptp(outs[0])
+
+
+def test_cache_unit():
+    from hecompiler.heprog import PlainRef
+
+    c = PlaintextCache(100)
+    r1, r2 = PlainRef("diag", (0, 0, 0, 1, 0), 2.0**40), PlainRef("diag", (0, 1, 1, 1, 0), 2.0**40)
+    v = np.arange(8.0)
+    k = c.content_key(v, 1, 2.0**40)
+    assert c.content_key(v.copy(), 1, 2.0**40) == k != c.content_key(v, 0, 2.0**40)
+    assert c.lookup_ref(r1, 1) is None and c.lookup_content(k) is None
+    c.store(r1, 1, k, "pt", 60)
+    assert c.lookup_ref(r1, 1) == "pt" and c.lookup_ref(r1, 0) is None
+    assert c.lookup_content(k) == "pt"
+    c.link(r2, 1, "pt")
+    assert c.lookup_ref(r2, 1) == "pt"
+    c.store(PlainRef("bias", (0, 0), 1.0), 1, None, "b", 60)  # over the budget: not kept
+    assert c.bytes == 60 and c.encoded == 2
+    assert (c.ref_hits, c.content_hits) == (2, 1)
