@@ -2,8 +2,10 @@
 
     python benchmarks/serve.py                       # tiny ResNet and digits, K = 1, 2, 4
     python benchmarks/serve.py --models digits --clients 1,2 --queries 4 --workers 2
+    python benchmarks/serve.py --models tiny --target lattigo:toy-n12   # non-interactive (bootstraps)
 
-For each model: compile it (``--ring 8192``, cached in benchmarks/.cache/serve), export its client
+For each model: compile it (``--ring 8192``, or ``--target T``; toy targets with ``--security none``,
+INSECURE, for speed; cached in benchmarks/.cache/serve), export its client
 file, start ``hecompile serve`` (``--workers W``, a fresh store), give each of the K clients its own
 key set (made and uploaded before timing), then for each K run K client threads, each sending
 ``--queries`` inferences one after the other (stopping early past ``--max-seconds``).  A query's
@@ -35,12 +37,15 @@ CACHE = ROOT / "benchmarks" / ".cache" / "serve"
 MODELS = {"tiny": "tiny_resnet_poly", "digits": "digits_poly"}
 
 
-def compile_model(name: str) -> tuple[Path, Path]:
+def compile_model(name: str, target: str | None = None) -> tuple[Path, Path]:
     CACHE.mkdir(parents=True, exist_ok=True)
     onnx = ROOT / "models" / f"{name}.onnx"
-    hec, cf = CACHE / f"{name}.hec", CACHE / f"{name}.client"
+    tag = f"{name}.{target.replace(':', '-')}" if target else name
+    hec, cf = CACHE / f"{tag}.hec", CACHE / f"{tag}.client"
+    flags = ["--ring", "8192"] if not target else ["--target", target] + (
+        ["--security", "none"] if ":toy" in target else [])
     if not hec.exists() or hec.stat().st_mtime < onnx.stat().st_mtime:
-        subprocess.run([sys.executable, "-m", "hecompiler.cli", str(onnx), "-o", str(hec), "--ring", "8192", "-q"],
+        subprocess.run([sys.executable, "-m", "hecompiler.cli", str(onnx), "-o", str(hec), *flags, "-q"],
                        check=True)
     subprocess.run([sys.executable, "-m", "hecompiler.cli", "export-client", str(hec), "-o", str(cf)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -148,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=6, help="queries per client per round (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="server worker processes (default: %(default)s)")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="time bound of one round (default: %(default)s)")
+    ap.add_argument("--target", default=None, metavar="T",
+                    help="compile for this target (e.g. lattigo:toy-n12: bootstrapping, no client round trip; toy "
+                         "targets are compiled with --security none, INSECURE); default: SEAL, --ring 8192")
     ap.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     from hecompiler.client import Client
@@ -157,11 +165,11 @@ def main(argv=None) -> int:
     head = (f"{'model':<17} {'K':>2} {'queries':>7} {'wall':>7} {'q/s':>6} {'p50':>7} {'p99':>7} {'server peak':>11} "
             f"{'key sets':>8} {'!=ort':>5} {'err/est':>7}")
     print(f"hecompile serve load benchmark: {args.workers} worker process(es), {os.cpu_count()} cores, loopback; "
-          f"{args.queries} queries per client per round")
+          f"{args.queries} queries per client per round; target {args.target or 'seal (--ring 8192)'}")
     print(head)
     for short in args.models.split(","):
         name = MODELS.get(short, short)
-        hec, cf = compile_model(name)
+        hec, cf = compile_model(name, args.target)
         work = Path(tempfile.mkdtemp(prefix=f"hec-serve-bench-{name}-"))
         proc, url = start_server(hec, work / "store", args.workers, work / "serve.log")
         try:

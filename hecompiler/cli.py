@@ -581,7 +581,8 @@ The server directory never holds the secret key.
 def _step_parser(name: str, desc: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"hecompile {name}", description=desc + "\n\n" + _STEPS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("program", help="the compiled .hec file")
+    p.add_argument("program", help="the compiled .hec file" + (
+        "" if name == "eval" else ", or its client file (hecompile export-client: no weights)"))
     _add_verify_key(p)
     return p
 
@@ -601,13 +602,13 @@ def _backend(meta):
 
 def cmd_keygen(argv: Sequence[str]) -> int:
     from .backends.protocol import short
-    from .hecfile import load_hec
+    from .clientfile import load_program_or_client
 
     p = _step_parser("keygen", "Generate keys: secret+public for the client, evaluation keys for the server.")
     p.add_argument("--client-dir", required=True)
     p.add_argument("--server-dir", required=True)
     args = p.parse_args(argv)
-    prog, meta = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_program_or_client(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
     be = _backend(meta)
     be.client_keygen(prog, args.client_dir, args.server_dir, meta=meta)
@@ -620,7 +621,7 @@ def cmd_keygen(argv: Sequence[str]) -> int:
 
 def cmd_encrypt(argv: Sequence[str]) -> int:
     from .backends.protocol import client_encrypt
-    from .hecfile import load_hec
+    from .clientfile import load_program_or_client
 
     p = _step_parser("encrypt", "Encrypt an input with the client's keys.")
     p.add_argument("--keys", required=True, help="the client key directory")
@@ -628,9 +629,9 @@ def cmd_encrypt(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", required=True, metavar="X.bundle")
     args = p.parse_args(argv)
     _check_outputs({"-o": args.output}, {"program": args.program, "--input": args.input})
-    prog, meta = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_program_or_client(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
-    io, x = _load_input(prog, meta, args.input)
+    io, x = _load_input(prog, meta, args.input, precheck=hasattr(prog, "weights"))
     client = _backend(meta).open_client(prog, args.keys, meta=meta)
     client_encrypt(prog, client, {io.name: x}).save(args.output)
     return 0
@@ -676,7 +677,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 def cmd_refresh(argv: Sequence[str]) -> int:
     from .backends.protocol import client_refresh
-    from .hecfile import load_hec
+    from .clientfile import load_program_or_client
 
     p = _step_parser("refresh", "Client: answer a refresh request (decrypt and re-encrypt the ciphertexts; "
                                 "the key holder sees these intermediate values).")
@@ -685,7 +686,7 @@ def cmd_refresh(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     _check_outputs({"-o": args.output}, {"program": args.program, "--request": args.request})
-    prog, meta = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_program_or_client(args.program, verify_key=args.verify_key)
     _warn_insecure(prog)
     client = _backend(meta).open_client(prog, args.keys, meta=meta)
     client_refresh(prog, client, args.request, args.keys).save(args.output)
@@ -694,7 +695,7 @@ def cmd_refresh(argv: Sequence[str]) -> int:
 
 def cmd_decrypt(argv: Sequence[str]) -> int:
     from .backends.protocol import client_decrypt
-    from .hecfile import load_hec
+    from .clientfile import load_program_or_client
 
     p = _step_parser("decrypt", "Client: decrypt the encrypted outputs.")
     p.add_argument("--keys", required=True, help="the client key directory")
@@ -702,7 +703,7 @@ def cmd_decrypt(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", metavar="Y.npy|Y.npz")
     args = p.parse_args(argv)
     _check_outputs({"-o": args.output}, {"program": args.program, "--ciphertext": args.ciphertext})
-    prog, meta = load_hec(args.program, verify_key=args.verify_key)
+    prog, meta = load_program_or_client(args.program, verify_key=args.verify_key)
     _check_output_kind(prog, args.output)
     _warn_insecure(prog)
     client = _backend(meta).open_client(prog, args.keys, meta=meta)
@@ -883,7 +884,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
                         "(default: %(default)s)")
     p.add_argument("--worker-memory", default=None, metavar="SIZE",
                    help="memory budget of each worker process, e.g. 2G; a worker above it is stopped and the request "
-                        "gets 503 (default: 1.5x the compile report's prediction + 512M)")
+                        "gets 503 (default: 1.5x what one key set needs, the compile report's prediction or its "
+                        "plaintexts and keys if more, + 512M)")
     p.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                    help="largest ciphertext body (default: twice what the program's inputs or refreshes need)")
     p.add_argument("--max-key-bytes", default=None, metavar="SIZE",
@@ -910,8 +912,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
             raise HecError(f"{flag} {v}: must be positive")
     if args.workers is not None and args.workers < 1:
         raise HecError(f"--workers {args.workers}: must be at least 1")
-    if not args.timeout > 0 or not args.session_ttl > 0:
-        raise HecError("--timeout and --session-ttl must be positive seconds")
+    if not args.timeout > 0 or not args.session_ttl > 0 or not args.log_interval > 0:
+        raise HecError("--timeout, --session-ttl and --log-interval must be positive seconds")
     if not 0 <= args.port <= 65535:
         raise HecError(f"--port {args.port}: not a port number")
     store = args.store or os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),

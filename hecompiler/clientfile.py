@@ -23,8 +23,10 @@ from the client file are accepted by the server holding the ``.hec``), ``hec_dig
 ``backend``, ``target``, ``params``, ``primes``, ``params_fingerprint``, ``galois_steps``,
 ``relin``, ``layouts`` (only the input and output layouts, by id), ``inputs`` / ``outputs``
 (name, shape, layout id, ciphertext value ids, output ``alpha``), ``input_limits``,
-``fidelity`` (the compile report's error estimate), ``refresh`` (``client`` or ``bootstrap``)
-and ``client_round_trips``, ``source_model``, ``insecure_ok``.
+``fidelity`` (the compile report's error estimate), ``refresh`` (``client`` or ``bootstrap``),
+``refreshes`` (how many refresh points the program has: a bootstrapping target's key holder makes
+bootstrapping keys only when there is one) and ``client_round_trips``, ``source_model``,
+``insecure_ok``.
 
 Loading checks everything a server could lie about: the digest (and the signature with
 ``verify_key``), that the parameters are 128-bit secure by the HE standard table (or that the
@@ -61,6 +63,14 @@ MAX_CLIENT_FILE_BYTES = 16 << 20
 _MAX_ELEMENTS = 1 << 27
 
 
+@dataclass(frozen=True)
+class RefreshPoint:
+    """One refresh of the program, as the client sees it: where the program refreshes, with no
+    operand, level or weight.  :attr:`ClientProgram.instrs` is a list of these."""
+
+    op: str = "refresh"
+
+
 @dataclass
 class ClientProgram:
     """The client's view of a compiled program (see the module doc): what ``SealClient`` and the
@@ -76,6 +86,14 @@ class ClientProgram:
     program_digest: str  # the full program's sha256 (protocol.program_sha256 returns it)
     meta: dict = field(default_factory=dict)  # input_limits, fidelity, target, report summary
     source: str = ""  # where it was read from, for messages
+    refreshes: int = 0  # refresh points of the program (client round trips, or bootstraps)
+
+    @property
+    def instrs(self) -> list[RefreshPoint]:
+        """The program's refresh points only, one :class:`RefreshPoint` each, in place of its
+        instructions: what a key holder's keygen may ask of the program (``any(i.op == "refresh"
+        ...)``: whether the server needs bootstrapping keys).  No operand, level or weight."""
+        return [RefreshPoint()] * self.refreshes
 
     @property
     def backend(self) -> str:
@@ -136,6 +154,7 @@ def client_body(prog, meta: Mapping[str, Any] | None, hec_digest: str = "") -> d
         "input_limits": meta.get("input_limits") or {},
         "fidelity": report.get("fidelity"),
         "refresh": refresh,
+        "refreshes": sum(1 for ins in prog.instrs if ins.op == "refresh"),
         "client_round_trips": int(report.get("client_round_trips") or 0) if refresh == "client" else 0,
         "predicted": {k: report.get(k) for k in ("predicted_seconds", "predicted_keygen_seconds",
                                                  "key_upload_bytes", "predicted_network_seconds")},
@@ -310,8 +329,14 @@ def parse_client_file(data: bytes, src: str = "<client file>", verify_key=None) 
             "hec_digest": body.get("hec_digest", ""), "params_fingerprint": body.get("params_fingerprint"),
             "signed": "signature" in doc}
     meta["target"].setdefault("backend", backend)
+    refreshes = body.get("refreshes")
+    if refreshes is None:  # a client file written before the field: one if the program refreshes at all
+        refreshes = 1 if (meta["refresh"] == "bootstrap" or _int(meta["client_round_trips"])
+                          and meta["client_round_trips"] > 0) else 0
+    if not _int(refreshes) or refreshes < 0:
+        _fail(src, "body.refreshes: must be a count")
     cp = ClientProgram(params, tuple(int(q) for q in body["primes"]), layouts, inputs, outputs,
-                       sorted(set(int(s) for s in steps)), bool(body["relin"]), psha, meta, src)
+                       sorted(set(int(s) for s in steps)), bool(body["relin"]), psha, meta, src, int(refreshes))
     from .backends.protocol import params_fingerprint
 
     if body.get("params_fingerprint") != params_fingerprint(cp):

@@ -75,7 +75,9 @@ def test_client_file_is_small_and_holds_no_weight(digits):
 def test_every_client_step_works_from_the_client_file(digits, tmp_path):
     _, hec, out, prog, meta = digits
     cp = load_client_file(out)
-    assert isinstance(cp, ClientProgram) and not hasattr(cp, "weights") and not hasattr(cp, "instrs")
+    assert isinstance(cp, ClientProgram) and not hasattr(cp, "weights") and not hasattr(cp, "linears")
+    # in place of instructions, only where the program refreshes (no operand, level or weight)
+    assert [vars(i) for i in cp.instrs] == [{"op": "refresh"}] * sum(i.op == "refresh" for i in prog.instrs)
     assert P.program_sha256(cp) == P.program_sha256(prog)  # bound to the full program, weights included
     assert P.params_fingerprint(cp) == P.params_fingerprint(prog)
     # keygen from the client file; the server side loads the evaluation keys with the full program
@@ -178,3 +180,38 @@ def test_export_client_cli_errors(digits, tmp_path, capsys):
     assert main(["export-client", str(tmp_path / "nope.hec"), "-o", str(tmp_path / "o.client")]) == 1
     assert "file not found" in capsys.readouterr().err
     assert not (tmp_path / "o.client").exists()
+
+
+def test_the_client_commands_work_from_the_client_file(digits, tmp_path, capsys):
+    """keygen, encrypt, refresh and decrypt take the client file in place of the .hec (only the
+    server's eval needs the program); the answer is the .hec's."""
+    _, hec, cfile, prog, _ = digits
+    d = tmp_path
+    x = np.load(ROOT / "models/digits_test_x.npy")[:1]
+    np.save(d / "x.npy", x)
+    assert main(["keygen", str(cfile), "--client-dir", str(d / "c"), "--server-dir", str(d / "s")]) == 0
+    assert main(["encrypt", str(cfile), "--keys", str(d / "c"), "--input", str(d / "x.npy"), "-o", str(d / "x.b")]) == 0
+    args = ["--input", str(d / "x.b")]
+    for rounds in range(20):
+        assert main(["eval", str(hec), "--keys", str(d / "s"), "--state", str(d / "st.b"), "-o", str(d / "y.b"),
+                     *args]) == 0
+        if (d / "y.b").exists():
+            break
+        assert main(["refresh", str(cfile), "--keys", str(d / "c"), "--request", str(d / "st.b.request"), "-o",
+                     str(d / f"r{rounds}.b")]) == 0
+        args = ["--response", str(d / f"r{rounds}.b")]
+    assert rounds == 5
+    assert main(["decrypt", str(cfile), "--keys", str(d / "c"), "--ciphertext", str(d / "y.b"), "-o",
+                 str(d / "y.npy")]) == 0
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(ROOT / "models/digits_poly.onnx"), providers=["CPUExecutionProvider"])
+    ref = s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
+    y = np.load(d / "y.npy")
+    assert y.shape == ref.shape and np.argmax(y) == np.argmax(ref) and np.abs(y - ref).max() < 1e-4 * np.ptp(ref)
+    # the server's step needs the program: a client file there is refused in one line
+    capsys.readouterr()
+    assert main(["eval", str(cfile), "--keys", str(d / "s"), "--state", str(d / "st2.b"), "-o", str(d / "y2.b"),
+                 "--input", str(d / "x.b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (d / "y2.b").exists()

@@ -140,15 +140,24 @@ class Server:
         self.max_keys = cfg.max_key_bytes or int(1.5 * max(keys, self.key_bytes) + (16 << 20))
         predicted = int(report.get("predicted_memory_bytes") or 0)
         self.predicted_memory = predicted
+        # A worker serving one key set holds the interpreter, the program's encoded plaintexts (kept
+        # across requests, up to the cache budget) and the loaded keys (about 3x their file size at
+        # most, measured); each further key set it keeps loaded costs its keys only, since the
+        # worker's key sets share one plaintext cache (engine.Engine._share_plaintexts).
+        from ..plaintexts import default_cache_bytes
+
+        pt_bytes = min(int((report.get("plaintexts") or {}).get("bytes_all") or 0), default_cache_bytes())
+        self.per_key_set_bytes = max(3 * self.key_bytes, 1)
+        self.one_key_set_bytes = max(predicted, (128 << 20) + pt_bytes + self.per_key_set_bytes)
         if cfg.worker_memory is not None:
             if predicted and cfg.worker_memory < predicted:
                 log.warning("--worker-memory %s is below the %s the compile report predicts per inference: "
                             "requests will likely be stopped", _fmt_bytes(cfg.worker_memory), _fmt_bytes(predicted))
             self.memory_budget = cfg.worker_memory
         else:
-            self.memory_budget = int(1.5 * max(predicted, self.key_bytes)) + (512 << 20)
+            self.memory_budget = int(1.5 * self.one_key_set_bytes) + (512 << 20)
         self.key_cache = cfg.key_sets_per_worker or max(
-            1, min(8, (self.memory_budget - max(predicted, self.key_bytes)) // max(self.key_bytes, 1) + 1))
+            1, min(8, (self.memory_budget - self.one_key_set_bytes) // self.per_key_set_bytes + 1))
         self.store = Store(cfg.store, self.sha)
         if cfg.scheduler:
             self.pool = DaskPool(cfg.scheduler, cfg.program, self.sha, cfg.timeout, self.key_cache,
@@ -399,7 +408,7 @@ class Server:
         for name, size, sha in files:
             fh = hashlib.sha256()
             left = size
-            with open(staged / name, "wb") as f:
+            with os.fdopen(os.open(staged / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 while left:
                     try:
                         chunk = await r.readexactly(min(left, wire.CHUNK))

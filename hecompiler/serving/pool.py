@@ -69,6 +69,8 @@ class _Worker:
         self.peak_rss = 0
         self.jobs = 0
         self.restarts = 0
+        self.key_loads = 0  # by this worker's processes, restarts included
+        self._loads_now = 0  # by its current process
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -81,6 +83,7 @@ class _Worker:
         p.start()
         child.close()
         self.proc, self.conn = p, parent
+        self._loads_now = 0
         deadline = time.monotonic() + self.pool.start_timeout
         while not parent.poll(0.2):
             if not p.is_alive() or time.monotonic() > deadline:
@@ -154,6 +157,9 @@ class _Worker:
                     raise died("while evaluating") from None
                 self.jobs += 1
                 self.peak_rss = max(self.peak_rss, _proc_rss(pid)[1])
+                loads = int(out.get("key_loads", self._loads_now))
+                self.key_loads += max(0, loads - self._loads_now)
+                self._loads_now = loads
                 return out
             if not proc.is_alive():
                 raise died("while evaluating")
@@ -170,7 +176,7 @@ class _Worker:
         cur, peak = _proc_rss(self.proc.pid) if alive else (0, 0)
         self.peak_rss = max(self.peak_rss, peak)
         return {"pid": self.proc.pid if alive else None, "rss_bytes": cur, "peak_rss_bytes": self.peak_rss,
-                "jobs": self.jobs, "restarts": self.restarts}
+                "jobs": self.jobs, "restarts": self.restarts, "key_loads": self.key_loads}
 
 
 class LocalPool:
