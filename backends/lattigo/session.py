@@ -421,11 +421,13 @@ def server_reemit(prog: HEProgram, keys_dir, state, meta=None):
     return P.server_reemit(prog, open_server(prog, keys_dir, meta), state, keys_dir)
 
 
-def _scratch_dir() -> str:
-    """A private directory for the throwaway key set of a one-process run: in RAM (/dev/shm)
-    when the machine has it, so the secret key never reaches a disk; removed after the run."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="hec-lattigo-", dir=base)
+def _scratch_dirs() -> tuple[str, str]:
+    """Private directories for the throwaway key set of a one-process run: the client's (secret
+    key, a few MB) in RAM (/dev/shm) when the machine has it, so the secret key never reaches a
+    disk; the server's evaluation keys (GBs at 128 bits, bootstrapping keys included) on disk, where
+    they do not take the memory the evaluation needs.  Both removed after the run."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="hec-lattigo-client-", dir=shm), tempfile.mkdtemp(prefix="hec-lattigo-server-")
 
 
 def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray], progress: Callable[[int], Any] | None = None,
@@ -434,15 +436,15 @@ def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray], progress: C
     ``stats.phases``.  ``gc_percent`` bounds Go's garbage next to gigabytes of live keys."""
     if gc_percent is not None:
         set_gc_percent(gc_percent)
-    scratch = _scratch_dir()
+    client_dir, server_dir = _scratch_dirs()
     try:
         t0 = time.perf_counter()
-        client_keygen(prog, os.path.join(scratch, "client"), os.path.join(scratch, "server"), meta)
+        client_keygen(prog, os.path.join(client_dir, "client"), os.path.join(server_dir, "server"), meta)
         t1 = time.perf_counter()
-        client = open_client(prog, os.path.join(scratch, "client"), meta)
+        client = open_client(prog, os.path.join(client_dir, "client"), meta)
         cts = client.encrypt_inputs(inputs)
         t2 = time.perf_counter()
-        server = open_server(prog, os.path.join(scratch, "server"), meta)
+        server = open_server(prog, os.path.join(server_dir, "server"), meta)
         t3 = time.perf_counter()
         out_cts, stats = server.run(cts, progress)
         del cts
@@ -454,4 +456,5 @@ def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray], progress: C
         stats.peak_rss_bytes = max(stats.peak_rss_bytes, peak_rss_bytes())
         return outs, stats
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(client_dir, ignore_errors=True)
+        shutil.rmtree(server_dir, ignore_errors=True)
