@@ -363,19 +363,23 @@ def client_program_of(prog, meta: Mapping[str, Any] | None, src: str = "") -> Cl
     return parse_client_file(client_file_bytes(prog, meta), src or "<program>")
 
 
+def _is_zip(spath: str) -> bool:
+    """Whether ``spath`` starts like a zip (a ``.hec``) rather than a client file."""
+    try:
+        with open(spath, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except FileNotFoundError:
+        raise HecFileError(f"{spath}: no such file") from None
+    except OSError as e:
+        raise HecFileError(f"{spath}: cannot read: {e.strerror or e}") from None
+
+
 def load_for_client(path: str | os.PathLike, verify_key=None) -> ClientProgram:
     """What a client step needs from ``path``: a client file, or a ``.hec`` (of which only the client's
     view is kept; the weights are dropped after hashing).  ``verify_key`` checks the signature of
     whichever it is."""
     spath = os.fspath(path)
-    try:
-        with open(spath, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise HecFileError(f"{spath}: no such file") from None
-    except OSError as e:
-        raise HecFileError(f"{spath}: cannot read: {e.strerror or e}") from None
-    if head == b"PK\x03\x04":  # a zip: a .hec
+    if _is_zip(spath):  # a zip: a .hec
         from .hecfile import _load
 
         ld = _load(spath, verify_key)
@@ -390,14 +394,7 @@ def load_program_or_client(path: str | os.PathLike, verify_key=None):
     :func:`hecompiler.inputs.check_input` read the same way).  A client step that needs the
     instructions (the simulator pre-check of ``encrypt``) must skip them for a ClientProgram."""
     spath = os.fspath(path)
-    try:
-        with open(spath, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise HecFileError(f"{spath}: no such file") from None
-    except OSError as e:
-        raise HecFileError(f"{spath}: cannot read: {e.strerror or e}") from None
-    if head == b"PK\x03\x04":
+    if _is_zip(spath):
         from .hecfile import load_hec
 
         return load_hec(spath, verify_key=verify_key)

@@ -32,11 +32,11 @@ from typing import Any
 from ..errors import HecError
 
 
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, bytes (Linux /proc; 0 elsewhere)."""
+def proc_rss(pid: int | str = "self") -> tuple[int, int]:
+    """(current, peak) resident set size of process ``pid``, bytes (Linux /proc; 0 elsewhere)."""
     cur = peak = 0
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     cur = int(line.split()[1]) * 1024
@@ -133,7 +133,7 @@ class Engine:
                 status = 400 if op == "validate" else 500
                 return {"ok": False, "status": status, "error": f"key set {str(job.get('key_set'))[:16]}: {e}"}
             if op == "validate":
-                return {"ok": True, "seconds": time.perf_counter() - t0, "rss": _rss()}
+                return {"ok": True, "seconds": time.perf_counter() - t0, "rss": proc_rss()}
             return self._step(srv, job, label, t0)
         except HecError as e:
             return {"ok": False, "status": 400, "error": str(e)}
@@ -169,7 +169,7 @@ class Engine:
                 "outputs": outs.to_bytes() if outs is not None else None, "seconds": time.perf_counter() - t0,
                 "stats": {k: stats.get(k) for k in ("eval_seconds", "refreshes", "refresh_round_trips",
                                                      "peak_rss_bytes")},
-                "rss": _rss()}
+                "rss": proc_rss()}
 
 
 # =========================================================================== local worker process
@@ -200,7 +200,7 @@ def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int
     except HecError as e:
         conn.send({"ok": False, "status": 500, "error": str(e)})
         return
-    conn.send({"ok": True, "ready": os.getpid(), "rss": _rss()})
+    conn.send({"ok": True, "ready": os.getpid(), "rss": proc_rss()})
     while True:
         try:
             job = conn.recv()

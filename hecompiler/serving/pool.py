@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from ..errors import HecError
+from .engine import proc_rss
 
 
 class PoolError(HecError):
@@ -38,20 +39,6 @@ class PoolError(HecError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def _proc_rss(pid: int) -> tuple[int, int]:
-    cur = peak = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    cur = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return cur, peak
 
 
 def _fmt(n: int) -> str:
@@ -156,7 +143,7 @@ class _Worker:
                 except (EOFError, OSError, ValueError):
                     raise died("while evaluating") from None
                 self.jobs += 1
-                self.peak_rss = max(self.peak_rss, _proc_rss(pid)[1])
+                self.peak_rss = max(self.peak_rss, proc_rss(pid)[1])
                 loads = int(out.get("key_loads", self._loads_now))
                 self.key_loads += max(0, loads - self._loads_now)
                 self._loads_now = loads
@@ -164,7 +151,7 @@ class _Worker:
             if not proc.is_alive():
                 raise died("while evaluating")
             if budget:
-                rss = _proc_rss(pid)[0]
+                rss = proc_rss(pid)[0]
                 self.peak_rss = max(self.peak_rss, rss)
                 if rss > budget:
                     self.kill()
@@ -173,7 +160,7 @@ class _Worker:
 
     def info(self) -> dict:
         alive = self.proc is not None and self.proc.is_alive()
-        cur, peak = _proc_rss(self.proc.pid) if alive else (0, 0)
+        cur, peak = proc_rss(self.proc.pid) if alive else (0, 0)
         self.peak_rss = max(self.peak_rss, peak)
         return {"pid": self.proc.pid if alive else None, "rss_bytes": cur, "peak_rss_bytes": self.peak_rss,
                 "jobs": self.jobs, "restarts": self.restarts, "key_loads": self.key_loads}
