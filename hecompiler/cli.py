@@ -902,6 +902,9 @@ def cmd_serve(argv: Sequence[str]) -> int:
                         "(pip install 'hecompiler[distributed]')")
     p.add_argument("--log-interval", type=float, default=10.0, metavar="S",
                    help="progress lines of long evaluations every S seconds (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, new requests get 503 and evaluations already running get up to S seconds "
+                        "to finish before the workers stop (default: %(default)s)")
     _add_verify_key(p)
     args = p.parse_args(argv)
     if not os.path.exists(args.program):
@@ -914,6 +917,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
         raise HecError(f"--workers {args.workers}: must be at least 1")
     if not args.timeout > 0 or not args.session_ttl > 0 or not args.log_interval > 0:
         raise HecError("--timeout, --session-ttl and --log-interval must be positive seconds")
+    if not args.grace >= 0:
+        raise HecError(f"--grace {args.grace}: must be 0 or more seconds")
     if not 0 <= args.port <= 65535:
         raise HecError(f"--port {args.port}: not a port number")
     store = args.store or os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
@@ -934,7 +939,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
                       max_key_bytes=size("--max-key-bytes", args.max_key_bytes), session_ttl=args.session_ttl,
                       max_sessions=args.max_sessions, max_key_sets=args.max_key_sets,
                       key_sets_per_worker=args.key_sets_per_worker, scheduler=args.scheduler,
-                      verify_key=args.verify_key, log_interval=args.log_interval)
+                      verify_key=args.verify_key, log_interval=args.log_interval, grace=args.grace)
     try:
         import aiohttp  # noqa: F401
     except ImportError:

@@ -105,13 +105,13 @@ class ClientProgram:
     def refresh(self) -> str:
         return str(self.meta.get("refresh", "client"))
 
-    def error_bound(self, reference_range: float) -> float:
-        """The compile report's estimate of the largest absolute error of an output against the
-        original model, for outputs spanning ``reference_range`` (the report states it relative to
-        the output range); 0 when the report has none."""
-        fid = self.meta.get("fidelity") or {}
-        rel = max(float(fid.get("end_to_end_relative_to_range") or 0.0), float(fid.get("relative_to_range") or 0.0))
-        return rel * float(reference_range)
+    def error_bound(self) -> float | None:
+        """The compile report's bound on the largest absolute error of an output against the
+        original model, for inputs like the planning inputs (:mod:`hecompiler.errorbound`); None
+        when the report has none (the fidelity check was skipped)."""
+        b = (self.meta.get("fidelity") or {}).get("error_bound") or {}
+        v = b.get("max_abs_error")
+        return float(v) if v is not None else None
 
 
 # =========================================================================== export

@@ -148,6 +148,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
             fit_refresh_ranges(graph, best, opts.plan, target, probes)
             fidelity = dict(fidelity, note=f"no plan met the tolerance {opts.tolerance:g}: kept the most precise")
     prog = best.prog
+    if fidelity is not None and "skipped" not in fidelity and len(graph.inputs) == 1:
+        fidelity = dict(fidelity, error_bound=report_error_bound(original, graph, prog, model, opts, cost, target))
     if opts.dump_dir and opts.dump_after:
         from .dot import to_dot
         from .fileio import atomic_write_text, makedirs
@@ -222,6 +224,31 @@ def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed:
     if approximated:
         out["rewrite_relative_to_range"] = float(np.abs(ref - orig).max()) / orng
     return out
+
+
+def report_error_bound(original: Graph, graph: Graph, prog: HEProgram, model, opts: CompileOptions,
+                       cost: CostModel | None, target) -> dict[str, Any]:
+    """The report's error bound against the original model (:mod:`hecompiler.errorbound`)."""
+    from .backends.sim import Simulator
+    from .errorbound import PROBES, error_bound, probe_inputs
+
+    name, out = graph.inputs[0].name, graph.outputs[0].name
+    shape = graph.inputs[0].type.shape
+    planning, largest, planned_on = _probes(graph, opts, PROBES // 2)
+    inputs = probe_inputs(planning, largest, planned_on, shape, opts.seed)
+    label = []
+
+    def original_out(x):
+        y, what = _original_output(model, original, x)
+        label.append(what)
+        return y
+
+    def run_noisy(x, seed):
+        return Simulator(prog, cost=cost, noise=True, seed=seed, strict=False, target=target).run({name: x})[0][out]
+
+    b = error_bound(inputs, run_noisy, original_out, planned_on, "")
+    b["reference"] = label[0] if label else ""
+    return b
 
 
 def _original_output(model, original: Graph, x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -541,6 +568,12 @@ def format_report(r: dict[str, Any]) -> str:
                   if "rewrite_relative_to_range" in f else "")
             lines.append(f"  end to end vs {f['original_reference']}: {f['end_to_end_relative_to_range']:.2e} of the "
                          f"output range, argmax {'agrees' if f['end_to_end_argmax_agrees'] else 'DIFFERS'}{rw}")
+        b = f.get("error_bound")
+        if b:
+            lines.append(f"error bound: |output - original model| <= {b['max_abs_error']:.2e} "
+                         f"({b['relative_to_range']:.2e} of the output range): {b['margin']:g}x the largest error of "
+                         f"{b['runs']} simulated runs ({b['inputs']} inputs like the {b['inputs_like']}, "
+                         f"{b['noise_draws']} noise draws each) against {b['reference']}; for inputs like those")
     elif f:
         lines.append(f"fidelity: {f['skipped']}")
     rejected = [cd for cd in r["candidates"] if cd["rejected"].startswith("estimated error")]

@@ -56,6 +56,12 @@ class ServeConfig:
     scheduler: str | None = None
     verify_key: str | None = None
     log_interval: float = 10.0
+    grace: float = 30.0  # seconds running evaluations get to finish on SIGTERM
+
+
+
+#: on shutdown, a session whose last step was answered longer ago than this is not waited for
+SESSION_STEP_GAP = 60.0
 
 
 class HttpError(Exception):
@@ -169,6 +175,9 @@ class Server:
         self.upload_slots = asyncio.Semaphore(2)
         self.locks: dict[str, asyncio.Lock] = {}
         self.closing = False
+        #: sessions of this process waiting for their client's next refresh step -> when the last
+        #: step was answered; on shutdown, the recent ones may still finish (see close)
+        self.open_sessions: dict[str, float] = {}
         self.started = time.time()
         self.counts = {"requests": 0, "answers": 0, "errors": 0}
         self.predicted_seconds = float(report.get("predicted_seconds") or 1.0)
@@ -181,8 +190,26 @@ class Server:
         if n:
             log.info("dropped %d expired session(s) from %s", n, self.store.sessions)
 
-    async def close(self) -> None:
+    def _in_flight(self) -> int:
+        """Evaluations running, plus sessions whose client is between two refresh steps (answered
+        in the last ``SESSION_STEP_GAP`` seconds: one abandoned longer ago does not hold a shutdown)."""
+        now = time.monotonic()
+        recent = sum(now - t < SESSION_STEP_GAP for t in self.open_sessions.values())
+        return (self.gate.running if self.gate else 0) + recent
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Refuse new inferences (503), give the ones already in flight (running, or a session
+        between refresh steps) up to ``grace`` seconds to finish and answer, then stop the
+        workers (what still runs gets a 503; a session's state stays on disk for a restart)."""
         self.closing = True
+        end = time.monotonic() + grace
+        n = self._in_flight()
+        if n and grace > 0:
+            log.info("waiting up to %g s for %d inference(s) in flight (--grace)", grace, n)
+        while self._in_flight() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self._in_flight():
+            log.info("stopping with %d inference(s) in flight after %g s", self._in_flight(), grace)
         await self.pool.close()
 
     async def expiry_loop(self) -> None:
@@ -190,6 +217,9 @@ class Server:
             await asyncio.sleep(30)
             with contextlib.suppress(Exception):
                 self.store.expire_sessions()
+            old = time.monotonic() - self.cfg.session_ttl
+            for sid in [k for k, t in self.open_sessions.items() if t < old]:
+                self.open_sessions.pop(sid, None)
 
     # ------------------------------------------------------------------ helpers
     def _retry_after(self) -> float:
@@ -235,6 +265,8 @@ class Server:
         deadline = time.monotonic() + limit
 
         async def go():
+            if self.closing and job["op"] == "start":  # queued before the shutdown began: not started
+                raise HttpError(503, "the server is shutting down; retry when it is back", 5)
             return await self.pool.run(job, deadline)
 
         try:
@@ -273,7 +305,9 @@ class Server:
             answer, s.done, s.last_kind, s.request_id = res["outputs"], True, "done", ""
             s.expires = time.time() + min(self.cfg.session_ttl, 120.0)
             state = None
+            self.open_sessions.pop(s.sid, None)
         else:
+            self.open_sessions[s.sid] = time.monotonic()
             answer, s.last_kind = res["request"], "refresh"
             s.request_id = str(Bundle.from_bytes(answer, "request").meta.get("request_id", ""))
             s.expires = time.time() + self.cfg.session_ttl
@@ -503,6 +537,7 @@ class Server:
         if self.store.load_session(sid) is None:
             raise HttpError(404, f"unknown session {sid[:16]}")
         self.store.delete_session(sid)
+        self.open_sessions.pop(sid, None)
         self.locks.pop(sid, None)
         return web.json_response({"session": sid, "deleted": True})
 
@@ -516,7 +551,8 @@ class Server:
             self.counts["requests"] += 1
             status = 500
             try:
-                if self.closing and request.path not in ("/health", "/v1/health"):
+                if self.closing and request.path not in ("/health", "/v1/health") and not (
+                        request.method == "POST" and request.match_info.get("sid") in self.open_sessions):
                     raise HttpError(503, "the server is shutting down; retry when it is back", 5)
                 resp = await handler(request)
                 status = resp.status
@@ -602,7 +638,7 @@ async def serve(cfg: ServeConfig, ready=None) -> None:
     finally:
         log.info("shutting down")
         expiry.cancel()
-        await server.close()
+        await server.close(cfg.grace)
         await runner.cleanup()
 
 
