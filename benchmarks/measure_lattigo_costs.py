@@ -75,6 +75,7 @@ OPS = {
     "rotate_hoisted_extra": "cost of each extra rotation in a hoisted batch of 8 ((t8 - t1) / 7)",
     "mul_plain": "ct x pre-encoded plaintext at the same level (no rescale)",
     "mul_plain_encode": "encode a float64 slot vector at the level + ct x pt",
+    "mul_plain_acc": "acc += ct x pre-encoded plaintext, in place (a linear op's accumulation; replaces a mul_plain and an add)",
     "encode": "CKKS encoding of a full float64 slot vector at the level",
     "add": "ct + ct",
     "add_plain": "ct + pre-encoded plaintext",
@@ -167,6 +168,7 @@ def make_cases(p: Any, cl: Any, ev: Any, x: np.ndarray, level: int) -> dict[str,
     pt = ev.encode(x, level=level, scale=float(p.q[level]))
     pt_add = ev.encode(x, level=level, scale=s)
     prod = ev.mul_plain(a, pt)  # scale s * q_level: rescales back to s
+    acc = ev.mul_plain(a, pt)  # the accumulator of mul_plain_acc (grows harmlessly: timing only)
     hoist = list(range(1, HOIST + 1))
 
     def hoisted_extra() -> None:  # timed as a whole, converted below
@@ -176,6 +178,7 @@ def make_cases(p: Any, cl: Any, ev: Any, x: np.ndarray, level: int) -> dict[str,
         "rotate": lambda: ev.rotate(a, 1),
         "rotate_hoisted_extra": hoisted_extra,
         "mul_plain": lambda: ev.mul_plain(a, pt),
+        "mul_plain_acc": lambda: ev.mul_plain_acc(acc, b, pt),
         "mul_plain_encode": lambda: ev.mul_plain(a, x, scale=float(p.q[level])),
         "encode": lambda: ev.encode(x, level=level, scale=s),
         "add": lambda: ev.add(a, b),

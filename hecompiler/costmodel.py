@@ -203,6 +203,14 @@ class CostModel:
         raise HecError(f"cost model: ring degree {n} was not measured (measured: {sorted(self.rings)}); "
                        f"run benchmarks/measure_seal_costs.py")
 
+    def measured(self, op: str, n: int) -> bool:
+        """Whether the table has a measurement of ``op`` at ring degree ``n``."""
+        try:
+            ring = self._ring(n)
+        except HecError:
+            return False
+        return any(t is not None for _, t in ring.get("by_primes", {}).get(_OP_ALIAS.get(op, op), []))
+
     def op_seconds(self, op: str, n: int, primes: int) -> float:
         """Latency of one ``op`` at ring degree ``n`` on a ciphertext with
         ``primes`` primes left (level + 1)."""
@@ -453,9 +461,12 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
             first = min(baby, prog.layouts[lin.in_layout].n_ct)
             rot += (first * model.op_seconds("rotate", n, pin) + (baby - first)
                     * model.op_seconds("rotate_hoisted_extra", n, pin) - baby * model.op_seconds("rotate", n, pin))
+        # products accumulated in place (runtime: mul_plain_add) where the table measured it
+        acc = c.get("acc_adds", 0) if model.measured("mul_plain_acc", n) else 0
         by = {"rotate": rot,
-              "mul_plain": c.get("mul_plain", 0) * model.op_seconds("mul_plain", n, pin),
-              "add": c.get("add", 0) * model.op_seconds("add", n, pin),
+              "mul_plain": ((c.get("mul_plain", 0) - acc) * model.op_seconds("mul_plain", n, pin)
+                            + acc * (model.op_seconds("mul_plain_acc", n, pin) if acc else 0.0)),
+              "add": (c.get("add", 0) - acc) * model.op_seconds("add", n, pin),
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
         enc = (c.get("mul_plain", 0) * (model.op_seconds("encode", n, pin) + model.generation_seconds(n))

@@ -35,11 +35,15 @@ from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
+from .prefetch import Prefetcher, plaintext_order
 from .runtime import LinearPlans, run_linear
 
 
 #: an all-zero plaintext, remembered as such (the product is an encryption of zero)
 _ZERO = object()
+
+#: encoded plaintexts a linear op's prefetch may hold ahead of its evaluation (hecompiler.prefetch)
+PREFETCH_BYTES = 256 * 2**20
 
 
 class ExecutionError(HecError):
@@ -85,7 +89,7 @@ class ExecStats:
 
     op_counts: dict[str, int] = field(default_factory=dict)
     seconds_by_op: dict[str, float] = field(default_factory=dict)
-    encode_seconds: float = 0.0  # measured plaintext generation + encoding (inside seconds_by_op)
+    encode_seconds: float = 0.0  # plaintext generation + encoding the evaluation waited for (inside seconds_by_op)
     plaintexts: int = 0
     plaintexts_reused: int = 0  # served by the executor's plaintext cache (same reference or same content)
     refreshes: int = 0  # ciphertexts refreshed (client-aided or bootstrapped)
@@ -286,10 +290,17 @@ class _LinearAdapter:
     """The primitive interface :func:`run_linear` drives, on a backend, with plaintexts made
     and encoded here and rescaled scales snapped to the plan."""
 
-    def __init__(self, ex: "Executor", stats: ExecStats):
+    def __init__(self, ex: "Executor", stats: ExecStats, pre: Prefetcher | None = None):
         self.ex = ex
         self.p = ex.prim
         self.stats = stats
+        self.pre = pre
+        self._acc = getattr(self.p, "mul_plain_acc", None)
+
+    def _pt(self, ref, level):
+        if self.pre is None:
+            return self.ex._plain(ref, level, self.stats)
+        return self.ex._take(self.pre, ref, level, self.stats)
 
     def rotate(self, ct, step):
         return self.p.rotate(ct, step)
@@ -299,9 +310,19 @@ class _LinearAdapter:
         return many(ct, list(steps)) if many is not None else [self.p.rotate(ct, s) for s in steps]
 
     def mul_plain(self, ct, ref, level):
-        pt = self.ex._plain(ref, level, self.stats)
+        pt = self._pt(ref, level)
         return self.ex.prim.zero(level, self.ex.prim.meta(ct)[1] * ref.scale) if pt is None else \
             self.p.mul_plain(ct, pt)
+
+    def mul_plain_add(self, acc, ct, ref, level):
+        """acc + ct * ref: in place with the backend's ``mul_plain_acc`` (acc is the linear op's own
+        temporary), else a product and an addition."""
+        pt = self._pt(ref, level)
+        if pt is None:
+            return acc
+        if self._acc is not None:
+            return self._acc(acc, ct, pt)
+        return self.p.add(acc, self.p.mul_plain(ct, pt))
 
     def add(self, a, b):
         return self.p.add(a, b)
@@ -310,7 +331,7 @@ class _LinearAdapter:
         return self.ex._snap(self.p.rescale(ct), scale, "linear: rescale")
 
     def add_plain(self, ct, ref, level):
-        pt = self.ex._plain(ref, level, self.stats)
+        pt = self._pt(ref, level)
         return ct if pt is None else self.p.add_plain(ct, pt)
 
     def zero(self, level, scale):
@@ -333,6 +354,10 @@ class Executor:
         self.top = prog.params.top_level
         self.delta = prog.params.scale
         self._observe = getattr(prim, "observe", None)
+        #: threads encoding a linear op's plaintexts ahead of its evaluation (hecompiler.prefetch),
+        #: when the backend's encoder runs beside its evaluator
+        self.encode_threads = int(getattr(prim, "encode_threads", 0) or 0)
+        self._pool = None
 
     # ------------------------------------------------------------------ helpers
     def _plain(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
@@ -353,6 +378,47 @@ class Executor:
                 pt = None
         stats.encode_seconds += time.perf_counter() - t
         return pt
+
+    def _take(self, pre: Prefetcher, ref: PlainRef, level: int, stats: ExecStats) -> Any:
+        """The next prefetched plaintext (``ref`` at ``level``), recorded in the cache and the
+        statistics as :meth:`_plain` would; the time waited for it counts as encode time."""
+        t = time.perf_counter()
+        made = pre.take(ref, level)
+        cache = self.ptcache
+        if made.kind == "ref":
+            cache.ref_hits += 1
+            stats.plaintexts_reused += 1
+        elif made.kind == "content":
+            cache.content_hits += 1
+            cache.link(ref, level, made.pt)
+            stats.plaintexts_reused += 1
+        elif made.kind == "zero":
+            cache.store(ref, level, None, _ZERO, 0)
+        else:
+            cache.store(ref, level, made.key, made.pt, made.nbytes)
+            stats.plaintexts += 1
+        stats.encode_seconds += time.perf_counter() - t
+        return made.pt
+
+    def _prefetcher(self, ins: Instr, plan) -> Prefetcher:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="hec-encode")
+        N = self.prog.params.poly_degree
+
+        def nbytes(level: int) -> int:
+            return N * (level + 1) * 8
+
+        window = max(2, min(256, PREFETCH_BYTES // nbytes(ins.level + 1)))
+        return Prefetcher(plaintext_order(self.prog, ins, plan), self.pf.vector, self.prim.encode,
+                          self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool, window)
+
+    def close(self) -> None:
+        """Stop the encoding threads, if any."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _encode(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
         """Generate and encode ``ref`` at ``level`` (a constant vector as a scalar, an all-zero
@@ -435,7 +501,14 @@ class Executor:
             # the macro's baby-step rotations and accumulators are alive beside the program's values
             held = len(live) + linear_temporaries(lin) + self.prog.layouts[lin.out_layout].n_ct
             stats.peak_live_ciphertexts = max(stats.peak_live_ciphertexts, held)
-            return run_linear(self.prog, ins, args, self.plans.plan(ins.plain.args[0]), _LinearAdapter(self, stats))
+            plan = self.plans.plan(ins.plain.args[0])
+            if not self.encode_threads:
+                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats))
+            pre = self._prefetcher(ins, plan)
+            try:
+                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
+            finally:
+                pre.close()
         if op == "rotate":
             return [p.rotate(args[0], ins.step)]
         if op == "add":

@@ -335,6 +335,9 @@ class Lowering:
             lin.counts["add_plain"] = lout.n_ct
         # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)
         lin.counts["baby_rotations"] = sum(len([b for b in bs if b]) for bs in plan.baby.values())
+        # products added into a giant step's accumulator (all but its first): a backend with an
+        # in-place multiply-add (Lattigo's MulThenAdd) runs each as one op instead of a mul_plain and an add
+        lin.counts["acc_adds"] = sum(len(t) - 1 for gs in plan.giant.values() for t in gs.values())
         # diagonals of one output ciphertext: what a backend holds in memory at once
         lin.counts["block_diagonals"] = max((sum(len(t) for t in gs.values()) for gs in plan.giant.values()),
                                             default=0)

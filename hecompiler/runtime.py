@@ -45,6 +45,7 @@ class Primitives(Protocol):
     def rotate(self, ct: Any, step: int) -> Any: ...
     def rotate_many(self, ct: Any, steps: Sequence[int]) -> list[Any]: ...  # hoisted where the backend can
     def mul_plain(self, ct: Any, ref: PlainRef, level: int) -> Any: ...
+    def mul_plain_add(self, acc: Any, ct: Any, ref: PlainRef, level: int) -> Any: ...  # acc + ct*pt; may update acc
     def add(self, a: Any, b: Any) -> Any: ...
     def rescale(self, ct: Any, scale: float) -> Any: ...
     def add_plain(self, ct: Any, ref: PlainRef, level: int) -> Any: ...
@@ -136,8 +137,9 @@ def _run_tree(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, sc
                 g = by_signed[gs]
                 acc = None
                 for (i, b, d) in groups[g]:
-                    m = prim.mul_plain(baby[(i, b)], PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt), level_in)
-                    acc = m if acc is None else prim.add(acc, m)
+                    ref = PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt)
+                    acc = prim.mul_plain(baby[(i, b)], ref, level_in) if acc is None else \
+                        prim.mul_plain_add(acc, baby[(i, b)], ref, level_in)
                 return acc
 
             total = None
@@ -193,8 +195,9 @@ def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, p
         for g, terms in plan.giant[j].items():
             acc = None
             for (i, b, d) in terms:
-                m = prim.mul_plain(baby[(i, b)], PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt), level_in)
-                acc = m if acc is None else prim.add(acc, m)
+                ref = PlainRef("diag", (lin_id, j, i, d, -g % S), s_pt)
+                acc = prim.mul_plain(baby[(i, b)], ref, level_in) if acc is None else \
+                    prim.mul_plain_add(acc, baby[(i, b)], ref, level_in)
             if g % S:
                 acc = prim.rotate(acc, g)
             total = acc if total is None else prim.add(total, acc)

@@ -180,6 +180,40 @@ def test_encrypt_decrypt_levels_scales(ring, secret):
     close(out[2:], 0, FRESH)
 
 
+@pytest.mark.parametrize("amp", [1.0, 1e-6, 3e4])
+def test_encoding_is_lattigos_bit_for_bit(ring, amp):
+    """The library's encoder (no per-coefficient allocations) gives Lattigo's plaintexts exactly,
+    at every level, for small, ordinary and large values, zeros, short vectors and other scales;
+    and it decodes back."""
+    p, ev = ring["p"], ring["ev"]
+    rng = np.random.default_rng(11)
+    for level in range(p.max_level + 1):
+        v = rng.uniform(-amp, amp, p.slots)
+        v[::7] = 0.0
+        assert ev.encode_matches_lattigo(v, level)
+        assert ev.encode_matches_lattigo(v[: p.slots // 3], level, 2.0 ** 30 * 1.5)
+    assert ev.encode_matches_lattigo(np.zeros(p.slots), 0)
+    # values whose scaled size needs the big-integer path (>= 2^64)
+    assert ev.encode_matches_lattigo(np.full(p.slots, 2.0 ** 30), p.max_level, 2.0 ** 40)
+
+
+def test_encoding_from_threads_while_evaluating(ring):
+    """hl_encode runs beside evaluator calls on other threads (what the executor's prefetch does):
+    every product is right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p, cl, ev = ring["p"], ring["cl"], ring["ev"]
+    x = vec(ring)
+    ct = cl.encrypt(x)
+    ws = [vec(ring) for _ in range(24)]
+    with ThreadPoolExecutor(3) as pool:
+        pts = list(pool.map(lambda w: ev.encode(w, p.max_level), ws))
+        rots = list(pool.map(lambda k: ev.rotate(ct, 1 + k % 3), range(6)))
+    for w, pt in zip(ws, pts):
+        close(cl.decrypt(ev.mul_plain(ct, pt)), x * w, 1e-5)
+    close(cl.decrypt(rots[0]), np.roll(x, -1), FRESH)
+
+
 def test_set_scale_relabels(ring):
     cl = ring["cl"]
     x = vec(ring)
@@ -460,3 +494,24 @@ def test_sparse_slots_rotate_and_bootstrap(tmp_path):
     for out in (ev.bootstrap(ct), *ev.bootstrap_many([ct, ev.drop_level(ct, 0)], workers=2)):
         assert (out.level, out.scale) == (p.max_level, p.default_scale)
         close(cl.decrypt(out), x, BTP)
+
+
+def test_mul_plain_acc_adds_products_in_place(ring):
+    """acc += ct * pt in place (MulThenAdd) equals the product-then-add path, at every level;
+    a wrong scale or level, or acc == ct, raises and leaves acc usable."""
+    p, cl, ev = ring["p"], ring["cl"], ring["ev"]
+    for level in (p.max_level, 1):
+        x, y = vec(ring), vec(ring)
+        cx = ev.drop_level(cl.encrypt(x), level)
+        cy = ev.drop_level(cl.encrypt(y), level)
+        w1, w2 = vec(ring), vec(ring)
+        p1, p2 = ev.encode(w1, level), ev.encode(w2, level)
+        acc = ev.mul_plain(cx, p1)
+        same = ev.mul_plain_acc(acc, cy, p2)
+        assert same is acc and acc.level == level and acc.scale == cx.scale * p.default_scale
+        close(cl.decrypt(acc), x * w1 + y * w2, 1e-5)
+    with pytest.raises(L.LattigoError, match="differ"):
+        ev.mul_plain_acc(acc, acc, p2)
+    with pytest.raises(L.LattigoError, match="scale mismatch"):
+        ev.mul_plain_acc(cx, cy, p2)
+    close(cl.decrypt(acc), x * w1 + y * w2, 1e-5)

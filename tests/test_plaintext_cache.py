@@ -167,3 +167,98 @@ def test_cache_unit():
     c.store(PlainRef("bias", (0, 0), 1.0), 1, None, "b", 60)  # over the budget: not kept
     assert c.bytes == 60 and c.encoded == 2
     assert (c.ref_hits, c.content_hits) == (2, 1)
+
+
+# --------------------------------------------------------------------------- prefetch (hecompiler.prefetch)
+
+class _ThreadedSim(SimPrimitives):
+    """The simulator's primitives with plaintexts made ahead on threads, as Lattigo's are; it
+    records which thread encoded each one."""
+
+    def __init__(self, prog, threads):
+        super().__init__(prog, None, np.random.default_rng(0), True)
+        self.encode_threads = threads
+        self.encoded_on = []
+
+    def encode(self, vec, scale, level):
+        import threading
+
+        self.encoded_on.append(threading.current_thread().name)
+        return super().encode(vec, scale, level)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, None])
+def test_prefetched_plaintexts_give_the_same_run(tiny, cache_bytes):
+    """Plaintexts encoded ahead on other threads: the same outputs (bit for bit in the exact
+    simulator), the same plaintext counts and reuse, across repeated runs and with the cache off;
+    the encodings happen off the evaluation thread."""
+    prog = tiny.prog
+    plain = Executor(prog, SimPrimitives(prog, None, np.random.default_rng(0), True), None,
+                     plaintext_cache_bytes=cache_bytes)
+    prim = _ThreadedSim(prog, 2)
+    pre = Executor(prog, prim, None, plaintext_cache_bytes=cache_bytes)
+    try:
+        for x in tiny.xs:
+            y0, s0 = _sim_run(plain, prog, x)
+            y1, s1 = _sim_run(pre, prog, x)
+            np.testing.assert_array_equal(y0, y1)
+            assert (s1.plaintexts, s1.plaintexts_reused) == (s0.plaintexts, s0.plaintexts_reused)
+        # linear ops' plaintexts are encoded on the pool; only standalone mul_plain/add_plain on the
+        # evaluation thread
+        standalone = sum(i.op in ("mul_plain", "add_plain") for i in prog.instrs) * len(tiny.xs)
+        on_pool = sum(n.startswith("hec-encode") for n in prim.encoded_on)
+        assert on_pool > 0 and len(prim.encoded_on) - on_pool <= standalone
+        assert pre.ptcache.bytes == plain.ptcache.bytes
+    finally:
+        pre.close()
+
+
+def test_plaintext_order_is_the_order_of_use(tiny):
+    """The replay (hecompiler.prefetch.plaintext_order) lists exactly the plaintexts, with their
+    levels, that evaluating each linear op asks for, in order."""
+    from hecompiler.prefetch import plaintext_order
+
+    prog = tiny.prog
+    asked = []
+
+    class Spy(SimPrimitives):
+        def encode(self, vec, scale, level):
+            return super().encode(vec, scale, level)
+
+    ex = Executor(prog, Spy(prog, None, np.random.default_rng(0), True), None, plaintext_cache_bytes=0)
+    orig = ex._plain
+    ex._plain = lambda ref, level, stats: (asked.append((ref, level)), orig(ref, level, stats))[1]
+    _sim_run(ex, prog, tiny.xs[0])
+    want = []
+    for ins in prog.instrs:
+        if ins.op == "linear":
+            want += plaintext_order(prog, ins, ex.plans.plan(ins.plain.args[0]))
+        elif ins.plain is not None and ins.op in ("mul_plain", "add_plain"):
+            want.append((ins.plain, ins.level))
+    assert len(want) > 20 and asked == want
+
+
+def test_prefetch_failure_reaches_the_evaluation(tiny):
+    """An encoding that fails on a worker thread raises in the evaluation, and the executor stays
+    usable."""
+    prog = tiny.prog
+
+    class Failing(_ThreadedSim):
+        fail = True
+
+        def encode(self, vec, scale, level):
+            if self.fail:
+                raise hc.HecError("encoder broke")
+            return super().encode(vec, scale, level)
+
+    prim = Failing(prog, 2)
+    ex = Executor(prog, prim, None, plaintext_cache_bytes=0)
+    try:
+        with pytest.raises(hc.HecError, match="encoder broke"):
+            _sim_run(ex, prog, tiny.xs[0])
+        prim.fail = False
+        y, _ = _sim_run(ex, prog, tiny.xs[0])
+        y0, _ = _sim_run(_sim_executor(prog, 0), prog, tiny.xs[0])
+        np.testing.assert_array_equal(y, y0)
+    finally:
+        ex.close()

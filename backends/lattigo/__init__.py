@@ -131,6 +131,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "hl_add_plain": [_ll, _ll, _pdbl, _ll, _dbl, _pll],
     "hl_mul_plain": [_ll, _ll, _pdbl, _ll, _dbl, _pll],
     "hl_add_plain_pt": [_ll, _ll, _ll, _pll],
+    "hl_mul_plain_acc": [_ll, _ll, _ll, _ll],
     "hl_mul_plain_pt": [_ll, _ll, _ll, _pll],
     "hl_add_const": [_ll, _ll, _dbl, _pll],
     "hl_mul_const": [_ll, _ll, _dbl, _dbl, _pll],
@@ -143,6 +144,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "hl_bootstrap_prepare": [_ll, _int],
     "hl_bootstrap_bias": [_ll, _int, _dbl, _pdbl],
     "hl_debug_panic": [],
+    "hl_debug_encode_matches": [_ll, _pdbl, _ll, _int, _dbl, _pint],
     "hl_set_memory_limit": [_ll, _pll],
 }
 
@@ -581,9 +583,21 @@ class _Session:
         return self._ct("hl_encrypt", _dptr(v), v.size, self._level(level), self._scale(scale), 0)
 
     def encode(self, values: Any, level: int | None = None, scale: float | None = None) -> Plaintext:
+        """Encode a float64 slot vector; callable from several threads at once (each call has an
+        encoder of its own and does not wait for the evaluator)."""
         v = _vec(values, self.params.slots)
         return Plaintext(self.params, _out_handle("hl_encode", self.handle, _dptr(v), v.size,
                                                   self._level(level), self._scale(scale)))
+
+    def encode_matches_lattigo(self, values: Any, level: int | None = None, scale: float | None = None) -> bool:
+        """Whether this library's encoding of ``values`` is Lattigo's Encoder.Encode, coefficient
+        for coefficient (a check for tests: the library encodes without Lattigo's per-coefficient
+        allocations)."""
+        v = _vec(values, self.params.slots)
+        out = C.c_int(0)
+        _call("hl_debug_encode_matches", self.handle, _dptr(v), v.size, self._level(level), self._scale(scale),
+              C.byref(out))
+        return bool(out.value)
 
     def close(self) -> None:
         h, self._h = self._h, 0
@@ -665,6 +679,12 @@ class Evaluator(_Session):
             raise LattigoError("mul_plain: give the plaintext scale")
         v = _vec(values, self.params.slots)
         return self._ct("hl_mul_plain", ct.handle, _dptr(v), v.size, float(scale))
+
+    def mul_plain_acc(self, acc: Ciphertext, ct: Ciphertext, pt: Plaintext) -> Ciphertext:
+        """acc += ct * pt, in place (no product ciphertext); acc's scale must be ct's times pt's.
+        Returns acc."""
+        _call("hl_mul_plain_acc", self.handle, acc.handle, ct.handle, pt.handle)
+        return acc
 
     def add_const(self, ct: Ciphertext, c: float) -> Ciphertext:
         return self._ct("hl_add_const", ct.handle, float(c))

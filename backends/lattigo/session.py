@@ -94,6 +94,16 @@ def _guarded(fn):
 
 # =========================================================================== primitives
 
+def encode_threads() -> int:
+    env = os.environ.get("HECOMPILER_ENCODE_THREADS", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise LattigoBackendError(f"HECOMPILER_ENCODE_THREADS={env!r}: expected a number of threads") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class LattigoPrimitives:
     """The executor's primitives on Lattigo ciphertexts (evaluation keys only); a refresh is a
     bootstrap, run on the spot (several at once on the machine's cores)."""
@@ -107,6 +117,10 @@ class LattigoPrimitives:
         self.ev = ev
         self.slots = params.slots
         self.workers = workers
+        #: Lattigo encodes without the evaluator's lock (an encoder per call) and ctypes releases
+        #: the interpreter's: the executor encodes a linear op's plaintexts ahead on this many
+        #: threads (hecompiler.prefetch); $HECOMPILER_ENCODE_THREADS overrides, 0 turns it off
+        self.encode_threads = encode_threads()
 
     @_guarded
     def meta(self, ct: Ciphertext):
@@ -157,6 +171,10 @@ class LattigoPrimitives:
     @_guarded
     def mul_plain(self, ct, pt):
         return self.ev.mul_plain(ct, pt)
+
+    @_guarded
+    def mul_plain_acc(self, acc, ct, pt):
+        return self.ev.mul_plain_acc(acc, ct, pt)
 
     @_guarded
     def mul(self, a, b):

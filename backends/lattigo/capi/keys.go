@@ -52,6 +52,10 @@ type Session struct {
 	sk      *rlwe.SecretKey
 	pk      *rlwe.PublicKey
 	encoder *ckks.Encoder
+	// encoders are copies of encoder (own buffers) for hl_encode, which runs without mu: a
+	// thread encoding the next plaintexts overlaps the evaluator's work on another core
+	encoders chan *slotEncoder
+	fast     *slotEncoder // encodeFast's buffers for calls under mu
 	encPk   *rlwe.Encryptor
 	encSk   *rlwe.Encryptor
 	dec     *rlwe.Decryptor
@@ -489,7 +493,7 @@ func loadClient(p *Params, dir string) (*Session, error) {
 		return nil, fmt.Errorf("%s: secret.key and public.key belong to different key sets", dir)
 	}
 	s.keysetID, s.sk, s.pk = idS, sk, pk
-	s.encoder = ckks.NewEncoder(p.ckks)
+	s.setEncoder(ckks.NewEncoder(p.ckks))
 	s.encSk = rlwe.NewEncryptor(p.ckks, sk)
 	s.encPk = rlwe.NewEncryptor(p.ckks, pk)
 	s.dec = rlwe.NewDecryptor(p.ckks, sk)
@@ -569,7 +573,7 @@ func loadServer(p *Params, dir string) (*Session, error) {
 	}
 	s.evk = rlwe.NewMemEvaluationKeySet(rlk, gks...)
 	s.eval = ckks.NewEvaluator(p.ckks, s.evk)
-	s.encoder = ckks.NewEncoder(p.ckks)
+	s.setEncoder(ckks.NewEncoder(p.ckks))
 	s.encPk = rlwe.NewEncryptor(p.ckks, pk)
 	return s, nil
 }

@@ -89,8 +89,40 @@ func (s *Session) checkLevel(level int, what string) error {
 	return nil
 }
 
-// encode puts vals (at most slots values, zero padded) at level with exactly scale.
+// maxEncoders bounds the encoder copies kept for hl_encode (each holds buffers of a few MB;
+// a sync.Pool would drop them at every garbage collection and make new ones)
+const maxEncoders = 8
+
+func (s *Session) setEncoder(e *ckks.Encoder) {
+	s.encoder = e
+	s.encoders = make(chan *slotEncoder, maxEncoders)
+	s.fast = s.newSlotEncoder()
+}
+
+func (s *Session) getEncoder() *slotEncoder {
+	select {
+	case e := <-s.encoders:
+		return e
+	default:
+		return s.newSlotEncoder()
+	}
+}
+
+func (s *Session) putEncoder(e *slotEncoder) {
+	select {
+	case s.encoders <- e:
+	default:
+	}
+}
+
+// encode puts vals (at most slots values, zero padded) at level with exactly scale, with the
+// session's encoder (callers hold mu).
 func (s *Session) encode(vals []float64, level int, scale float64) (*rlwe.Plaintext, error) {
+	return s.encodeWith(s.fast, vals, level, scale)
+}
+
+// encodeWith encodes with e (encodeFast), or with Lattigo's own Encoder.Encode when e is nil.
+func (s *Session) encodeWith(e *slotEncoder, vals []float64, level int, scale float64) (*rlwe.Plaintext, error) {
 	if err := s.checkLevel(level, "level"); err != nil {
 		return nil, err
 	}
@@ -108,7 +140,13 @@ func (s *Session) encode(vals []float64, level int, scale float64) (*rlwe.Plaint
 	pt := ckks.NewPlaintext(s.p.ckks, level)
 	setScale(pt.MetaData, scale)
 	pt.LogDimensions = ring.Dimensions{Rows: 0, Cols: s.p.logSlots}
-	if err := s.encoder.Encode(vals, pt); err != nil {
+	var err error
+	if e != nil {
+		err = e.encodeFast(s.p.ckks, vals, pt)
+	} else {
+		err = s.encoder.Encode(vals, pt)
+	}
+	if err != nil {
 		return nil, err
 	}
 	return pt, nil
@@ -140,10 +178,19 @@ func (s *Session) needServer(op string) error {
 	return nil
 }
 
+// hl_encode needs no session lock: it encodes with an encoder of its own from the pool, so
+// callers may encode on one thread while another evaluates.
+//
 //export hl_encode
 func hl_encode(sh C.longlong, vals *C.double, n C.longlong, level C.int, scale C.double, out *C.longlong) *C.char {
-	return sessionOp("encode", sh, func(s *Session) error {
-		pt, err := s.encode(float64s(vals, n), int(level), float64(scale))
+	return guard("encode", func() error {
+		s, err := getSession(sh)
+		if err != nil {
+			return err
+		}
+		enc := s.getEncoder()
+		defer s.putEncoder(enc)
+		pt, err := s.encodeWith(enc, float64s(vals, n), int(level), float64(scale))
 		if err != nil {
 			return err
 		}
@@ -617,6 +664,43 @@ func hl_mul_plain_pt(sh, ch, ph C.longlong, out *C.longlong) *C.char {
 		}
 		setScale(res.MetaData, scaleOf(ct)*pt.Scale.Float64())
 		s.newCt(res, out)
+		return nil
+	})
+}
+
+// hl_mul_plain_acc adds ct * pt into acc in place (Lattigo's MulThenAdd: no product ciphertext
+// is allocated, and the products of a linear op's giant step accumulate with lazy reduction):
+// acc, ct and pt at one level, acc's scale ct's times pt's.
+//
+//export hl_mul_plain_acc
+func hl_mul_plain_acc(sh, ah, ch, ph C.longlong) *C.char {
+	return sessionOp("mul_plain_acc", sh, func(s *Session) error {
+		ct, pt, err := s.ctPt(ch, ph)
+		if err != nil {
+			return err
+		}
+		acc, err := s.ctArg(ah, "accumulator")
+		if err != nil {
+			return err
+		}
+		if acc == ct {
+			return fmt.Errorf("the accumulator must differ from the multiplied ciphertext")
+		}
+		if acc.Level() != ct.Level() || acc.Degree() != 1 {
+			return fmt.Errorf("accumulator at level %d (degree %d), ciphertext at level %d", acc.Level(), acc.Degree(), ct.Level())
+		}
+		want := scaleOf(ct) * pt.Scale.Float64()
+		if !sameScale(scaleOf(acc), want) {
+			return fmt.Errorf("scale mismatch: accumulator %v, product %v", scaleOf(acc), want)
+		}
+		// MulThenAdd compares scales exactly (big.Float): label the accumulator with the exact
+		// product for the call, then with its float64 value again, as every result here is
+		acc.Scale = ct.Scale.Mul(pt.Scale)
+		if err := s.eval.MulThenAdd(ct, pt, acc); err != nil {
+			setScale(acc.MetaData, want)
+			return err
+		}
+		setScale(acc.MetaData, want)
 		return nil
 	})
 }

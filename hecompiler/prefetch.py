@@ -1,0 +1,203 @@
+"""Plaintexts of a linear op made ahead of use, on other threads.
+
+Encoding a diagonal (an inverse FFT and one NTT per prime) costs more than the ct-pt
+multiplication that uses it: on Lattigo at N=2^16 it was over half of a ResNet-20's inference.
+The executor evaluates on one thread, so on a machine with more cores a backend whose encoder
+releases the interpreter lock (``Primitives.encode_threads > 0``; Lattigo's ``hl_encode`` has an
+encoder of its own per call) gets the plaintexts of each linear op made ahead:
+
+* :func:`plaintext_order` replays the op's evaluation (:func:`hecompiler.runtime.run_linear`,
+  the code that runs it) on placeholders and records every plaintext it will ask for, in order;
+* a :class:`Prefetcher` walks that list on a producer thread (slot vector, all-zero and constant
+  checks, the cache by reference and by content, duplicates within the op) and hands the
+  encodings to a pool of ``encode_threads`` threads, at most ``window`` plaintexts ahead of the
+  evaluation (the memory they hold is bounded: ``window`` encoded plaintexts);
+* the evaluation takes them in the same order (:meth:`Prefetcher.take`); what it waits is the
+  encoding the other cores did not hide, which the executor reports as encode time.
+
+The cache is only read off the evaluation thread; the evaluation thread stores what it takes.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .heprog import HEProgram, Instr, PlainRef
+from .linear import BsgsPlan
+from .runtime import run_linear
+
+
+class _Slot:
+    """A placeholder ciphertext of the replay."""
+
+    __slots__ = ()
+
+
+_CT = _Slot()
+
+
+class _Recorder:
+    """The primitive interface of :func:`run_linear`, recording the plaintexts asked for."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[PlainRef, int]] = []
+
+    def rotate(self, ct, step):
+        return _CT
+
+    def rotate_many(self, ct, steps):
+        return [_CT for _ in steps]
+
+    def mul_plain(self, ct, ref, level):
+        self.order.append((ref, level))
+        return _CT
+
+    def mul_plain_add(self, acc, ct, ref, level):
+        self.order.append((ref, level))
+        return _CT
+
+    def add(self, a, b):
+        return _CT
+
+    def rescale(self, ct, scale):
+        return _CT
+
+    def add_plain(self, ct, ref, level):
+        self.order.append((ref, level))
+        return _CT
+
+    def zero(self, level, scale):
+        return _CT
+
+
+def plaintext_order(prog: HEProgram, ins: Instr, plan: BsgsPlan) -> list[tuple[PlainRef, int]]:
+    """Every (plaintext, level) the linear instruction ``ins`` asks for, in the order it asks."""
+    rec = _Recorder()
+    run_linear(prog, ins, [_CT] * len(ins.args), plan, rec)
+    return rec.order
+
+
+@dataclass
+class Made:
+    """One prefetched plaintext: ``pt`` (None: all zero), and what the evaluation thread records
+    when it takes it (``kind``: ``"ref"`` / ``"content"`` cache hit, ``"encoded"``; the cache
+    key and size of a new encoding)."""
+
+    pt: Any
+    kind: str
+    key: tuple | None = None
+    nbytes: int = 0
+
+
+class Prefetcher:
+    """Makes ``order``'s plaintexts ahead of use (see the module doc).  ``vector(ref)`` gives a slot
+    vector, ``encode(vec, scale, level)`` / ``encode_scalar(value, scale, level)`` encode it
+    (called on the pool's threads), ``cache`` is the executor's
+    :class:`~hecompiler.plaintexts.PlaintextCache`, ``zero`` its all-zero marker."""
+
+    def __init__(self, order: Sequence[tuple[PlainRef, int]], vector: Callable[[PlainRef], np.ndarray],
+                 encode: Callable, encode_scalar: Callable, cache, zero: Any, nbytes: Callable[[int], int],
+                 pool: ThreadPoolExecutor, window: int):
+        self.order = list(order)
+        self._vector = vector
+        self._encode = encode
+        self._encode_scalar = encode_scalar
+        self._cache = cache
+        self._zero = zero
+        self._nbytes = nbytes
+        self._pool = pool
+        self._futures: list[Future | None] = [None] * len(self.order)
+        self._ready = threading.Condition()
+        self._room = threading.Semaphore(max(1, window))
+        self._stop = False
+        self._error: BaseException | None = None
+        self._next = 0
+        self._thread = threading.Thread(target=self._produce, name="hec-plaintexts", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- producer thread
+    def _produce(self) -> None:
+        # content key -> (position, its encoding) of the plaintexts not yet taken: a duplicate
+        # within the window shares the encoding; once taken, the cache has it (or, past its
+        # budget, it is made again, as without prefetching): held plaintexts stay within the window
+        inflight: dict[tuple, tuple[int, Future]] = {}
+        try:
+            for k, (ref, level) in enumerate(self.order):
+                self._room.acquire()
+                if self._stop:
+                    return
+                if len(inflight) > 16:
+                    taken = self._next
+                    for key in [key for key, (i, _) in inflight.items() if i < taken]:
+                        del inflight[key]
+                fut = self._submit(k, ref, level, inflight)
+                with self._ready:
+                    self._futures[k] = fut
+                    self._ready.notify_all()
+        except BaseException as e:  # handed to the evaluation thread by take()
+            with self._ready:
+                self._error = e
+                self._ready.notify_all()
+
+    def _submit(self, k: int, ref: PlainRef, level: int, inflight: dict) -> Future:
+        cache = self._cache
+        pt = cache._by_ref.get((ref, level))
+        if pt is not None:
+            return _done(Made(None if pt is self._zero else pt, "ref"))
+        vec = self._vector(ref)
+        if not np.any(vec):
+            return _done(Made(None, "zero"))
+        if np.all(vec == vec[0]):  # a constant: no FFT
+            return self._pool.submit(lambda: Made(self._encode_scalar(float(vec[0]), ref.scale, level), "encoded",
+                                                  None, self._nbytes(level)))
+        key = cache.content_key(vec, level, ref.scale)
+        pt = cache._by_content.get(key)
+        if pt is not None:
+            return _done(Made(pt, "content", key))
+        if key in inflight and inflight[key][0] >= self._next:
+            first = inflight[key][1]
+            return self._pool.submit(lambda: Made(first.result().pt, "content", key))
+        fut = self._pool.submit(lambda: Made(self._encode(vec, ref.scale, level), "encoded", key,
+                                             self._nbytes(level)))
+        inflight[key] = (k, fut)
+        return fut
+
+    # ---------------------------------------------------------------- evaluation thread
+    def take(self, ref: PlainRef, level: int) -> Made:
+        """The next plaintext, which must be ``(ref, level)``; waits for it."""
+        k = self._next
+        if k >= len(self.order) or self.order[k] != (ref, level):
+            raise RuntimeError(f"plaintext {ref} at level {level} asked out of the recorded order "
+                               f"(expected {self.order[k] if k < len(self.order) else 'none'})")
+        with self._ready:
+            while self._futures[k] is None and self._error is None:
+                self._ready.wait()
+            if self._error is not None and self._futures[k] is None:
+                raise self._error
+            fut = self._futures[k]
+        made = fut.result()
+        self._futures[k] = None
+        self._next = k + 1
+        self._room.release()
+        return made
+
+    def close(self) -> None:
+        """Stop making plaintexts (after the op, or when it failed) and wait for the producer."""
+        self._stop = True
+        for _ in range(len(self.order) + 1):
+            self._room.release()
+        self._thread.join()
+        for f in self._futures:
+            if f is not None:
+                f.cancel()
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
