@@ -462,7 +462,8 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
             rot += (first * model.op_seconds("rotate", n, pin) + (baby - first)
                     * model.op_seconds("rotate_hoisted_extra", n, pin) - baby * model.op_seconds("rotate", n, pin))
         # products accumulated in place (runtime: mul_plain_add) where the table measured it
-        acc = c.get("acc_adds", 0) if model.measured("mul_plain_acc", n) else 0
+        measured = getattr(model, "measured", None)  # a duck-typed model may not say
+        acc = c.get("acc_adds", 0) if measured is not None and measured("mul_plain_acc", n) else 0
         by = {"rotate": rot,
               "mul_plain": ((c.get("mul_plain", 0) - acc) * model.op_seconds("mul_plain", n, pin)
                             + acc * (model.op_seconds("mul_plain_acc", n, pin) if acc else 0.0)),
