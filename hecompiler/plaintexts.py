@@ -139,6 +139,14 @@ class PlaintextCache:
             self.ref_hits += 1
         return pt
 
+    def peek_ref(self, ref: PlainRef, level: int):
+        """What :meth:`lookup_ref` gives, without counting a hit (a prefetch looking ahead)."""
+        return self._by_ref.get((ref, level))
+
+    def peek_content(self, key: tuple):
+        """What :meth:`lookup_content` gives, without counting a hit."""
+        return self._by_content.get(key)
+
     def lookup_content(self, key: tuple):
         pt = self._by_content.get(key)
         if pt is not None:

@@ -146,7 +146,7 @@ class Prefetcher:
 
     def _submit(self, k: int, ref: PlainRef, level: int, inflight: dict) -> Future:
         cache = self._cache
-        pt = cache._by_ref.get((ref, level))
+        pt = cache.peek_ref(ref, level)
         if pt is not None:
             return _done(Made(None if pt is self._zero else pt, "ref"))
         vec = self._vector(ref)
@@ -156,7 +156,7 @@ class Prefetcher:
             return self._pool.submit(lambda: Made(self._encode_scalar(float(vec[0]), ref.scale, level), "encoded",
                                                   None, self._nbytes(level)))
         key = cache.content_key(vec, level, ref.scale)
-        pt = cache._by_content.get(key)
+        pt = cache.peek_content(key)
         if pt is not None:
             return _done(Made(pt, "content", key))
         if key in inflight and inflight[key][0] >= self._next:

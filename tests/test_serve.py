@@ -54,6 +54,18 @@ def serving(hec, store, *flags, env=None):
         proc.stdout.close()
 
 
+def wait_running(url: str, seconds: float = 5.0) -> dict:
+    """/health once a worker is evaluating a request (fails after ``seconds``)."""
+    end = time.monotonic() + seconds
+    while True:
+        h = json.loads(request(url, "GET", "/health")[2])
+        if h["queue"]["running"] or time.monotonic() > end:
+            break
+        time.sleep(0.005)
+    assert h["queue"]["running"], "never saw the request running"
+    return h
+
+
 def _readline(proc, timeout: float) -> str:
     out: list[str] = []
     t = threading.Thread(target=lambda: out.append(proc.stdout.readline().decode()), daemon=True)
@@ -413,12 +425,7 @@ def test_state_survives_a_restart_and_an_in_flight_request_gets_a_clear_error(pr
 
         t = threading.Thread(target=run)
         t.start()
-        for _ in range(400):  # until a worker is evaluating it
-            h2 = json.loads(request(url, "GET", "/health")[2])
-            if h2["queue"]["running"]:
-                break
-            time.sleep(0.01)
-        assert h2["queue"]["running"], "never saw the request running"
+        h2 = wait_running(url)
         worker_pids = [w["pid"] for w in h2["pool"]["workers"] if w["pid"]]
         assert worker_pids
         proc.kill()  # SIGKILL: no goodbye
@@ -473,12 +480,7 @@ def test_sigterm_lets_a_running_evaluation_finish_and_refuses_new_ones(programs,
 
             t = threading.Thread(target=run)
             t.start()
-            for _ in range(1000):  # until the worker is evaluating it
-                h = json.loads(request(url, "GET", "/health")[2])
-                if h["queue"]["running"]:
-                    break
-                time.sleep(0.005)
-            assert h["queue"]["running"], "never saw the request running"
+            wait_running(url)
             t_term = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             for _ in range(200):
