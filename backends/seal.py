@@ -79,6 +79,10 @@ class SealBackendError(BackendError):
 def make_context(prog: HEProgram) -> CkksContext:
     """The SEAL context of ``prog.params``; its data primes must be ``prog.primes``."""
     p = prog.params
+    if p.log_slots is not None:
+        raise SealBackendError(f"the program packs its ciphertexts sparsely ({p.slots} of the {p.poly_degree // 2} "
+                               f"slots, for a cheaper bootstrap): SEAL runs full ciphertexts only; run it with the "
+                               f"backend it was compiled for (hecompile inspect shows the target)")
     try:
         ctx = CkksContext(CkksParams(p.poly_degree, tuple(p.coeff_bits), p.security))
     except (SealError, ValueError) as e:

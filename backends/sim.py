@@ -243,16 +243,38 @@ class Simulator:
 
     def run(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], ExecStats]:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported per value
-            return self._run(inputs, progress)
+            return self._run(inputs, progress, batch=None)
 
-    def _run(self, inputs, progress):
+    def run_batch(self, inputs: dict[str, np.ndarray], progress=None) -> tuple[dict[str, np.ndarray], ExecStats]:
+        """Run ``B`` inputs at once: each named input is an array ``(B, *shape)``, each output comes
+        back as ``(B, *shape)``.  Every ciphertext's slot vector becomes a ``(B, slots)`` array, so
+        one pass over the program does the work of ``B`` runs (the compile-time checks run a
+        program on many inputs).  Rows get independent noise draws; the statistics (modulus use,
+        refresh peaks) are the largest over the rows, as ``B`` separate runs would report them."""
+        sizes = {len(v) for v in inputs.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise HecError(f"run_batch: the inputs have different batch sizes {sorted(sizes)}" if len(sizes) > 1
+                           else "run_batch: give each input as a non-empty batch (B, *shape)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._run(inputs, progress, batch=sizes.pop())
+
+    def _run(self, inputs, progress, batch):
         prog = self.prog
         ex = Executor(prog, self.prim, self.cost)
-        cts = {v: self.prim.fresh(row) for v, row in pack_inputs(prog, inputs).items()}
+        if batch is None:
+            packed = pack_inputs(prog, inputs)
+        else:
+            rows = [pack_inputs(prog, {k: v[b] for k, v in inputs.items()}) for b in range(batch)]
+            packed = {v: np.stack([r[v] for r in rows]) for v in rows[0]}
+        cts = {v: self.prim.fresh(row) for v, row in packed.items()}
         out_cts, stats = ex.run_all(cts, progress=progress)
         outs = {}
         for io in prog.outputs:
             lay = prog.layouts[io.layout]
-            packed = np.stack([out_cts[v].vec for v in io.values])
-            outs[io.name] = (lay.unpack(packed) * io.alpha).reshape(io.shape)
+            packed = np.stack([np.broadcast_to(out_cts[v].vec, (self.prim.S,) if batch is None else (batch, self.prim.S))
+                               for v in io.values], axis=-2)  # (..., n_ct, slots)
+            if batch is None:
+                outs[io.name] = (lay.unpack(packed) * io.alpha).reshape(io.shape)
+            else:
+                outs[io.name] = np.stack([(lay.unpack(p) * io.alpha).reshape(io.shape) for p in packed])
         return outs, stats

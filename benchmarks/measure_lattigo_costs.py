@@ -376,21 +376,18 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     log("  noise (std x scale): " + ", ".join(f"{k} {v:.3g}" for k, v in noise.items() if isinstance(v, float)))
 
     boots = []
+    sparse = [ls for ls in btp_log_slots if ls is not None and ls != p.log_slots]
     if p.bootstrap is not None and ev.has_bootstrap:
-        for ls in btp_log_slots:
-            if ls is None or ls == p.log_slots:
-                boots.append(measure_bootstrap(p, cl, ev, rng, reps=3, log=log))
-                continue
-            lit2 = literal_for(name, ls)
-            p2 = L.LattigoParams(lit2)
-            keys2 = work / f"keys_{ls}"
-            run_keygen(p2.literal, keys2, log)
-            cl2, ev2 = L.Client(p2, keys2 / "client"), L.Evaluator(p2, keys2 / "server")
-            boots.append(measure_bootstrap(p2, cl2, ev2, rng, reps=3, log=log))
-            cl2.close()
-            ev2.close()
-            L.free_os_memory()
+        boots.append(measure_bootstrap(p, cl, ev, rng, reps=3, log=log))
         errors["bootstrap"] = boots[0]["error_max_abs_le_1"]
+    server_peak = peak_rss_bytes()
+    go_mem = L.go_memory()
+    if sparse:  # one bootstrapping key set in memory at a time: the full set's goes first
+        cl.close()
+        ev.close()
+        L.free_os_memory()
+        for ls in sparse:
+            boots.append(measure_sparse_bootstrap(name, ls, work, rng, log))
 
     rot0 = rows[0]["ops_s"]["rotate"]
     b = p.bootstrap
@@ -407,14 +404,48 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
             "q_bits": [round(math.log2(q), 2) for q in b.q], "p_bits": [round(math.log2(q), 2) for q in b.p]},
         "keygen": {"seconds": kg["seconds"], "wall_s": kg["wall_s"], "cpu_s": kg["cpu_s"],
                    "peak_rss_bytes": kg["peak_rss_bytes"], "galois_steps": kg["steps"]},
-        "server_load_s": load_s, "server_peak_rss_bytes": peak_rss_bytes(), "bootstrapper": bootstrapper,
+        "server_load_s": load_s, "server_peak_rss_bytes": server_peak, "bootstrapper": bootstrapper,
         "key_bytes": key_bytes,
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,
         "errors": errors, "noise": noise, "bootstrap": boots,
         "plaintext_generation_s": measure_plaintext_generation(p.n, log),
-        "go_memory": L.go_memory(),
+        "go_memory": go_mem,
     }
+
+
+def measure_sparse_bootstrap(name: str, log_slots: int, work: pathlib.Path, rng: np.random.Generator,
+                             log: Callable[[str], None]) -> dict[str, Any]:
+    """The set bootstrapping ``2^log_slots`` slots (a program whose ciphertexts use that many):
+    its own keys (generated in a child, then loaded), what its bootstrapping evaluator adds to
+    the server, and its bootstrap (:func:`measure_bootstrap`).  The entry carries its own
+    ``key_bytes`` and ``bootstrapper``: fewer slots need other CoeffsToSlots/SlotsToCoeffs
+    rotations and smaller matrices."""
+    p = L.LattigoParams(literal_for(name, log_slots))
+    keys = work / f"keys_{log_slots}"
+    kg = run_keygen(p.literal, keys, log)
+    L.free_os_memory()
+    cl, ev = L.Client(p, keys / "client"), L.Evaluator(p, keys / "server")
+    try:
+        L.free_os_memory()
+        heap0, rss1 = L.go_memory().get("heap_inuse", 0), rss_bytes()
+        t0 = time.perf_counter()
+        ev.prepare_bootstrap(1)
+        build_s = time.perf_counter() - t0
+        L.free_os_memory()
+        bootstrapper = {"build_s": build_s, "heap_bytes": max(0, L.go_memory().get("heap_inuse", 0) - heap0),
+                        "rss_bytes": max(0, rss_bytes() - rss1)}
+        log(f"  2^{log_slots} slots: bootstrapper built in {build_s:.1f}s "
+            f"(+{bootstrapper['heap_bytes'] / 2**20:.0f} MiB Go heap)")
+        res = measure_bootstrap(p, cl, ev, rng, reps=3, log=log)
+    finally:
+        cl.close()
+        ev.close()
+        L.free_os_memory()
+    res["key_bytes"] = {f.name: f.stat().st_size for f in sorted((keys / "server").iterdir())}
+    res["bootstrapper"] = bootstrapper
+    res["keygen_seconds"] = kg["seconds"]
+    return res
 
 
 def machine_info() -> dict[str, Any]:
@@ -492,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=pathlib.Path, default=None, help="where keys go (default: a temp dir, removed)")
     ap.add_argument("--gogc", type=int, default=None,
                     help="Go GC percent (default: 20 for the secure sets, whose keys take GBs, else Go's 100)")
+    ap.add_argument("--add-to", type=pathlib.Path, default=None, metavar="TABLE",
+                    help="measure only the --btp-log-slots bootstraps (each with its own keys) and add them to the "
+                         "bootstrap list of this existing table of the same set (replacing entries of those slot counts)")
     ap.add_argument("--keygen-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keys", help=argparse.SUPPRESS)
     ap.add_argument("--literal", help=argparse.SUPPRESS)
@@ -521,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
+    if args.add_to is not None:
+        return add_bootstraps(args, extra, log, t_start)
     with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
         work = args.workdir or pathlib.Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -541,6 +577,40 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(ring)
     write_json_atomic(out, result)
     print(f"\nwrote {out} ({result['wall_s']} s)")
+    return 0
+
+
+def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: float) -> int:
+    """``--add-to TABLE``: the sparse bootstraps measured and merged into an existing table."""
+    try:
+        data = json.loads(args.add_to.read_text())
+        ring = data["rings"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise SystemExit(f"--add-to {args.add_to}: not a cost table ({type(e).__name__}: {e})")
+    if ring.get("set") != args.set:
+        raise SystemExit(f"--add-to {args.add_to}: a table of set {ring.get('set')!r}, not {args.set!r}")
+    full = ring.get("log_slots")
+    extra = [ls for ls in extra if ls != full]
+    if not extra:
+        raise SystemExit("--add-to needs --btp-log-slots with slot counts below the set's own")
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
+        work = args.workdir or pathlib.Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        new = [measure_sparse_bootstrap(args.set, ls, work, rng, log) for ls in extra]
+    keep = [b for b in ring.get("bootstrap", []) if b.get("log_slots") not in set(extra)]
+    ring["bootstrap"] = sorted(keep + new, key=lambda b: -b["log_slots"])
+    cmd = " ".join(["benchmarks/measure_lattigo_costs.py"] + sys.argv[1:])
+    data.setdefault("added", []).append({
+        "command": cmd, "log_slots": extra, "wall_s": round(time.perf_counter() - t_start, 1),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "machine": machine_info()})
+    write_json_atomic(args.add_to, data)
+    for b in new:
+        log(f"bootstrap 2^{b['log_slots']} slots: {b['wall_s']:.2f}s wall; keys "
+            f"{b['key_bytes'].get('bootstrap.key', 0) / 2**30:.2f} GiB; bootstrapper "
+            f"{b['bootstrapper']['heap_bytes'] / 2**30:.2f} GiB")
+    print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
     return 0
 
 

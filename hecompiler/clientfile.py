@@ -210,6 +210,8 @@ def _check_params(src: str, body: dict) -> Params:
         _fail(src, f"body.params.coeff_bits: {list(params.coeff_bits)} is not a modulus chain")
     if not 10 <= params.scale_bits <= 60:
         _fail(src, f"body.params.scale_bits: {params.scale_bits} out of range")
+    if params.log_slots is not None and not 1 <= params.log_slots < params.poly_degree.bit_length() - 2:
+        _fail(src, f"body.params.log_slots: {params.log_slots} out of range for N={params.poly_degree}")
     total = sum(params.coeff_bits)
     if params.security in HE_STANDARD_MAX_BITS:
         limit = HE_STANDARD_MAX_BITS[params.security].get(params.poly_degree)

@@ -135,13 +135,19 @@ class RefreshCost:
     def reserved_bits(self, scale_bits: int) -> int:
         return self.circuit.reserved_bits(scale_bits) if self.bootstraps and self.reserve else 0
 
-    def describe(self, n: int | None = None, top_primes: int | None = None, model: "CostModel | None" = None) -> str:
+    def describe(self, n: int | None = None, top_primes: int | None = None, model: "CostModel | None" = None,
+                 slots: int | None = None) -> str:
         if not self.bootstraps:
             return (f"client-aided re-encryption (round trip {self.round_trip_s * 1e3:g} ms per batch, "
                     f"{self.bandwidth_bytes_per_s * 8 / 1e9:g} Gbit/s)")
         c = self.circuit
         if not self.reserve and self.bootstrap_s is not None:
-            return f"bootstrap (non-interactive): {self.bootstrap_s:.2f} s per ciphertext, measured on the target backend"
+            one = self.bootstrap_s
+            sparse = ""
+            if model is not None and n is not None and slots is not None and slots != n // 2:
+                one = model.bootstrap_rates(n, slots)[0] or one
+                sparse = f" of {slots} slots (sparse packing: its own keys)"
+            return f"bootstrap (non-interactive){sparse}: {one:.2f} s per ciphertext, measured on the target backend"
         if self.bootstrap_s is not None:
             price = f"{self.bootstrap_s:g} s per ciphertext (given)"
         elif model is not None and n is not None and top_primes is not None:
@@ -173,6 +179,17 @@ class CostModel:
     def lattigo(self) -> bool:
         """A Lattigo table (backends/lattigo's measurement): hoisted rotations, its key sizes."""
         return str(self.table.get("schema", "")).startswith("hecompiler.cost_lattigo")
+
+    @property
+    def encode_cores(self) -> int:
+        """Cores a linear op's plaintexts are encoded on while the evaluation runs (Lattigo's
+        executor encodes ahead on every core of the measured machine: hecompiler.prefetch; its
+        encoder releases the interpreter lock), 0 when encoding waits in the evaluation thread
+        (SEAL)."""
+        if not self.lattigo:
+            return 0
+        cores = int((self.table.get("machine") or {}).get("cores") or 1)
+        return cores if cores > 1 else 0
 
     def noise(self, n: int) -> dict[str, float]:
         """Measured CKKS error per op at ring degree ``n``: standard deviation times the scale
@@ -235,12 +252,51 @@ class CostModel:
         k = int(np.argmin(np.abs(xs - primes)))
         return float(ys[k] * primes / xs[k])
 
-    def refresh_seconds(self, n: int, primes_top: int) -> float:
+    def bootstrap_entry(self, n: int, slots: int | None) -> dict | None:
+        """The table's bootstrap measurement of ciphertexts with ``slots`` slots (None: all of
+        them), on a Lattigo table; None when it has no such measurement."""
+        if not self.lattigo:
+            return None
+        try:
+            boots = self._ring(n).get("bootstrap") or []
+        except HecError:
+            return None
+        if slots is None or slots == n // 2:
+            return max(boots, key=lambda b: b.get("slots", 0), default=None)
+        return next((b for b in boots if b.get("slots") == slots), None)
+
+    def sparse_log_slots(self, n: int) -> list[int]:
+        """Slot counts below N/2 (as log2) whose bootstrap the table measured, with its own keys
+        and bootstrapper: the sparse packings a bootstrapping program may choose."""
+        if not self.lattigo:
+            return []
+        try:
+            boots = self._ring(n).get("bootstrap") or []
+        except HecError:
+            return []
+        return sorted({int(b["log_slots"]) for b in boots
+                       if b.get("slots", n // 2) < n // 2 and "key_bytes" in b and "bootstrapper" in b}, reverse=True)
+
+    def bootstrap_rates(self, n: int, slots: int | None = None) -> tuple[float | None, float | None]:
+        """(seconds of one bootstrap alone, seconds per ciphertext of a batch on every core) at
+        ``slots`` slots: the sparse packing's own measurement, else the refresh price."""
+        b = self.bootstrap_entry(n, slots) if slots is not None else None
+        if b is not None and b.get("slots") == slots and slots != n // 2:
+            many = b.get("many") or {}
+            return float(b["wall_s"]), (many["wall_s"] / many["ciphertexts"] if many.get("ciphertexts") else None)
+        return self.refresh.bootstrap_s, self.refresh.bootstrap_parallel_s
+
+    def refresh_seconds(self, n: int, primes_top: int, slots: int | None = None) -> float:
         """One ciphertext's refresh.  Client-aided: the key holder decrypts
         and encrypts again, plus the transfer of two ciphertexts (the round trip
-        is per batch: see :func:`program_cost`).  Bootstrap: the given price, or
-        the circuit at this ring."""
+        is per batch: see :func:`program_cost`).  Bootstrap: the given price (at
+        ``slots`` slots, a sparse packing's measured bootstrap), or the circuit at
+        this ring."""
         if self.refresh.bootstraps:
+            if slots is not None and slots != n // 2:
+                one, _ = self.bootstrap_rates(n, slots)
+                if one is not None:
+                    return one
             if self.refresh.bootstrap_s is not None:
                 return self.refresh.bootstrap_s
             return self.bootstrap_seconds(n, primes_top)
@@ -269,7 +325,8 @@ class CostModel:
         0 when the table has no measurement of it."""
         return float(self._ring(n).get("plaintext_generation_s") or 0.0)
 
-    def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool) -> tuple[float, int]:
+    def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool,
+               slots: int | None = None) -> tuple[float, int]:
         """(seconds, serialized bytes of the server's keys) of generating a program's keys with
         ``data_primes`` primes in its chain, from the one-key times and sizes measured at the
         table's chain for ring ``n``: a key-switching key has one part per data prime over all
@@ -281,9 +338,12 @@ class CostModel:
             steps = max(1, len(ring.get("keygen", {}).get("galois_steps") or [1]))
             lt = int(ring.get("chain_length", data_primes))
             r = self.ksk_bytes(n, data_primes) / max(1, self.ksk_bytes(n, lt))
-            seconds = (kg.get("secret_public", 0.0) + kg.get("bootstrap", 0.0)
+            sp = self._sparse(n, slots)  # a sparse packing has its own bootstrapping keys
+            btp_s = (sp.get("keygen_seconds") or {}).get("bootstrap", kg.get("bootstrap", 0.0)) if sp else \
+                kg.get("bootstrap", 0.0)
+            seconds = (kg.get("secret_public", 0.0) + btp_s
                        + (galois_keys * kg.get("galois", 0.0) / steps + (kg.get("relin", 0.0) if relin else 0.0)) * r)
-            upload = (kb.get("public.key", 0) + kb.get("bootstrap.key", 0)
+            upload = (kb.get("public.key", 0) + self.bootstrap_key_bytes(n, slots)
                       + (galois_keys * kb.get("galois_key_one_step", 0) + (kb.get("relin.key", 0) if relin else 0)) * r)
             return seconds, int(upload)
         st, kb = ring.get("setup_s", {}), ring.get("key_bytes", {})
@@ -307,24 +367,40 @@ class CostModel:
             return math.ceil(data_primes / p) * 2 * n * (data_primes + p) * 8
         return switching_key_bytes(n, data_primes)
 
-    def bootstrap_key_bytes(self, n: int) -> int:
-        return int(self._ring(n).get("key_bytes", {}).get("bootstrap.key", 0)) if self.lattigo else 0
+    def _sparse(self, n: int, slots: int | None) -> dict | None:
+        """A sparse packing's own bootstrap entry (its keys and bootstrapper), else None."""
+        if slots is None or slots == n // 2:
+            return None
+        b = self.bootstrap_entry(n, slots)
+        return b if b is not None and "key_bytes" in b else None
 
-    def bootstrapper_bytes(self, n: int) -> int:
+    def bootstrap_key_bytes(self, n: int, slots: int | None = None) -> int:
+        """The bootstrapping keys' bytes (at ``slots`` slots: that packing's own keys)."""
+        if not self.lattigo:
+            return 0
+        sp = self._sparse(n, slots)
+        kb = sp["key_bytes"] if sp is not None else self._ring(n).get("key_bytes", {})
+        return int(kb.get("bootstrap.key", 0))
+
+    def bootstrapper_bytes(self, n: int, slots: int | None = None) -> int:
         """Memory of one more concurrent bootstrapping worker (its own copy of the CoeffsToSlots
         and SlotsToCoeffs matrices; the first one is in the server's measured key load), measured;
         0 when the table has no measurement."""
         if not self.lattigo:
             return 0
+        sp = self._sparse(n, slots)
+        if sp is not None:
+            return int(sp.get("worker_heap_bytes", 0))
         boots = self._ring(n).get("bootstrap") or []
         return int(max((b.get("worker_heap_bytes", 0) for b in boots), default=0))
 
-    def bootstrapper_base_bytes(self, n: int) -> int:
+    def bootstrapper_base_bytes(self, n: int, slots: int | None = None) -> int:
         """Memory the first bootstrapping evaluator adds to a server beside its keys (its
         CoeffsToSlots/SlotsToCoeffs matrices), measured; 0 when the table has no measurement."""
         if not self.lattigo:
             return 0
-        b = self._ring(n).get("bootstrapper") or {}
+        sp = self._sparse(n, slots)
+        b = (sp["bootstrapper"] if sp is not None else self._ring(n).get("bootstrapper")) or {}
         return int(max(b.get("heap_bytes", 0), b.get("rss_bytes", 0)))
 
 
@@ -432,6 +508,8 @@ class ProgramCost:
     plaintexts: int = 0  # plaintext operands encoded per inference (each at its level)
     plaintext_bytes_all: int = 0  # all of them encoded at their levels: what keeping every one takes
     plaintext_cache_bytes: int = 0  # of those, what the executor's plaintext cache keeps (inside memory_bytes)
+    #: part of ``encode_seconds`` hidden behind the evaluation (encoded ahead on other cores; not in ``seconds``)
+    overlapped_seconds: float = 0.0
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
@@ -439,7 +517,7 @@ class ProgramCost:
         if not self.plaintext_bytes_all:
             return self.seconds
         kept = min(1.0, max(0, cache_bytes) / self.plaintext_bytes_all)
-        return self.seconds - kept * self.encode_seconds
+        return self.seconds - kept * max(0.0, self.encode_seconds - self.overlapped_seconds)
 
 
 #: resident memory of the Python process with numpy, onnx, SEAL loaded, when the cost table has
@@ -475,11 +553,24 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one
     primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
-    t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
+    if ins.op == "refresh" and prog.params.log_slots is not None:  # a sparse packing's own bootstrap
+        t = model.refresh_seconds(n, top_primes, prog.params.slots)
+    else:
+        t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
     enc = 0.0
     if ins.plain is not None and ins.op != "refresh":  # a refresh's factor is a relabel, not a plaintext
         enc = model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
     return {ins.op: t}, enc, {ins.op: 1}
+
+
+def encode_hidden(by: dict[str, float], enc: float, cores: int) -> float:
+    """Seconds of a linear op's encoding hidden behind its evaluation when its plaintexts are
+    encoded ahead on ``cores`` cores while one core evaluates (0: encoding waits in line): the
+    op takes the longer of its evaluation and all its work spread over the cores."""
+    if not cores or not enc:
+        return 0.0
+    ev = sum(by.values())
+    return ev + enc - max(ev, (ev + enc) / cores)
 
 
 def linear_temporaries(lin) -> int:
@@ -503,6 +594,8 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     enc = 0.0
     top_primes = p.top_level + 1
     n_pt = pt_all = 0
+    cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
+    hidden = 0.0
     for ins in prog.instrs:
         by, e, cnt = instr_cost(ins, prog, model)
         for k, v in by.items():
@@ -511,6 +604,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
             counts[k] = counts.get(k, 0) + v
         enc += e
         if ins.op == "linear":
+            hidden += encode_hidden(by, e, cores)
             c = prog.linears[ins.plain.args[0]].counts
             n_pt += c.get("mul_plain", 0) + c.get("add_plain", 0)
             pt_all += c.get("mul_plain", 0) * pt_bytes(n, ins.level + 2) + c.get("add_plain", 0) * pt_bytes(n, ins.level + 1)
@@ -542,22 +636,24 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
 
     pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0)
     n_keys = len(prog.galois_steps)
+    sparse = {"slots": p.slots} if p.log_slots is not None else {}  # a sparse packing's own bootstrap
     kb = ((n_keys + (1 if prog.needs_relin else 0)) * model.ksk_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
-          + model.bootstrap_key_bytes(n))
+          + model.bootstrap_key_bytes(n, **sparse))
     run = longest = 0
     for ins in prog.instrs:
         run = run + 1 if ins.op == "refresh" else 0
         longest = max(longest, run)
     # a bootstrapping server prepares one evaluator per ciphertext bootstrapped at once (os.cpu_count at most)
     workers = min(longest, os.cpu_count() or 1)
-    boot_mem = (model.bootstrapper_base_bytes(n) + max(0, workers - 1) * model.bootstrapper_bytes(n)
+    boot_mem = (model.bootstrapper_base_bytes(n, **sparse) + max(0, workers - 1) * model.bootstrapper_bytes(n, **sparse)
                 if model.refresh.bootstraps and workers else 0)
     # one round trip per batch of consecutive refreshes (a tensor's ciphertexts travel together)
     batches = sum(1 for k, ins in enumerate(prog.instrs)
                   if ins.op == "refresh" and (k == 0 or prog.instrs[k - 1].op != "refresh"))
     network = 0.0
-    par = model.refresh.bootstrap_parallel_s
-    if model.refresh.bootstraps and par is not None and model.refresh.bootstrap_s is not None:
+    one, par = (model.bootstrap_rates(n, p.slots) if sparse else
+                (model.refresh.bootstrap_s, model.refresh.bootstrap_parallel_s))
+    if model.refresh.bootstraps and par is not None and one is not None:
         # a batch of several bootstraps runs on every core at once: price those at the measured rate
         run = 0
         saved = 0.0
@@ -566,14 +662,14 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
                 run += 1
                 continue
             if run >= 2:
-                saved += run * (model.refresh.bootstrap_s - par)
+                saved += run * (one - par)
             run = 0
         by_op["refresh"] = by_op.get("refresh", 0.0) - saved
     if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
         network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
-    seconds = sum(by_op.values()) + enc
-    kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin)
+    seconds = sum(by_op.values()) + enc - hidden
+    kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin, **sparse)
     # the executor keeps encoded plaintexts for reuse (hecompiler.plaintexts.PlaintextCache), up to its
     # budget: resident memory the server holds from the first inference on
     from .plaintexts import default_cache_bytes
@@ -582,4 +678,4 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
                        peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + model.baseline_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
-                       n_pt, pt_all, cached)
+                       n_pt, pt_all, cached, hidden)

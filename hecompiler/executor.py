@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel, instr_cost, linear_temporaries, peak_rss_bytes
+from .costmodel import CostModel, encode_hidden, instr_cost, linear_temporaries, peak_rss_bytes
 from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
@@ -480,6 +480,8 @@ class Executor:
         by, enc, _ = instr_cost(ins, self.prog, self.cost)
         for op, t in by.items():
             stats.predicted_by_op[op] = stats.predicted_by_op.get(op, 0.0) + t
+        if ins.op == "linear":  # encoded ahead on other cores: what the evaluation waits for
+            enc -= encode_hidden(by, enc, getattr(self.cost, "encode_cores", 0))
         stats.predicted_encode_seconds += enc
         stats.predicted_per_node[ins.note] = stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc
 

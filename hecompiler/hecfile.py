@@ -529,6 +529,9 @@ def _check_structure(prog: HEProgram) -> None:
         raise ProgramError(f"params: coeff_bits {list(p.coeff_bits)} must be at least two sizes in 1..60")
     if not _is_int(p.scale_bits) or not 10 <= p.scale_bits <= 60:
         raise ProgramError(f"params: scale_bits {p.scale_bits} is outside 10..60")
+    if p.log_slots is not None and (not _is_int(p.log_slots) or not 1 <= p.log_slots < N.bit_length() - 2):
+        raise ProgramError(f"params: log_slots {p.log_slots} must be in 1..{N.bit_length() - 3} (sparse packing "
+                           f"below the {N // 2} slots of N={N}; leave it out for all of them)")
     if len(prog.primes) != p.top_level + 1:
         raise ProgramError(f"params: {len(prog.primes)} primes for {len(p.coeff_bits) - 1} coefficient moduli")
     if len(set(prog.primes)) != len(prog.primes):

@@ -161,10 +161,14 @@ class Params:
     coeff_bits: tuple[int, ...]  # SEAL order: q_0 .. q_L, then the special prime
     scale_bits: int
     security: str = "tc128"  # or "none" (explicitly asked for)
+    #: sparse packing: ciphertexts use 2^log_slots < N/2 slots (None: all N/2).  A sparse
+    #: ciphertext's slot vector repeats with that period, rotations act on one period, and a
+    #: bootstrap of fewer slots is cheaper (a backend that cannot pack sparsely refuses it)
+    log_slots: int | None = None
 
     @property
     def slots(self) -> int:
-        return self.poly_degree // 2
+        return 1 << self.log_slots if self.log_slots is not None else self.poly_degree // 2
 
     @property
     def top_level(self) -> int:
@@ -176,13 +180,17 @@ class Params:
         return float(2 ** self.scale_bits)
 
     def to_dict(self) -> dict:
-        return {"poly_degree": self.poly_degree, "coeff_bits": list(self.coeff_bits),
-                "scale_bits": self.scale_bits, "security": self.security}
+        d = {"poly_degree": self.poly_degree, "coeff_bits": list(self.coeff_bits),
+             "scale_bits": self.scale_bits, "security": self.security}
+        if self.log_slots is not None:
+            d["log_slots"] = self.log_slots
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "Params":
+        ls = d.get("log_slots")
         return Params(int(d["poly_degree"]), tuple(int(b) for b in d["coeff_bits"]), int(d["scale_bits"]),
-                      str(d.get("security", "tc128")))
+                      str(d.get("security", "tc128")), None if ls is None else int(ls))
 
 
 @dataclass

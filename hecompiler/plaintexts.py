@@ -17,8 +17,9 @@ from .linear import bias_vector, diag_keys, diagonals
 
 
 def rot(v: np.ndarray, k: int) -> np.ndarray:
-    """Slots move left by k: ``rot(v, k)[i] == v[(i + k) % len(v)]``."""
-    return np.roll(v, -k)
+    """Slots move left by k: ``rot(v, k)[i] == v[(i + k) % len(v)]`` (along the last axis: a
+    batch of slot vectors moves row by row)."""
+    return np.roll(v, -k, axis=-1)
 
 
 class PlaintextFactory:

@@ -49,6 +49,9 @@ class PlanOptions:
     max_seconds: float | None = None
     #: budget for planning (lowering every candidate), in seconds (None: no limit)
     max_compile_seconds: float | None = 600.0
+    #: slots per ciphertext (None: the planner weighs every packing the target offers: all N/2
+    #: slots, and on a bootstrapping target the sparse packings whose bootstrap it measured)
+    slots: int | None = None
 
     def __post_init__(self):
         if self.security not in ("tc128", "none"):
@@ -66,6 +69,9 @@ class PlanOptions:
             raise HecError(f"--max-seconds {self.max_seconds}: must be positive")
         if self.max_compile_seconds is not None and not self.max_compile_seconds > 0:
             raise HecError(f"--max-compile-seconds {self.max_compile_seconds}: must be positive")
+        if self.slots is not None and not (isinstance(self.slots, int) and self.slots >= 2
+                                           and not self.slots & (self.slots - 1)):
+            raise HecError(f"--slots {self.slots}: must be a power of two")
 
 
 @dataclass
@@ -84,7 +90,8 @@ class Candidate:
     @property
     def label(self) -> str:
         p = self.params
-        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}"
+        sparse = f" slots=2^{p.log_slots}" if p.log_slots is not None else ""
+        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}{sparse}"
 
 
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -97,7 +104,15 @@ def candidate_params(opts: PlanOptions, refresh: RefreshCost | None = None, targ
     """The parameter sets the planner lowers, from the target's rings, security table and chains."""
     refresh = refresh or RefreshCost()
     target = target or seal_target(refresh.kind)
-    return target.candidates(opts.ring_degrees, opts.scale_bits, opts.levels, opts.security, refresh)
+    out = target.candidates(opts.ring_degrees, opts.scale_bits, opts.levels, opts.security, refresh)
+    if opts.slots is None:
+        return out
+    keep = [p for p in out if p.slots == opts.slots]
+    if not keep:
+        offered = sorted({p.slots for p in out}, reverse=True)
+        raise HecError(f"--slots {opts.slots}: target {target.name} offers {', '.join(map(str, offered))} slots per "
+                       f"ciphertext (all N/2, and sparse packings whose bootstrap its cost table measured)")
+    return keep
 
 
 def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None = None,
@@ -153,9 +168,10 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
             # in key memory (keys grow with the square of the chain)
             lv = max(1, prog.levels_used())
             if not any(q.poly_degree == params.poly_degree and q.scale_bits == params.scale_bits
-                       and q.top_level == lv for q in [cd.params for cd in cands] + queue):
+                       and q.top_level == lv and q.log_slots == params.log_slots
+                       for q in [cd.params for cd in cands] + queue):
                 bits = (params.coeff_bits[0],) + (params.scale_bits,) * lv + (params.coeff_bits[-1],)
-                queue.insert(0, Params(params.poly_degree, bits, params.scale_bits, params.security))
+                queue.insert(0, replace(params, coeff_bits=bits))
         if c.cost.memory_bytes > opts.max_memory_bytes:
             c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
         elif opts.max_seconds and c.cost.seconds > opts.max_seconds:
@@ -177,16 +193,16 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
             # a bootstrap costs as much as many convolutions, so the chain length matters to within a
             # level: add the chains the refresh DP says are worth lowering
             extra_done = True
-            tried = {(p.poly_degree, p.scale_bits, p.top_level) for p in (cd.params for cd in cands)}
+            tried = {(p.poly_degree, p.scale_bits, p.top_level, p.log_slots) for p in (cd.params for cd in cands)}
             p0 = best.params
             lmax = max(c.params.top_level for c in cands)
             if target.backend == "seal":
                 lmax = max_levels(p0.poly_degree, p0.scale_bits, opts.security,
                                   cost.refresh.reserved_bits(p0.scale_bits))
             for lv in promising_levels(best, cost, lmax):
-                if (p0.poly_degree, p0.scale_bits, lv) not in tried:
+                if (p0.poly_degree, p0.scale_bits, lv, p0.log_slots) not in tried:
                     bits = (p0.coeff_bits[0],) + (p0.scale_bits,) * lv + (p0.coeff_bits[-1],)
-                    queue.append(Params(p0.poly_degree, bits, p0.scale_bits, opts.security))
+                    queue.append(replace(p0, coeff_bits=bits, security=opts.security))
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
@@ -217,7 +233,8 @@ def promising_levels(cand: Candidate, cost: CostModel, lmax: int, k: int = 2) ->
         if fewest is not None and r >= fewest:
             continue
         fewest = r
-        est[lv] = compute0 * mean_rotate(lv) / mean_rotate(l0) + r * cost.refresh_seconds(n, lv + 1)
+        est[lv] = compute0 * mean_rotate(lv) / mean_rotate(l0) + r * cost.refresh_seconds(n, lv + 1,
+                                                                                         cand.params.slots)
     return sorted(est, key=est.get)[:k]
 
 

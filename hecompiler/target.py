@@ -164,7 +164,21 @@ class Target:
             raise HecError(f"--levels {levels}: target {self.name} has {lmax} levels between bootstraps at most")
         sb = s["log_default_scale"]
         ls = [levels] if levels else sorted({lmax, max(1, lmax * 3 // 4), max(1, lmax // 2)}, reverse=True)
-        return [Params(n, (s["q0_bits"],) + (sb,) * lv + (sb,), sb, security) for lv in ls]
+        # sparse packings whose (cheaper) bootstrap the cost table measured: the planner weighs
+        # fewer slots per ciphertext (more ciphertexts) against the cheaper bootstrap
+        packings = [None] + self._sparse_packings(n)
+        return [Params(n, (s["q0_bits"],) + (sb,) * lv + (sb,), sb, security, log_slots)
+                for log_slots in packings for lv in ls]
+
+    def _sparse_packings(self, n: int) -> list[int]:
+        """log2 slot counts below N/2 whose bootstrap the target's cost table measured (none
+        without a table: the planner prices only what was measured)."""
+        if not self.cost_table:
+            return []
+        try:
+            return self.cost_model().sparse_log_slots(n)
+        except HecError:
+            return []
 
     def primes(self, params: Params) -> tuple[int, ...]:
         """The data primes q_0..q_L of ``params`` (SEAL's for these sizes; Lattigo gets them
@@ -197,6 +211,8 @@ class Target:
             lit = {"name": s["set"], "log_n": s["log_n"], "q": [int(q) for q in primes], "log_p": list(s["log_p"]),
                    "secret": dict(s["secret"]), "log_default_scale": s["log_default_scale"],
                    "bootstrap": dict(s["bootstrap"])}
+            if params.log_slots is not None:  # sparse packing: Lattigo encodes and bootstraps that many slots
+                lit["log_slots"] = params.log_slots
             if s.get("insecure"):
                 lit["insecure"] = True
             if s.get("max_log_qp"):

@@ -145,10 +145,13 @@ def test_secure_chains_fit_their_budget():
     for name in ("lattigo:n16-sparse", "lattigo:n15-dense"):
         t = get_target(name)
         for lv in range(1, t.lattigo["max_levels"] + 1):
-            (params,) = t.candidates(None, None, lv, "tc128", None)
-            meta = {"target": t.metadata(params, t.primes(params))}
-            p = L.LattigoParams(meta["target"]["lattigo"])
-            assert p.bootstrap.log_qp <= meta["target"]["max_log_qp"] + 1e-9, (name, params)
+            cands = t.candidates(None, None, lv, "tc128", None)  # every packing (full, measured sparse ones)
+            assert cands and cands[0].log_slots is None
+            for params in cands:
+                meta = {"target": t.metadata(params, t.primes(params))}
+                p = L.LattigoParams(meta["target"]["lattigo"])
+                assert p.slots == params.slots and p.bootstrap.log_qp <= meta["target"]["max_log_qp"] + 1e-9, \
+                    (name, params)
 
 
 def _available_gib() -> float:

@@ -48,9 +48,9 @@ def btp(tmp_path_factory):
     """Ring 2^10 with bootstrapping (residual levels 0..2)."""
     p = L.LattigoParams.insecure_set("toy-n10")
     d = tmp_path_factory.mktemp("lattigo_n10")
-    L.keygen(p, d / "client", d / "server", rotations=(1,))
+    rep = L.keygen(p, d / "client", d / "server", rotations=(1,))
     cl, ev = L.Client(p, d / "client"), L.Evaluator(p, d / "server")
-    yield {"p": p, "cl": cl, "ev": ev, "rng": np.random.default_rng(3)}
+    yield {"p": p, "cl": cl, "ev": ev, "rng": np.random.default_rng(3), "rep": rep}
     cl.close()
     ev.close()
 
@@ -448,6 +448,15 @@ def test_bootstrap_restores_top_level(btp):
     # values up to max_abs_value (64 here; measured error 1.2e-5)
     big = vec(btp, p.bootstrap.max_abs_value)
     close(cl.decrypt(ev.bootstrap(cl.encrypt(big, level=1))), big, 1e-4)
+
+
+def test_slots_to_coeffs_keys_are_made_at_its_level(btp):
+    """Galois keys only SlotsToCoeffs uses (it runs at the bottom of the bootstrapping chain) have
+    no primes above its starting level: fewer bytes, and the bootstraps above stay exact."""
+    p, rep = btp["p"], btp["rep"]
+    b = p.bootstrap
+    assert 0 < rep["bootstrap_low_keys"] < rep["bootstrap_galois_keys"]
+    assert rep["bootstrap_low_level"] == b.output_level + b.stc_depth
 
 
 def test_bootstrap_level0_bias_is_predicted(btp):

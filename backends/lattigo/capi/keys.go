@@ -56,9 +56,9 @@ type Session struct {
 	// thread encoding the next plaintexts overlaps the evaluator's work on another core
 	encoders chan *slotEncoder
 	fast     *slotEncoder // encodeFast's buffers for calls under mu
-	encPk   *rlwe.Encryptor
-	encSk   *rlwe.Encryptor
-	dec     *rlwe.Decryptor
+	encPk    *rlwe.Encryptor
+	encSk    *rlwe.Encryptor
+	dec      *rlwe.Decryptor
 
 	evk      *rlwe.MemEvaluationKeySet
 	eval     *ckks.Evaluator
@@ -204,12 +204,15 @@ func normSteps(steps []int64, slots int) []int {
 }
 
 type keygenReport struct {
-	Seconds     map[string]float64 `json:"seconds"`
-	Bytes       map[string]int64   `json:"bytes"`
-	Steps       []int              `json:"steps"`
-	Elements    []uint64           `json:"galois_elements"`
-	BtpGaloisN  int                `json:"bootstrap_galois_keys"`
-	PeakHeapSys uint64             `json:"go_heap_sys"`
+	Seconds    map[string]float64 `json:"seconds"`
+	Bytes      map[string]int64   `json:"bytes"`
+	Steps      []int              `json:"steps"`
+	Elements   []uint64           `json:"galois_elements"`
+	BtpGaloisN int                `json:"bootstrap_galois_keys"`
+	// of those, keys made at SlotsToCoeffs' level (used nowhere above it), and that level
+	BtpLowN     int    `json:"bootstrap_low_keys"`
+	BtpLowLevel int    `json:"bootstrap_low_level"`
+	PeakHeapSys uint64 `json:"go_heap_sys"`
 }
 
 func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, btp bool) (*keygenReport, error) {
@@ -301,12 +304,13 @@ func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, b
 
 	if btp {
 		t := time.Now()
-		n, cnt, err := writeBootstrapKeys(p, sk, id, filepath.Join(serverDir, "bootstrap.key"))
+		n, cnt, low, err := writeBootstrapKeys(p, sk, id, filepath.Join(serverDir, "bootstrap.key"))
 		if err != nil {
 			return nil, fmt.Errorf("writing bootstrap.key: %w", err)
 		}
 		rep.Bytes[kindBootstrap] = n
 		rep.BtpGaloisN = cnt
+		rep.BtpLowN, rep.BtpLowLevel = len(low.only), low.levelQ
 		rep.Seconds["bootstrap"] = time.Since(t).Seconds()
 	}
 	// a key kind not generated this time must not survive from an older key set
@@ -330,11 +334,11 @@ func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, b
 //
 //	u8 has_dense_to_sparse [EvaluationKey] | u8 has_sparse_to_dense [EvaluationKey] |
 //	RelinearizationKey | u32 count | count x (u64 galois element, GaloisKey)
-func writeBootstrapKeys(p *Params, skN1 *rlwe.SecretKey, id [32]byte, path string) (int64, int, error) {
+func writeBootstrapKeys(p *Params, skN1 *rlwe.SecretKey, id [32]byte, path string) (int64, int, lowKeys, error) {
 	bp := p.btp
 	paramsN2 := bp.BootstrappingParameters
 	if paramsN2.N() != p.ckks.N() {
-		return 0, 0, fmt.Errorf("bootstrapping ring degree differs from the residual one: not supported")
+		return 0, 0, lowKeys{levelQ: -1}, fmt.Errorf("bootstrapping ring degree differs from the residual one: not supported")
 	}
 	kgen := rlwe.NewKeyGenerator(paramsN2)
 	ringQ, ringP := paramsN2.RingQ(), paramsN2.RingP()
@@ -353,6 +357,7 @@ func writeBootstrapKeys(p *Params, skN1 *rlwe.SecretKey, id [32]byte, path strin
 		}
 	}
 	els = uniq
+	low := lowBootstrapKeys(bp, paramsN2)
 
 	n, err := writeAtomic(path, 0o644, func(w *bufio.Writer) error {
 		if _, err := w.Write(header(kindBootstrap, p, id)); err != nil {
@@ -395,18 +400,69 @@ func writeBootstrapKeys(p *Params, skN1 *rlwe.SecretKey, id [32]byte, path strin
 			return err
 		}
 		gk := rlwe.NewGaloisKey(paramsN2)
+		var gkLow *rlwe.GaloisKey
+		if low.levelQ >= 0 {
+			gkLow = rlwe.NewGaloisKey(paramsN2, rlwe.EvaluationKeyParameters{LevelQ: &low.levelQ})
+		}
 		for _, el := range els {
-			kgen.GenGaloisKey(el, skN2, gk) // reuse one key buffer
+			key := gk // reuse one key buffer per level
+			if low.only[el] {
+				key = gkLow
+			}
+			kgen.GenGaloisKey(el, skN2, key)
 			if err := writeU64(w, el); err != nil {
 				return err
 			}
-			if _, err := gk.WriteTo(w); err != nil {
+			if _, err := key.WriteTo(w); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
-	return n, len(els), err
+	return n, len(els), low, err
+}
+
+// lowKeys: the bootstrapping Galois elements used only by SlotsToCoeffs, and the level it
+// starts at (-1: none).
+type lowKeys struct {
+	levelQ int
+	only   map[uint64]bool
+}
+
+// lowBootstrapKeys finds the Galois elements a bootstrap uses only in SlotsToCoeffs, which
+// runs at the bottom of the bootstrapping chain (ModUp, CoeffsToSlots, EvalMod, then
+// SlotsToCoeffs from its LevelQ down to the residual top).  Their keys need no primes above
+// that level: a key-switching key of fewer primes is smaller in size and in digits
+// (ceil((levelQ+1)/#P) instead of ceil(#Q/#P) parts), and Lattigo's gadget product works at
+// min(ciphertext level, key level), so a key must reach every level it is used at: only
+// circuits in this order (ModUpThenEncode, Lattigo's default) qualify, and elements that
+// CoeffsToSlots, the SubSum of a sparse packing or the conjugation also use keep full keys.
+func lowBootstrapKeys(bp *bootstrapping.Parameters, paramsN2 ckks.Parameters) lowKeys {
+	none := lowKeys{levelQ: -1}
+	if bp.CircuitOrder != bootstrapping.ModUpThenEncode {
+		return none
+	}
+	levelQ := bp.SlotsToCoeffsParameters.LevelQ
+	if levelQ < 0 || levelQ >= paramsN2.MaxLevelQ() || levelQ >= bp.Mod1ParametersLiteral.LevelQ {
+		return none
+	}
+	high := map[uint64]bool{paramsN2.GaloisElementForComplexConjugation(): true}
+	for _, e := range bp.CoeffsToSlotsParameters.GaloisElements(paramsN2) {
+		high[e] = true
+	}
+	for i := bp.LogMaxDimensions().Cols; i < paramsN2.LogN()-1; i++ { // SubSum, after ModUp
+		high[paramsN2.GaloisElement(1<<i)] = true
+	}
+	only := map[uint64]bool{}
+	for _, e := range bp.SlotsToCoeffsParameters.GaloisElements(paramsN2) {
+		if !high[e] {
+			only[e] = true
+		}
+	}
+	if len(only) == 0 {
+		return none
+	}
+	return lowKeys{levelQ: levelQ, only: only}
 }
 
 func readBootstrapKeys(p *Params, path string) (*bootstrapping.EvaluationKeys, [32]byte, error) {
