@@ -42,8 +42,10 @@ demo: $(STAMP) $(LATTIGO_LIB) $(COST_TABLE)
 	$(BIN)/hecompile run out/demo.hec --input $(DEMO_MODEL).input.npy --reference $(DEMO_MODEL).onnx -o out/demo.y.npy
 	@echo "demo: program out/demo.hec (hecompile inspect out/demo.hec), per-pass IR/DOT snapshots in out/dump/"
 
+# test files on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, sharing its fixtures)
+TEST_WORKERS ?= 2
 test: $(STAMP) $(LATTIGO_LIB)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 models: $(STAMP)
 	$(BIN)/python models/build_models.py --out models

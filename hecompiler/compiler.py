@@ -426,6 +426,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
+        "predicted_garbage_bytes": c.garbage_bytes,  # inside the memory: Go's garbage on a Lattigo server
         # the executor runs one instruction at a time: CPU seconds = wall seconds of the server plus
         # the encoding done ahead on other cores (the key holder's refresh work is in the refresh
         # time); Lattigo's batched bootstraps may use more cores, which this does not count

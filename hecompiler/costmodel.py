@@ -180,6 +180,10 @@ class CostModel:
         """A Lattigo table (backends/lattigo's measurement): hoisted rotations, its key sizes."""
         return str(self.table.get("schema", "")).startswith("hecompiler.cost_lattigo")
 
+    #: the percent of its live heap a collected runtime lets garbage reach (Lattigo's server sets
+    #: Go's GC percent: hecompiler.target.LATTIGO_SERVER_GC_PERCENT); 0 for SEAL (C++, no collector)
+    gc_percent: int = 0
+
     @property
     def encode_cores(self) -> int:
         """Cores a linear op's plaintexts are encoded on while the evaluation runs (Lattigo's
@@ -510,6 +514,8 @@ class ProgramCost:
     plaintext_cache_bytes: int = 0  # of those, what the executor's plaintext cache keeps (inside memory_bytes)
     #: part of ``encode_seconds`` hidden behind the evaluation (encoded ahead on other cores; not in ``seconds``)
     overlapped_seconds: float = 0.0
+    #: garbage a collected runtime lets grow beside what it holds (Go at the server's GC percent; inside memory_bytes)
+    garbage_bytes: int = 0
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
@@ -675,7 +681,10 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     from .plaintexts import default_cache_bytes
 
     cached = min(default_cache_bytes(), pt_all)
+    # a Go heap (Lattigo) holds the keys, the bootstrapper, the ciphertexts and the encoded plaintexts, and
+    # its collector lets garbage grow to gc_percent of that before it runs (measured: ResNet-20's server)
+    garbage = int((kb + boot_mem + peak_b + cached) * getattr(model, "gc_percent", 0) / 100)
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
-                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + model.baseline_bytes,
+                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
-                       n_pt, pt_all, cached, hidden)
+                       n_pt, pt_all, cached, hidden, garbage)

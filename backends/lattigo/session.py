@@ -31,6 +31,7 @@ import numpy as np
 from hecompiler.costmodel import peak_rss_bytes
 from hecompiler.errors import HecError
 from hecompiler.executor import EvalState, ExecStats, Executor, ExecutionError
+from hecompiler.target import LATTIGO_SERVER_GC_PERCENT
 from hecompiler.heprog import HEProgram
 from hecompiler.runtime import pack_inputs
 
@@ -278,9 +279,8 @@ class LattigoClient:
             raise LattigoBackendError(str(e)) from None
 
 
-#: Go's GC percent on a server: its live heap is GBs of keys (pointer-free slices, cheap to
-#: mark), and the default GOGC=100 lets garbage grow as large as them before collecting
-SERVER_GC_PERCENT = 20
+#: Go's GC percent on a server (the cost model predicts the garbage it allows)
+SERVER_GC_PERCENT = LATTIGO_SERVER_GC_PERCENT
 
 
 def server_gc_policy() -> None:

@@ -143,7 +143,13 @@ class _Worker:
                 except (EOFError, OSError, ValueError):
                     raise died("while evaluating") from None
                 self.jobs += 1
-                self.peak_rss = max(self.peak_rss, proc_rss(pid)[1])
+                rss, peak = proc_rss(pid)
+                self.peak_rss = max(self.peak_rss, peak)
+                if budget and rss > budget:  # a job quicker than one poll is held to the budget too
+                    self.kill()
+                    raise PoolError(503, f"the evaluation needed more than the worker memory budget of "
+                                         f"{_fmt(budget)} (--worker-memory; it reached {_fmt(rss)}); the worker "
+                                         "was restarted")
                 loads = int(out.get("key_loads", self._loads_now))
                 self.key_loads += max(0, loads - self._loads_now)
                 self._loads_now = loads

@@ -1,0 +1,60 @@
+"""How the cost model prices a Lattigo program: encoding overlapped with the evaluation on the
+table machine's cores, and the Go garbage beside the keys in the predicted memory (issue 11).
+
+Measured against real runs by benchmarks/noninteractive.py (ResNet-20 at 128 bits: predicted
+183.6 s, measured 183.9 s); here the arithmetic is checked on the toy-n12 table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import hecompiler as hc
+from hecompiler.costmodel import CostModel, encode_hidden, instr_cost, program_cost
+from hecompiler.planner import PlanOptions
+from hecompiler.target import LATTIGO_SERVER_GC_PERCENT, get_target
+
+from conftest import ROOT
+
+TOY = "lattigo:toy-n12"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    res = hc.compile_model(str(ROOT / "models" / "tiny_resnet_poly.onnx"),
+                           hc.CompileOptions(target=TOY, plan=PlanOptions(security="none")))
+    return res, get_target(TOY).cost_model()
+
+
+def test_encoding_ahead_hides_behind_the_evaluation():
+    # one core evaluating 1 s while 3 s of encoding spread over 2 cores: the op takes 2 s
+    assert encode_hidden({"rotate": 0.6, "mul_plain": 0.4}, 3.0, 2) == pytest.approx(2.0)
+    # encoding shorter than the evaluation: all of it hidden
+    assert encode_hidden({"rotate": 1.0}, 0.5, 2) == pytest.approx(0.5)
+    # encoding waits in line (SEAL; one core): nothing hidden
+    assert encode_hidden({"rotate": 1.0}, 3.0, 0) == 0.0
+    assert CostModel().encode_cores == 0 and CostModel().gc_percent == 0
+
+
+def test_a_lattigo_program_is_priced_with_the_overlap_and_the_garbage(toy):
+    res, cost = toy
+    prog = res.prog
+    cores = int(cost.table["machine"]["cores"])
+    assert cost.encode_cores == (cores if cores > 1 else 0)
+    c = program_cost(prog, cost)
+    hidden = 0.0
+    for ins in prog.instrs:
+        if ins.op == "linear":
+            by, enc, _ = instr_cost(ins, prog, cost)
+            hidden += encode_hidden(by, enc, cost.encode_cores)
+    assert c.overlapped_seconds == pytest.approx(hidden) and (hidden > 0) == (cost.encode_cores > 0)
+    assert c.seconds == pytest.approx(sum(c.by_op.values()) + c.encode_seconds - hidden)
+    # Go lets garbage reach the server's GC percent of what it holds
+    assert cost.gc_percent == LATTIGO_SERVER_GC_PERCENT
+    assert 0 < c.garbage_bytes < c.memory_bytes
+    r = res.metadata["report"]
+    assert r["predicted_encode_hidden_seconds"] == pytest.approx(hidden, abs=1e-3)
+    assert r["predicted_cpu_seconds"] == pytest.approx(r["predicted_seconds"] + hidden, abs=2e-3)
+    assert r["predicted_garbage_bytes"] == c.garbage_bytes
+    if hidden:
+        assert "hidden behind the evaluation" in res.report_text and "on one core" not in res.report_text
