@@ -329,18 +329,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     log(f"  server keys loaded in {load_s:.1f}s (+{(rss_bytes() - rss0) / 2**20:.0f} MiB RSS)")
     bootstrapper = None
     if p.bootstrap is not None and ev.has_bootstrap:
-        # the bootstrapping evaluator (its CoeffsToSlots/SlotsToCoeffs matrices, encoded at the
-        # bootstrap's primes) is built on first use: what that adds to a server beside its keys
-        L.free_os_memory()
-        heap0, rss1 = L.go_memory().get("heap_inuse", 0), rss_bytes()
-        t0 = time.perf_counter()
-        ev.prepare_bootstrap(1)
-        build_s = time.perf_counter() - t0
-        L.free_os_memory()
-        bootstrapper = {"build_s": build_s, "heap_bytes": max(0, L.go_memory().get("heap_inuse", 0) - heap0),
-                        "rss_bytes": max(0, rss_bytes() - rss1)}
-        log(f"  bootstrapper built in {build_s:.1f}s (+{bootstrapper['heap_bytes'] / 2**20:.0f} MiB Go heap, "
-            f"+{bootstrapper['rss_bytes'] / 2**20:.0f} MiB RSS)")
+        bootstrapper = measure_bootstrapper(ev, "", log)
     server = keys / "server"
     key_bytes = {f.name: f.stat().st_size for f in sorted(server.iterdir())}
     key_bytes["secret.key"] = (keys / "client" / "secret.key").stat().st_size
@@ -414,6 +403,23 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     }
 
 
+def measure_bootstrapper(ev: Any, label: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """What the bootstrapping evaluator (its CoeffsToSlots/SlotsToCoeffs matrices, encoded at the
+    bootstrap's primes, built on first use) adds to a server beside its keys: build seconds, Go
+    heap and RSS."""
+    L.free_os_memory()
+    heap0, rss1 = L.go_memory().get("heap_inuse", 0), rss_bytes()
+    t0 = time.perf_counter()
+    ev.prepare_bootstrap(1)
+    build_s = time.perf_counter() - t0
+    L.free_os_memory()
+    out = {"build_s": build_s, "heap_bytes": max(0, L.go_memory().get("heap_inuse", 0) - heap0),
+           "rss_bytes": max(0, rss_bytes() - rss1)}
+    log(f"  {label}bootstrapper built in {build_s:.1f}s (+{out['heap_bytes'] / 2**20:.0f} MiB Go heap, "
+        f"+{out['rss_bytes'] / 2**20:.0f} MiB RSS)")
+    return out
+
+
 def measure_sparse_bootstrap(name: str, log_slots: int, work: pathlib.Path, rng: np.random.Generator,
                              log: Callable[[str], None]) -> dict[str, Any]:
     """The set bootstrapping ``2^log_slots`` slots (a program whose ciphertexts use that many):
@@ -427,16 +433,7 @@ def measure_sparse_bootstrap(name: str, log_slots: int, work: pathlib.Path, rng:
     L.free_os_memory()
     cl, ev = L.Client(p, keys / "client"), L.Evaluator(p, keys / "server")
     try:
-        L.free_os_memory()
-        heap0, rss1 = L.go_memory().get("heap_inuse", 0), rss_bytes()
-        t0 = time.perf_counter()
-        ev.prepare_bootstrap(1)
-        build_s = time.perf_counter() - t0
-        L.free_os_memory()
-        bootstrapper = {"build_s": build_s, "heap_bytes": max(0, L.go_memory().get("heap_inuse", 0) - heap0),
-                        "rss_bytes": max(0, rss_bytes() - rss1)}
-        log(f"  2^{log_slots} slots: bootstrapper built in {build_s:.1f}s "
-            f"(+{bootstrapper['heap_bytes'] / 2**20:.0f} MiB Go heap)")
+        bootstrapper = measure_bootstrapper(ev, f"2^{log_slots} slots: ", log)
         res = measure_bootstrap(p, cl, ev, rng, reps=3, log=log)
     finally:
         cl.close()

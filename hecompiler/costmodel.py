@@ -256,15 +256,16 @@ class CostModel:
         k = int(np.argmin(np.abs(xs - primes)))
         return float(ys[k] * primes / xs[k])
 
+    def _boots(self, n: int) -> list[dict]:
+        """A Lattigo table's bootstrap measurements at ring ``n`` (none otherwise)."""
+        if not self.lattigo or n not in self.rings:
+            return []
+        return self.rings[n].get("bootstrap") or []
+
     def bootstrap_entry(self, n: int, slots: int | None) -> dict | None:
         """The table's bootstrap measurement of ciphertexts with ``slots`` slots (None: all of
         them), on a Lattigo table; None when it has no such measurement."""
-        if not self.lattigo:
-            return None
-        try:
-            boots = self._ring(n).get("bootstrap") or []
-        except HecError:
-            return None
+        boots = self._boots(n)
         if slots is None or slots == n // 2:
             return max(boots, key=lambda b: b.get("slots", 0), default=None)
         return next((b for b in boots if b.get("slots") == slots), None)
@@ -272,23 +273,17 @@ class CostModel:
     def sparse_log_slots(self, n: int) -> list[int]:
         """Slot counts below N/2 (as log2) whose bootstrap the table measured, with its own keys
         and bootstrapper: the sparse packings a bootstrapping program may choose."""
-        if not self.lattigo:
-            return []
-        try:
-            boots = self._ring(n).get("bootstrap") or []
-        except HecError:
-            return []
-        return sorted({int(b["log_slots"]) for b in boots
+        return sorted({int(b["log_slots"]) for b in self._boots(n)
                        if b.get("slots", n // 2) < n // 2 and "key_bytes" in b and "bootstrapper" in b}, reverse=True)
 
     def bootstrap_rates(self, n: int, slots: int | None = None) -> tuple[float | None, float | None]:
         """(seconds of one bootstrap alone, seconds per ciphertext of a batch on every core) at
         ``slots`` slots: the sparse packing's own measurement, else the refresh price."""
-        b = self.bootstrap_entry(n, slots) if slots is not None else None
-        if b is not None and b.get("slots") == slots and slots != n // 2:
-            many = b.get("many") or {}
-            return float(b["wall_s"]), (many["wall_s"] / many["ciphertexts"] if many.get("ciphertexts") else None)
-        return self.refresh.bootstrap_s, self.refresh.bootstrap_parallel_s
+        sp = self._sparse(n, slots)
+        if sp is None:
+            return self.refresh.bootstrap_s, self.refresh.bootstrap_parallel_s
+        many = sp.get("many") or {}
+        return float(sp["wall_s"]), (many["wall_s"] / many["ciphertexts"] if many.get("ciphertexts") else None)
 
     def refresh_seconds(self, n: int, primes_top: int, slots: int | None = None) -> float:
         """One ciphertext's refresh.  Client-aided: the key holder decrypts
@@ -297,10 +292,9 @@ class CostModel:
         ``slots`` slots, a sparse packing's measured bootstrap), or the circuit at
         this ring."""
         if self.refresh.bootstraps:
-            if slots is not None and slots != n // 2:
-                one, _ = self.bootstrap_rates(n, slots)
-                if one is not None:
-                    return one
+            sp = self._sparse(n, slots)
+            if sp is not None:
+                return float(sp["wall_s"])
             if self.refresh.bootstrap_s is not None:
                 return self.refresh.bootstrap_s
             return self.bootstrap_seconds(n, primes_top)
@@ -342,9 +336,10 @@ class CostModel:
             steps = max(1, len(ring.get("keygen", {}).get("galois_steps") or [1]))
             lt = int(ring.get("chain_length", data_primes))
             r = self.ksk_bytes(n, data_primes) / max(1, self.ksk_bytes(n, lt))
+            btp_s = kg.get("bootstrap", 0.0)
             sp = self._sparse(n, slots)  # a sparse packing has its own bootstrapping keys
-            btp_s = (sp.get("keygen_seconds") or {}).get("bootstrap", kg.get("bootstrap", 0.0)) if sp else \
-                kg.get("bootstrap", 0.0)
+            if sp is not None:
+                btp_s = (sp.get("keygen_seconds") or {}).get("bootstrap", btp_s)
             seconds = (kg.get("secret_public", 0.0) + btp_s
                        + (galois_keys * kg.get("galois", 0.0) / steps + (kg.get("relin", 0.0) if relin else 0.0)) * r)
             upload = (kb.get("public.key", 0) + self.bootstrap_key_bytes(n, slots)

@@ -127,6 +127,12 @@ class _Worker:
         except (OSError, ValueError, AttributeError):
             raise died("before the job reached it") from None
         budget = self.pool.memory_budget
+
+        def over_budget(rss: int) -> PoolError:
+            self.kill()
+            return PoolError(503, f"the evaluation needed more than the worker memory budget of {_fmt(budget)} "
+                                  f"(--worker-memory; it reached {_fmt(rss)}); the worker was restarted")
+
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -146,10 +152,7 @@ class _Worker:
                 rss, peak = proc_rss(pid)
                 self.peak_rss = max(self.peak_rss, peak)
                 if budget and rss > budget:  # a job quicker than one poll is held to the budget too
-                    self.kill()
-                    raise PoolError(503, f"the evaluation needed more than the worker memory budget of "
-                                         f"{_fmt(budget)} (--worker-memory; it reached {_fmt(rss)}); the worker "
-                                         "was restarted")
+                    raise over_budget(rss)
                 loads = int(out.get("key_loads", self._loads_now))
                 self.key_loads += max(0, loads - self._loads_now)
                 self._loads_now = loads
@@ -160,9 +163,7 @@ class _Worker:
                 rss = proc_rss(pid)[0]
                 self.peak_rss = max(self.peak_rss, rss)
                 if rss > budget:
-                    self.kill()
-                    raise PoolError(503, f"the evaluation needed more than the worker memory budget of {_fmt(budget)} "
-                                         f"(--worker-memory; it reached {_fmt(rss)}); the worker was restarted")
+                    raise over_budget(rss)
 
     def info(self) -> dict:
         alive = self.proc is not None and self.proc.is_alive()
