@@ -303,9 +303,23 @@ def _lift_matmul(ctx: _Ctx) -> None:
 
 @lifter("Gemm")
 def _lift_gemm(ctx: _Ctx) -> None:
-    ins = [ctx.value(0), ctx.value(1)] + ([ctx.value(2)] if ctx.has(2) else [])
-    ctx.emit("Gemm", ins, {"alpha": ctx.attr("alpha", 1.0), "beta": ctx.attr("beta", 1.0),
-                           "transA": ctx.attr("transA", 0), "transB": ctx.attr("transB", 0)})
+    attrs = {"alpha": ctx.attr("alpha", 1.0), "beta": ctx.attr("beta", 1.0),
+             "transA": ctx.attr("transA", 0), "transB": ctx.attr("transB", 0)}
+    c = ctx.value(2) if ctx.has(2) else None
+    if c is None or c.is_constant:
+        ctx.emit("Gemm", [ctx.value(0), ctx.value(1)] + ([c] if c is not None else []), attrs)
+        return
+    # a bias computed at run time: the product, then an Add of beta * C (in the product's shape)
+    y = ctx.emit("Gemm", [ctx.value(0), ctx.value(1)], attrs, out=None, suffix=".product")
+    if tuple(c.type.shape) != tuple(y.type.shape):
+        if c.type.size != y.type.size:
+            raise ctx.fail(f"a run-time C of shape {list(c.type.shape)} broadcast to {list(y.type.shape)} is not "
+                           f"supported (only a C with the result's elements)")
+        c = ctx.emit("Reshape", [c], {"shape": list(y.type.shape)}, out=None, suffix=".c")
+    if attrs["beta"] != 1.0:
+        k = ctx.graph.add_constant(np.asarray(attrs["beta"], np.float32), ctx.node.output[0] + ".beta")
+        c = ctx.emit("Mul", [c, k], out=None, suffix=".beta_c")
+    ctx.emit("Add", [y, c])
 
 
 @lifter("Flatten")
@@ -467,12 +481,21 @@ def _lift_reducesum(ctx: _Ctx) -> None:
 @lifter("ReduceMean")
 def _lift_reducemean(ctx: _Ctx) -> None:
     """torch.onnx's dynamo exporter writes AdaptiveAvgPool2d(1) / x.mean((2, 3)) as a ReduceMean over
-    the spatial axes: that is a GlobalAveragePool (plus a Reshape when keepdims=0)."""
+    the spatial axes: that is a GlobalAveragePool (plus a Reshape when keepdims=0); a mean over
+    other axes is a ReduceSum divided by the count."""
     x = ctx.value(0)
     axes = _axes(ctx, x.type.rank, 1, required=False)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):
+            ctx.emit("Identity", [x])
+            return
+        axes = list(range(x.type.rank))
     if x.type.rank != 4 or axes != [2, 3]:
-        raise ctx.fail(f"ReduceMean over axes {axes} of {x.type} is not supported (only the spatial mean over "
-                       f"axes [2, 3] of an NCHW tensor, i.e. global average pooling)")
+        # any other mean: the sum over the axes, divided by their size (a scalar: no level)
+        n = int(np.prod([x.type.shape[a] for a in axes]))
+        s = ctx.emit("ReduceSum", [x], {"axes": axes, "keepdims": ctx.attr("keepdims", 1)}, out=None, suffix=".sum")
+        ctx.emit("Div", [s, ctx.graph.add_constant(np.asarray(n, np.float32), ctx.node.output[0] + ".count")])
+        return
     if ctx.attr("keepdims", 1):
         ctx.emit("GlobalAveragePool", [x])
         return

@@ -383,6 +383,10 @@ def _read_weights(data: bytes, fail) -> dict[str, np.ndarray]:
 
 # =========================================================================== program checks
 
+#: a ``sparse`` linear op (data movement) has at most this many entries per element of its larger side
+SPARSE_MAX_PER_ELEMENT = 64
+
+
 def _check_weight(prog: HEProgram, name, who: str, sizes: tuple[int, ...] | None = None,
                   shape_ok=None, what: str = "") -> np.ndarray:
     if not isinstance(name, str):
@@ -460,6 +464,19 @@ def _check_linear(prog: HEProgram, k: int, lin: LinearOp) -> None:
     elif lin.kind == "identity":
         if C * H * W != out_size:
             raise ProgramError(f"{who}: identity op maps {C * H * W} elements to {out_size}")
+    elif lin.kind == "sparse":
+        in_size = C * H * W
+
+        def triples(w) -> str | None:
+            if w.ndim != 2 or w.shape[0] != 3 or w.shape[1] > SPARSE_MAX_PER_ELEMENT * max(in_size, out_size):
+                return f"expected [3, nnz] (row, col, value) with nnz <= {SPARSE_MAX_PER_ELEMENT} x the larger size"
+            r, c = w[0], w[1]
+            if w.shape[1] and (np.any(r != np.round(r)) or np.any(c != np.round(c)) or r.min() < 0
+                               or c.min() < 0 or r.max() >= out_size or c.max() >= in_size):
+                return f"rows must be integers in [0, {out_size}) and columns in [0, {in_size})"
+            return None
+
+        _check_weight(prog, p.get("weight"), who, shape_ok=triples)
     elif lin.kind == "gap":
         if lin.out_shape != (C, 1, 1):
             raise ProgramError(f"{who}: global average pool of {list(lin.in_shape)} must give [{C}, 1, 1]")

@@ -138,6 +138,11 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
     elif lin.kind == "identity":
         idx = np.arange(in_size)
         rows, cols, vals = idx, idx, np.ones(in_size)
+    elif lin.kind == "sparse":
+        # data movement (Transpose, Pad, Concat, Reshape between layouts, ReduceSum): the matrix
+        # itself, as a [3, nnz] weight of (row, col, value) triples
+        t = np.asarray(weights[lin.params["weight"]], np.float64)
+        rows, cols, vals = t[0].astype(np.int64), t[1].astype(np.int64), t[2]
     elif lin.kind == "affine":
         scale = np.asarray(weights[lin.params["weight"]], np.float64).reshape(-1)
         C, H, W = lin.in_shape

@@ -127,6 +127,7 @@ class Lowering:
         # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
         self._aligned: dict[tuple[int, int], Tensor] = {}
         self.shared_alignments = 0
+        self.conversions = 0  # layout conversions (identity linear ops) the lowering inserted
         self.bsgs_plans: dict[int, Any] = {}  # linear op id -> its BSGS plan (for the HE passes)
         self.he_report = None  # the HE passes' PipelineReport
         self.he_notes: dict[str, Any] = {}  # what they reported (e.g. the rotation-key trade)
@@ -246,7 +247,8 @@ class Lowering:
             return self.to_level(t, level)
         key = (id(v), level)
         hit = self._aligned.get(key)
-        if hit is not None and hit.cts and self.meta.get(hit.cts[0]) == (level, t.scale) and hit.alpha == t.alpha:
+        if hit is not None and hit.cts and self.meta.get(hit.cts[0]) == (level, t.scale) and hit.alpha == t.alpha \
+                and hit.layout == t.layout:
             self.shared_alignments += 1
             return hit
         out = self.to_level(t, level)
@@ -288,6 +290,31 @@ class Lowering:
         cands = [lin_in.strided(out_shape, stride, self.opts.multiplex)]
         return cands[0]
 
+    def convert(self, t: Tensor, lay: Layout) -> Tensor:
+        """``t`` in layout ``lay``: the same elements (in (c, h, w) order; the shapes may differ,
+        as for a Reshape) at ``lay``'s positions, by an ``identity`` linear op (one level, the
+        rotations of its diagonals).  Free when the positions are already those."""
+        src = self.layout(t)
+        if src.size != lay.size:
+            raise LoweringInvariantError(f"{self._where()}: converting {src.describe()} to {lay.describe()}")
+        if src.n_ct == lay.n_ct and np.array_equal(src.positions, lay.positions):
+            return replace(t, layout=self.layout_id(lay))
+        lin = LinearOp("identity", t.layout, self.layout_id(lay), src.shape, lay.shape, {},
+                       note=self.node.outputs[0].name if self.node is not None else "")
+        self.conversions += 1
+        return self.linear_on(lin, t)
+
+    def _convert_one(self, ta: Tensor, tb: Tensor) -> tuple[Tensor, Tensor, bool, bool]:
+        """Two operands of an element-wise op in different layouts: convert one to the other's.
+        The one with more levels left pays the conversion's level (on a tie, the one with fewer
+        ciphertexts, which has fewer diagonals to apply)."""
+        la, lb = self.layout(ta), self.layout(tb)
+        if np.array_equal(la.positions, lb.positions) and la.n_ct == lb.n_ct:
+            return ta, replace(tb, layout=ta.layout), False, False
+        if (ta.level, -len(ta.cts)) >= (tb.level, -len(tb.cts)):
+            return self.convert(ta, lb), tb, True, False
+        return ta, self.convert(tb, la), False, True
+
     def _add_partner(self, v: Value) -> Layout | None:
         """Layout of the already-lowered other operand of the Add that
         consumes ``v`` alone, if any."""
@@ -301,7 +328,16 @@ class Lowering:
         return self.layout(t) if t is not None else None
 
     def linear(self, lin: LinearOp, x_val: Value, out_scale: float | None = None) -> Tensor:
-        x = self.need(x_val, 1)  # garbage in unused slots is fine: no diagonal reads it
+        """Emit linear op ``lin`` on the tensor of ``x_val`` (refreshed first, for every later reader
+        too, when it has no level left)."""
+        return self.linear_on(lin, self.need(x_val, 1), out_scale)
+
+    def linear_on(self, lin: LinearOp, x: Tensor, out_scale: float | None = None) -> Tensor:
+        """Emit linear op ``lin`` on tensor ``x`` (an operand of the node, or one made while
+        lowering it).  Its result holds exact zeros off its layout's positions, whatever ``x``
+        holds off its own (garbage in unused slots is fine: no diagonal reads it)."""
+        if x.level < 1:
+            x = self.refresh(x)
         lin.mult *= x.alpha
         lin_in = self.layout(x)
         lin.in_layout = x.layout
@@ -393,13 +429,12 @@ class Lowering:
     def align(self, va: Value, vb: Value) -> tuple[Tensor, Tensor]:
         """Bring two operands of an add to the same layout, alpha, level and scale."""
         ta, tb = self.tensor(va), self.tensor(vb)
+        conv_a = conv_b = False
         if ta.layout != tb.layout:
-            if self.layout(ta).positions.tolist() != self.layout(tb).positions.tolist():
-                raise LoweringError(f"{self._where()}: operands have different layouts "
-                                    f"({self.layout(ta).describe()} vs {self.layout(tb).describe()}); "
-                                    f"layout conversion is not implemented yet")
-        adj_a = self._adjustable(va, ta, self.node)
-        adj_b = self._adjustable(vb, tb, self.node)
+            ta, tb, conv_a, conv_b = self._convert_one(ta, tb)
+        # a converted operand is this node's own linear op: its scale can always be replanned
+        adj_a = conv_a or self._adjustable(va, ta, self.node)
+        adj_b = conv_b or self._adjustable(vb, tb, self.node)
         # choose which side follows the other: an adjustable one, preferring the lower level
         if adj_a and (not adj_b or ta.level <= tb.level):
             follow, lead, fv = ta, tb, va
@@ -753,7 +788,8 @@ def _lower_reshape(low: "Lowering", node: Node) -> Tensor:
         pos = tuple(int(p) for p in lay.positions)
         out = Layout(new_shape, lay.slots, lay.n_ct, pos, 0, 0, "flat", 1, (0, 0), 1)
         return replace(t, layout=low.layout_id(out), emission=t.emission)
-    raise LoweringError(f"{low._where()}: reshape from {lay.shape} to {new_shape} is not supported yet")
+    # the same elements in (c, h, w) order, laid out afresh for the new shape
+    return low.convert(low.need(x, 1), Layout.compact(new_shape, lay.slots))
 
 
 @lowers("Identity", "Dropout")
@@ -816,11 +852,10 @@ def _lower_mul(low: "Lowering", node: Node) -> Tensor:
     if a is b:
         return low.poly(a, [0.0, 0.0, 1.0])
     ta, tb = low.need(a, 1), low.need(b, 1)
-    if ta.layout != tb.layout and \
-            low.layout(ta).positions.tolist() != low.layout(tb).positions.tolist():
-        raise LoweringError(f"{low._where()}: operands have different layouts "
-                            f"({low.layout(ta).describe()} vs {low.layout(tb).describe()}); "
-                            f"layout conversion is not implemented yet")
+    if ta.layout != tb.layout:
+        ta, tb, _, _ = low._convert_one(ta, tb)
+        if min(ta.level, tb.level) < 1:  # the conversion took the last level of the lower operand
+            ta, tb = (low.refresh(ta) if ta.level < 1 else ta), (low.refresh(tb) if tb.level < 1 else tb)
     lv = min(ta.level, tb.level)
     ta, tb = low.to_level(ta, lv), low.to_level(tb, lv)
     cts = []
@@ -927,3 +962,7 @@ def run_he_passes(prog: HEProgram, low: Lowering) -> None:
     low.he_notes = {k: v for k, v in pm.ctx.options.items() if k not in ctx}
     where = {ins.out: k for k, ins in enumerate(prog.instrs) if ins.op == "refresh"}
     low.refresh_groups = [where[v] for v in group_values]
+
+
+# the data-movement ops' rules live in their own module (registered on import)
+from . import lower_moves  # noqa: E402,F401
