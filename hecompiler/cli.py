@@ -448,12 +448,18 @@ def cmd_run(argv: Sequence[str]) -> int:
         ref = _reference(args.reference, x)
         rng = float(np.ptp(ref)) or 1.0
         err = float(np.abs(y - ref).max())
-        agree = bool(np.argmax(y) == np.argmax(ref))
+        batch = len(ref) if np.ndim(ref) >= 2 and len(ref) > 1 else 1
+        if batch > 1:  # a batch: the argmax of every input's output
+            same = np.argmax(np.reshape(y, (batch, -1)), 1) == np.argmax(np.reshape(ref, (batch, -1)), 1)
+            agree, how = bool(same.all()), f"for {int(same.sum())} of the {batch} inputs"
+        else:
+            agree = bool(np.argmax(y) == np.argmax(ref))
+            how = f"({int(np.argmax(y))} vs {int(np.argmax(ref))})"
         ref_err = {"max_abs_error": err, "relative_to_range": err / rng, "argmax_agrees": agree,
                    "reference": os.path.basename(args.reference)}
         if not args.json:
             print(f"max abs error vs {os.path.basename(args.reference)}: {err:.3e} ({err / rng:.2e} of the output "
-                  f"range); argmax {'agrees' if agree else 'DIFFERS'} ({int(np.argmax(y))} vs {int(np.argmax(ref))})")
+                  f"range); argmax {'agrees' if agree else 'DIFFERS'} {how}")
     if args.json:
         import json
 

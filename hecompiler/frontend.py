@@ -681,8 +681,6 @@ def _fixed_input_types(model: onnx.ModelProto, src: str,
                                         ",".join(str(x.dim_value or (1 if j == 0 else 'N'))
                                                  for j, x in enumerate(tt.shape.dim)))
             shape = tuple(shape)
-        if shape and shape[0] != 1:
-            raise UnsupportedError(f"{src}: input {inp.name!r} has batch size {shape[0]}; compile for batch 1")
         problem = _shape_problem(f"input {inp.name!r}", shape, dtype)
         if problem:
             raise FrontendError(f"{src}: {problem}")

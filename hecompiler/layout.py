@@ -47,40 +47,55 @@ class Layout:
     gap: int = 1  # spatial interleave factor (1 for compact)
     grid: tuple[int, int] = (0, 0)  # footprint (H0, W0) of one channel group, for derived layouts
     per_fp: int = 1  # channels sharing one footprint
+    #: a batch of B images stacked along the channels (batch-to-channels: channel b*C + c is
+    #: image b's channel c) is placed channel-major: the footprints (each holding ``per_fp``
+    #: channels of one image) go in the order (channel group, image), so every image's channel c
+    #: sits at the same offset from its channel c' and a per-image op's diagonals are shared by
+    #: the images (the rotations do not grow with B)
+    batch: int = 1
 
     # ------------------------------------------------------------------ builders
     @staticmethod
-    def compact(shape, slots: int) -> "Layout":
+    def compact(shape, slots: int, batch: int = 1) -> "Layout":
         c, h, w = shape
-        return Layout.from_grid(shape, slots, grid=(h, w), gap=1, per_footprint=1, kind="compact")
+        return Layout.from_grid(shape, slots, grid=(h, w), gap=1, per_footprint=1, kind="compact", batch=batch)
 
     @staticmethod
     def from_grid(shape, slots: int, grid: tuple[int, int], gap: int, per_footprint: int,
-                  kind: str) -> "Layout":
+                  kind: str, batch: int = 1) -> "Layout":
         """Channels on footprints of ``grid`` = (H0, W0) base positions with
         interleave ``gap``: channel c uses footprint c // per_footprint and
-        sub-position c % per_footprint of the gap x gap cell."""
+        sub-position c % per_footprint of the gap x gap cell (with a ``batch``, channel-major:
+        see :attr:`batch`)."""
         c, h, w = shape
+        if batch < 1 or c % batch:
+            batch = 1
         h0, w0 = grid
         if h * gap > h0 or w * gap > w0:
             raise LoweringError(f"layout: {h}x{w} with gap {gap} does not fit grid {h0}x{w0}")
         if not 1 <= per_footprint <= gap * gap:
             raise LoweringError(f"layout: {per_footprint} channels per footprint with gap {gap}")
         fsize = h0 * w0
-        n_fp = -(-c // per_footprint)
+        n_fp = -(-(c // batch) // per_footprint) * batch
         if fsize <= slots:
             per_ct = slots // fsize
             fp_base = [(f // per_ct) * slots + (f % per_ct) * fsize for f in range(n_fp)]
         else:  # a footprint spans several ciphertexts: lay them end to end
             fp_base = [f * fsize for f in range(n_fp)]
         pos = []
+        per_image = c // batch
         for ch in range(c):
-            f, k = divmod(ch, per_footprint)
+            if batch > 1:  # footprint groups of one image's channels, ordered (group, image)
+                img, ci = divmod(ch, per_image)
+                grp, k = divmod(ci, per_footprint)
+                f = grp * batch + img
+            else:
+                f, k = divmod(ch, per_footprint)
             a, b = divmod(k, gap)
             pos.append(fp_base[f] + a * w0 + b)
         last = max(pos) + (h - 1) * gap * w0 + (w - 1) * gap
         n_ct = last // slots + 1
-        return Layout((c, h, w), slots, n_ct, tuple(pos), gap * w0, gap, kind, gap, (h0, w0), per_footprint)
+        return Layout((c, h, w), slots, n_ct, tuple(pos), gap * w0, gap, kind, gap, (h0, w0), per_footprint, batch)
 
     def strided(self, shape, stride: int, multiplex: bool = True) -> "Layout":
         """The layout a stride-``stride`` conv/pool from this layout writes to
@@ -95,7 +110,8 @@ class Layout:
             gap = self.gap  # output larger than the grid allows: keep spacing (e.g. pads grow it)
         per_fp = min(gap * gap, c) if multiplex else 1
         kind = "compact" if gap == 1 else ("multiplexed" if per_fp > 1 else "gapped")
-        return Layout.from_grid(shape, self.slots, (max(h0, h * gap), max(w0, w * gap)), gap, per_fp, kind)
+        return Layout.from_grid(shape, self.slots, (max(h0, h * gap), max(w0, w * gap)), gap, per_fp, kind,
+                                self.batch)
 
     @staticmethod
     def vector(n: int, slots: int) -> "Layout":
@@ -139,7 +155,8 @@ class Layout:
     def describe(self) -> str:
         c, h, w = self.shape
         g = f" gap {self.gap}" if self.gap > 1 else ""
-        return f"{self.kind}{g} {c}x{h}x{w} in {self.n_ct} ct ({100 * self.density:.0f}% full)"
+        b = f" ({self.batch} images channel-major)" if self.batch > 1 else ""
+        return f"{self.kind}{g} {c}x{h}x{w}{b} in {self.n_ct} ct ({100 * self.density:.0f}% full)"
 
     # ------------------------------------------------------------------ packing
     def pack(self, tensor: np.ndarray) -> np.ndarray:
@@ -158,21 +175,28 @@ class Layout:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "slots": self.slots, "n_ct": self.n_ct, "pos": list(self.pos),
-                "hs": self.hs, "ws": self.ws, "kind": self.kind, "gap": self.gap, "grid": list(self.grid),
-                "per_fp": self.per_fp}
+        d = {"shape": list(self.shape), "slots": self.slots, "n_ct": self.n_ct, "pos": list(self.pos),
+             "hs": self.hs, "ws": self.ws, "kind": self.kind, "gap": self.gap, "grid": list(self.grid),
+             "per_fp": self.per_fp}
+        if self.batch > 1:
+            d["batch"] = self.batch
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "Layout":
         lay = Layout(tuple(int(x) for x in d["shape"]), int(d["slots"]), int(d["n_ct"]),
                      tuple(int(x) for x in d["pos"]), int(d["hs"]), int(d["ws"]), str(d["kind"]), int(d["gap"]),
-                     tuple(int(x) for x in d["grid"]), int(d["per_fp"]))
+                     tuple(int(x) for x in d["grid"]), int(d["per_fp"]), int(d.get("batch", 1)))
         lay.check()
         return lay
 
 
-def chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """The (C, H, W) view of a batch-1 tensor shape."""
+def chw(shape: tuple[int, ...], fold_batch: bool = False) -> tuple[int, int, int]:
+    """The (C, H, W) view of a batch-1 tensor shape.  With ``fold_batch`` a batch of B is the
+    same elements as one tensor of B times the channels (the graph's inputs and outputs after
+    the ``batch-to-channels`` pass, which stacks every value in between)."""
+    if fold_batch and len(shape) >= 2 and shape[0] > 1:
+        shape = (1, shape[0] * shape[1], *shape[2:])
     if not shape or shape[0] != 1:
         raise LoweringError(f"tensor shape {list(shape)}: HE lowering needs batch size 1")
     rest = shape[1:]

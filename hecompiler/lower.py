@@ -286,7 +286,7 @@ class Lowering:
         if partner is not None and partner.shape == out_shape:
             return partner
         if lin_in.grid == (0, 0):
-            return Layout.compact(out_shape, lin_in.slots)
+            return Layout.compact(out_shape, lin_in.slots, lin_in.batch)
         cands = [lin_in.strided(out_shape, stride, self.opts.multiplex)]
         return cands[0]
 
@@ -577,10 +577,11 @@ class Lowering:
                                         f"{user.op} {_CONST_OPERANDS[user.op]} must be constants (only the "
                                         f"data is encrypted); make it an initializer")
             try:
-                shape = chw(v.type.shape)
+                shape = chw(v.type.shape, fold_batch=True)  # a batch: stacked by batch-to-channels
             except LoweringError as e:
                 raise LoweringError(f"input %{v.name}: {e}") from None
-            lay = self.layout_id(Layout.compact(shape, params.slots))
+            batch = int(v.type.shape[0]) if v.type.rank >= 2 else 1
+            lay = self.layout_id(Layout.compact(shape, params.slots, batch))
             cts = [self.prog.new_value() for _ in range(self.prog.layouts[lay].n_ct)]
             for c in cts:
                 self.meta[c] = (self.top, self.delta)
@@ -781,7 +782,7 @@ def _lower_reshape(low: "Lowering", node: Node) -> Tensor:
     x = node.inputs[0]
     t = low.tensor(x)
     lay = low.layout(t)
-    new_shape = chw(node.output.type.shape)
+    new_shape = chw(node.output.type.shape, fold_batch=True)  # the same elements in the same order
     if new_shape == lay.shape:
         return t
     if new_shape[1:] == (1, 1):

@@ -42,6 +42,8 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
         "key_bytes": r.get("key_bytes"),
         "key_upload_bytes": r.get("key_upload_bytes"),
         "predicted_seconds": r.get("predicted_seconds"),
+        "batch": r.get("batch", 1),
+        "predicted_seconds_per_input": r.get("predicted_seconds_per_input", r.get("predicted_seconds")),
         "predicted_encode_seconds": r.get("predicted_encode_seconds"),
         "predicted_network_seconds": r.get("predicted_network_seconds"),
         "predicted_keygen_seconds": r.get("predicted_keygen_seconds"),

@@ -23,8 +23,13 @@ calibrated ranges from ``ctx.options["calibration"]``, see ``hecompiler.calibrat
 - ``relu-to-poly``        ReLU / Clip -> minimax (or composite) polynomial on the calibrated range
 - ``maxpool-to-avgpool``  MaxPool -> AveragePool with the same window
 - ``maxpool-to-poly``     MaxPool -> tree of polynomial maxima on the calibrated range
+
+Added last by the compile driver when the model's input has a batch B > 1 (exact):
+
+- ``batch-to-channels``   the B images stacked along the channels, every op acting per image
 """
 
 from . import dce, dirac_merge, fold_bn, fold_constants, fold_pad, fuse_gemm, fuse_poly, remove_identity, stack_sum  # noqa: F401
 from . import dirac_rewrite, shared_source_rewrite  # noqa: F401  (approximating, opt-in)
+from . import batch_to_channels  # noqa: F401  (added by the compiler for a batched input)
 from . import maxpool_to_avgpool, maxpool_to_poly, relu_to_poly  # noqa: F401  (approximating)
