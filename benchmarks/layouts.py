@@ -3,13 +3,15 @@
     python benchmarks/layouts.py                 # every row below (about 15 minutes on 2 cores)
     python benchmarks/layouts.py --no-big        # without ResNet-18/50 at 224x224
     python benchmarks/layouts.py --models tiny_resnet_poly:ni
+    python benchmarks/layouts.py --models resnet18_poly_224:ca --variants after
 
 ``before`` lowers with no HE-program passes (``LoweringOptions(he_passes="")``: one Galois key
 per rotation step the program names, every mod-switch where the lowering put it); ``after`` is
 the default pipeline (``share-mod-switch,hoist-rotations,select-rotation-keys``: keys chosen
 under the memory budget, every rotation composed from them).  Everything else (planner, layouts,
 parameters search) is the same code, so the planner may pick other parameters for the two when
-the key memory changes what fits.
+the key memory changes what fits.  Both search the layout strategies (hecompiler/layout_strategy.py)
+at the chosen parameters: ``params`` ends with ``layout=aligned`` when the power-of-two grid won.
 
 Rows (model:mode): ``ca`` client-aided refreshes under SEAL (the default plan), ``ni``
 non-interactive under SEAL at 128-bit (``--max-refreshes 0``, budget ``--ni-memory``, 22 GiB
@@ -43,7 +45,7 @@ MODELS_DIR = ROOT / "models"
 ROWS = [("tiny_resnet_poly", "ca"), ("tiny_resnet_poly", "ni"), ("digits_poly", "ca"), ("digits_relu", "ca"),
         ("resnet20_poly", "ca"), ("resnet8_poly", "ni"), ("resnet18_poly_224", "ca"), ("resnet50_poly_224", "ca")]
 RUN = {("tiny_resnet_poly", "ca"), ("tiny_resnet_poly", "ni"), ("digits_poly", "ca"), ("digits_relu", "ca"),
-       ("resnet20_poly", "ca")}
+       ("resnet20_poly", "ca"), ("resnet8_poly", "ni")}
 BIG = {"resnet18_poly_224", "resnet50_poly_224"}
 VARIANTS = {"before": "", "after": None}
 
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", help="rows as MODEL:MODE (ca or ni); default: all")
     ap.add_argument("--no-big", action="store_true", help="leave out ResNet-18/50 at 224x224")
     ap.add_argument("--no-run", action="store_true", help="compile and predict only")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--ni-memory", default=str(22 * 2**30), help="memory budget of the non-interactive plans (bytes)")
     ap.add_argument("--run-limit", default=str(6 * 2**30), help="run a row under SEAL only below this predicted peak")
     a = ap.parse_args(argv)
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     print("-" * len(HEAD))
     for name, mode in rows:
         model_paths(name)
-        for variant in VARIANTS:
+        for variant in a.variants:
             hec = CACHE / f"layouts.{name}.{mode}.{variant}.hec"
             c, _, cpeak = _child(["compile", name, mode, variant, a.ni_memory, str(hec)])
             r = None

@@ -144,6 +144,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--slots", type=int, default=None, metavar="S",
                    help="slots per ciphertext: N/2, or (bootstrapping targets) a sparse packing whose cheaper "
                         "bootstrap the target measured (default: the planner weighs them)")
+    g.add_argument("--layout", default=None, choices=["multiplexed", "gapped", "aligned"],
+                   help="layout strategy (hecompiler/layout_strategy.py; default: the planner tries each at the "
+                        "chosen parameters and keeps the cheapest)")
     g.add_argument("--max-memory", default="8G", metavar="SIZE",
                    help="memory budget for running the program, e.g. 4G or 512M (default: %(default)s)")
     g.add_argument("--max-seconds", type=float, default=None, metavar="S",
@@ -276,6 +279,7 @@ def _compile_hec(args) -> int:
     from .costmodel import CostModel
     from .hecfile import save_hec
     from .passmanager import DEFAULT_PIPELINE
+    from .lower import LoweringOptions
     from .planner import PlanOptions
 
     if not args.output:
@@ -291,7 +295,8 @@ def _compile_hec(args) -> int:
     popts = PlanOptions(ring_degrees=rings, security="tc128" if args.security == "128" else "none",
                         max_memory_bytes=_size_arg(args.max_memory), max_refreshes=args.max_refreshes,
                         scale_bits=args.scale_bits, levels=args.levels, max_seconds=args.max_seconds,
-                        max_compile_seconds=args.max_compile_seconds, slots=args.slots)
+                        max_compile_seconds=args.max_compile_seconds, slots=args.slots,
+                        lowering=LoweringOptions(layout=args.layout))
     opts = CompileOptions(passes=DEFAULT_PIPELINE if args.passes is None else args.passes, plan=popts,
                           input_shapes=dict(args.input_shape), dump_after=args.dump_after,
                           dump_weights=args.dump_weights, dump_constants=not args.no_constants,

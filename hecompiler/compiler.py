@@ -413,6 +413,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                               "unplanned": low.unplanned_refreshes},
         "shared_alignments": low.shared_alignments,
         "target": target.name,
+        "layout": best.layout,
         "bootstraps": c.refreshes if target.backend != "seal" else 0,
         "refresh_scaling": ([round(float(b), 6) for b in getattr(best, "refresh_bounds", ())]
                             if getattr(best, "refresh_bounds", None) else None),
@@ -513,6 +514,8 @@ def format_report(r: dict[str, Any]) -> str:
     word = "bootstraps" if boots else "refreshes"
     lines.append(f"target: {target}" + (" (non-interactive: the server runs the whole network alone; the key holder "
                                          "only encrypts the input and decrypts the output)" if boots else ""))
+    if r.get("layout"):
+        lines.append(f"layout strategy: {r['layout']} (hecompiler/layout_strategy.py; --layout to fix it)")
     lines.append(f"candidates (predicted {target.split(':')[0]} latency with the cost table below):")
     for cd in r["candidates"]:
         mark = "*" if cd["chosen"] else " "

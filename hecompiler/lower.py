@@ -40,6 +40,7 @@ from .opsem import SCALE_SNAP, OpSemanticsError, result_meta
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
+from .layout_strategy import get_strategy
 from .linear import diag_keys, plan_bsgs
 from .refresh import LevelModel, NodeInfo, RefreshPlan
 
@@ -71,6 +72,9 @@ class Tensor:
 class LoweringOptions:
     #: weight of one new Galois key, in rotations, when choosing BSGS splits
     key_cost: float = 0.0
+    #: the layout strategy (hecompiler.layout_strategy: "multiplexed", "gapped", "aligned"); None:
+    #: "multiplexed", or "gapped" when ``multiplex`` is False
+    layout: str | None = None
     #: multiplex strided layouts (fill holes with channels); False keeps them gapped
     multiplex: bool = True
     #: reuse a skip source's level alignment across the Adds it feeds (shared-source lowering)
@@ -111,6 +115,7 @@ class Lowering:
                  options: LoweringOptions | None = None, refresh_plan: RefreshPlan | None = None):
         self.g = graph
         self.opts = options or LoweringOptions()
+        self.strategy = get_strategy(self.opts.layout or ("multiplexed" if self.opts.multiplex else "gapped"))
         self.prog = HEProgram(params, tuple(primes))
         self.t: dict[int, Tensor] = {}
         self.meta: dict[int, tuple[int, float]] = {}
@@ -280,15 +285,9 @@ class Lowering:
 
     # ================================================================== linear ops
     def choose_out_layout(self, node: Node, lin_in: Layout, out_shape, stride: int) -> Layout:
-        """Layout for a conv/pool result: the layout of the tensor it will be
-        added to when known, else the input grid with gap times stride."""
-        partner = self._add_partner(node.output)
-        if partner is not None and partner.shape == out_shape:
-            return partner
-        if lin_in.grid == (0, 0):
-            return Layout.compact(out_shape, lin_in.slots, lin_in.batch)
-        cands = [lin_in.strided(out_shape, stride, self.opts.multiplex)]
-        return cands[0]
+        """Layout for a conv/pool result, as the layout strategy says (the layout of the tensor
+        it will be added to when known, else derived from the input's)."""
+        return self.strategy.output_layout(lin_in, out_shape, stride, self._add_partner(node.output))
 
     def convert(self, t: Tensor, lay: Layout) -> Tensor:
         """``t`` in layout ``lay``: the same elements (in (c, h, w) order; the shapes may differ,
@@ -581,7 +580,7 @@ class Lowering:
             except LoweringError as e:
                 raise LoweringError(f"input %{v.name}: {e}") from None
             batch = int(v.type.shape[0]) if v.type.rank >= 2 else 1
-            lay = self.layout_id(Layout.compact(shape, params.slots, batch))
+            lay = self.layout_id(self.strategy.input_layout(shape, params.slots, batch))
             cts = [self.prog.new_value() for _ in range(self.prog.layouts[lay].n_ct)]
             for c in cts:
                 self.meta[c] = (self.top, self.delta)

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, replace
 
 from .costmodel import CostModel, ProgramCost, RefreshCost, program_cost
 from .estimate import lower_bounds
-from .errors import HecError, LoweringError, OutOfLevelsError
+from .errors import CompileBudgetError, HecError, LoweringError, OutOfLevelsError
 from .heprog import HEProgram, Params
 from .ir import Graph
+from .layout_strategy import STRATEGIES
 from .lower import Lowering, LoweringOptions, lower
 from .refresh import RefreshPlan, plan_refreshes
 from .primes import chain_primes
@@ -86,12 +87,15 @@ class Candidate:
     refresh_plan: RefreshPlan | None = None  # the optimal placement, when it was used
     #: the lowering options it was lowered with (cost model and memory budget of the HE passes)
     lowering_options: LoweringOptions | None = None
+    #: its layout strategy (hecompiler.layout_strategy)
+    layout: str = "multiplexed"
 
     @property
     def label(self) -> str:
         p = self.params
         sparse = f" slots=2^{p.log_slots}" if p.log_slots is not None else ""
-        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}{sparse}"
+        lay = f" layout={self.layout}" if self.layout != "multiplexed" else ""
+        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}{sparse}{lay}"
 
 
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -146,7 +150,8 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
         except OutOfLevelsError:
             cands.append(Candidate(params, primes, None, None, None, "chain too short"))
             continue
-        c = Candidate(params, primes, prog, low, program_cost(prog, cost), lowering_options=final_opts)
+        c = Candidate(params, primes, prog, low, program_cost(prog, cost), lowering_options=final_opts,
+                      layout=low.strategy.name)
         c.greedy_refreshed = low.refreshed_cts
         if low.refreshed_cts and opts.optimal_refresh:
             c = _place_refreshes(graph, c, opts, cost, lowering)
@@ -172,12 +177,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                        for q in [cd.params for cd in cands] + queue):
                 bits = (params.coeff_bits[0],) + (params.scale_bits,) * lv + (params.coeff_bits[-1],)
                 queue.insert(0, replace(params, coeff_bits=bits))
-        if c.cost.memory_bytes > opts.max_memory_bytes:
-            c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
-        elif opts.max_seconds and c.cost.seconds > opts.max_seconds:
-            c.reason = f"{c.cost.seconds:.1f} s per inference > --max-seconds {opts.max_seconds:g}"
-        elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
-            c.reason = f"{c.cost.refreshes} refreshes > {opts.max_refreshes}"
+        _check_budgets(c, opts)
         cands.append(c)
         # keep only the best program so far in memory (large networks have large programs)
         if not c.reason and (best is None or (c.cost.seconds, c.cost.memory_bytes) <
@@ -206,7 +206,71 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
+    if opts.lowering.layout is None and opts.lowering.multiplex:
+        best = _search_layouts(graph, best, cands, opts, cost, lowering, final_opts, progress)
     return best, cands
+
+
+def _check_budgets(c: Candidate, opts: PlanOptions) -> None:
+    """Set ``c.reason`` when the candidate breaks a budget (memory, seconds, refreshes)."""
+    if c.cost.memory_bytes > opts.max_memory_bytes:
+        c.reason = f"memory {c.cost.memory_bytes / 2**30:.1f} GiB > budget"
+    elif opts.max_seconds and c.cost.seconds > opts.max_seconds:
+        c.reason = f"{c.cost.seconds:.1f} s per inference > --max-seconds {opts.max_seconds:g}"
+    elif opts.max_refreshes is not None and c.cost.refreshes > opts.max_refreshes:
+        c.reason = f"{c.cost.refreshes} refreshes > {opts.max_refreshes}"
+
+
+#: layout strategies the planner tries beside the default at the chosen parameters ("gapped" is
+#: searchable with --layout but not tried: it holds the same diagonals in emptier ciphertexts)
+SEARCHED_LAYOUTS = ("aligned",)
+
+
+def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts: PlanOptions, cost: CostModel,
+                    lowering: LoweringOptions, final_opts: LoweringOptions, progress=None) -> Candidate:
+    """The chosen parameters lowered with each other layout strategy (refreshes placed again for
+    each); the cheapest that fits the budgets wins.  A strategy that lays out this graph exactly
+    as the chosen one is skipped."""
+    for name in SEARCHED_LAYOUTS:
+        strat = STRATEGIES[name]
+        if name == best.layout or not _strategy_differs(graph, strat, best.params.slots):
+            continue
+        lo = replace(lowering, layout=name)
+        try:
+            prog, low = lower(graph, best.params, best.primes, lo)
+        except (OutOfLevelsError, CompileBudgetError):
+            continue
+        c = Candidate(best.params, best.primes, prog, low, program_cost(prog, cost),
+                      lowering_options=replace(final_opts, layout=name), layout=name)
+        c.greedy_refreshed = low.refreshed_cts
+        if low.refreshed_cts and opts.optimal_refresh:
+            c = _place_refreshes(graph, c, opts, cost, lo)
+        _check_budgets(c, opts)
+        cands.append(c)
+        if not c.reason and (c.cost.seconds, c.cost.memory_bytes) < (best.cost.seconds, best.cost.memory_bytes):
+            best.prog = best.lowering = None
+            best = c
+        else:
+            c.prog = c.lowering = None
+        if progress is not None:
+            progress(c)
+    return best
+
+
+def _strategy_differs(graph: Graph, strat, slots: int) -> bool:
+    """Whether ``strat`` lays out the graph's inputs otherwise than the default strategy (from
+    there on the two derive the same layouts alike)."""
+    from .layout import chw
+
+    default = STRATEGIES["multiplexed"]
+    for v in graph.inputs:
+        try:
+            shape = chw(v.type.shape, fold_batch=True)
+        except HecError:
+            return False
+        if strat.input_layout(shape, slots) != default.input_layout(shape, slots):
+            return True
+    return False
 
 
 def promising_levels(cand: Candidate, cost: CostModel, lmax: int, k: int = 2) -> list[int]:
@@ -260,7 +324,7 @@ def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: C
         tried.add(key)
         prog, low = lower(graph, greedy.params, greedy.primes, lowering or opts.lowering, rplan)
         c = Candidate(greedy.params, greedy.primes, prog, low, program_cost(prog, cost),
-                      lowering_options=greedy.lowering_options)
+                      lowering_options=greedy.lowering_options, layout=greedy.layout)
         c.greedy_refreshed = greedy.lowering.refreshed_cts
         c.refresh_plan = rplan
         if (c.cost.refreshes, c.cost.seconds) <= (best.cost.refreshes, best.cost.seconds):

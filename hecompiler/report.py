@@ -35,6 +35,7 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
                    "security_source": rp.get("security_note") or (security_source(p.poly_degree)
                                                                   if p.security == "tc128" else "not secure")},
         "target": r.get("target", "seal"),
+        "layout": r.get("layout", "multiplexed"),
         "refresh": refresh,
         "ops": _ops(prog, boots),
         "galois_keys": len(prog.galois_steps),

@@ -1,0 +1,112 @@
+"""Layout strategies (hecompiler/layout_strategy.py) and the planner's search over them: each
+strategy's program computes the model (simulator against the reference interpreter, one under
+SEAL), the power-of-two ("aligned") grid tiles the ciphertexts and cuts a 28x28 network's
+rotations and ct-pt multiplications, the planner picks it there and skips it where it would lay
+out the graph alike, and --layout fixes the strategy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hecompiler as hc
+from hecompiler.backends.sim import Simulator
+from hecompiler.errors import HecError
+from hecompiler.heprog import Params
+from hecompiler.layout_strategy import STRATEGIES, get_strategy
+from hecompiler.lower import LoweringOptions, lower
+from hecompiler.planner import PlanOptions, plan
+
+sealapi = pytest.importorskip("tenseal.sealapi")
+
+N, BITS = 8192, (60, 40, 40, 40, 60)
+
+
+def _net(side: int, chans=(3, 8, 8, 16), scale=0.3):
+    """Convs (the second and third strided) with a small square activation between them."""
+    rng = np.random.default_rng(side)
+    nodes, inits, x = [], {}, "x"
+    for k in range(len(chans) - 1):
+        s = 2 if k >= 1 else 1
+        inits[f"w{k}"] = rng.uniform(-scale, scale, (chans[k + 1], chans[k], 3, 3)).astype(np.float32)
+        inits[f"k{k}"] = np.float32(0.25)
+        nodes += [helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], strides=[s, s], pads=[1, 1, 1, 1]),
+                  helper.make_node("Mul", [f"c{k}", f"c{k}"], [f"q{k}"]),
+                  helper.make_node("Mul", [f"q{k}", f"k{k}"], [f"m{k}"]),
+                  helper.make_node("Add", [f"m{k}", f"c{k}"], [f"a{k}"])]
+        x = f"a{k}"
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, chans[0], side, side])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    graph = hc.load_onnx(m)
+    hc.run_pipeline(graph)
+    return graph
+
+
+def _primes():
+    return tuple(q.value() for q in sealapi.CoeffModulus.Create(N, list(BITS)))[:-1]
+
+
+def test_aligned_grids_are_powers_of_two_that_tile_the_ciphertexts():
+    s = STRATEGIES["aligned"]
+    lay = s.input_layout((8, 28, 28), 4096)
+    assert lay.grid == (32, 32) and lay.hs == 32 and lay.n_ct == 2
+    assert all(p % 1024 == 0 for p in lay.pos) and not lay.channel_straddles
+    mux = STRATEGIES["multiplexed"].input_layout((8, 28, 28), 4096)  # 784-slot channel offsets: 5 per ciphertext
+    assert mux.pos[1] - mux.pos[0] == 784 and 4096 % 784
+    # a 224x224 channel spans 12.25 ciphertexts: laid end to end, channels start mid-ciphertext; on a
+    # 256x256 grid every channel starts a ciphertext and every row lies in one
+    assert any(p % 4096 for p in STRATEGIES["multiplexed"].input_layout((3, 224, 224), 4096).pos)
+    big = s.input_layout((3, 224, 224), 4096)
+    assert all(p % 4096 == 0 for p in big.pos) and 4096 % big.hs == 0
+    assert s.input_layout((4, 8, 8), 4096) == STRATEGIES["multiplexed"].input_layout((4, 8, 8), 4096)
+    with pytest.raises(HecError, match="--layout 'tiles': expected one of multiplexed, gapped, aligned"):
+        get_strategy("tiles")
+
+
+def test_every_strategy_computes_the_model_and_aligned_is_cheapest_at_28x28():
+    g = _net(28)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 28, 28)).astype(np.float32)
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    counts = {}
+    for name in STRATEGIES:
+        prog, low = lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout=name))
+        assert low.strategy.name == name
+        out, _ = Simulator(prog).run({"x": x})
+        got = np.asarray(out[prog.outputs[0].name], np.float64).reshape(-1)
+        assert np.abs(got - want).max() <= 1e-6 * np.ptp(want), name
+        c = prog.op_counts()
+        counts[name] = (c["rotate"], c["mul_plain"])
+    assert counts["aligned"][0] < counts["multiplexed"][0] and counts["aligned"][1] < counts["multiplexed"][1], counts
+    assert counts["multiplexed"][1] < counts["gapped"][1], counts
+
+
+def test_the_planner_searches_the_strategies():
+    g = _net(28)
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,)))
+    assert best.layout == "aligned"
+    layouts = {c.layout for c in cands}
+    assert layouts == {"multiplexed", "aligned"}
+    assert any("layout=aligned" in c.label for c in cands)
+    # fixed by the user: no search
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,), lowering=LoweringOptions(layout="multiplexed")))
+    assert best.layout == "multiplexed" and {c.layout for c in cands} == {"multiplexed"}
+    # a graph whose images are powers of two: aligned would lay it out alike, so it is not lowered
+    best, cands = plan(_net(16), PlanOptions(ring_degrees=(8192,)))
+    assert {c.layout for c in cands} == {"multiplexed"}
+
+
+def test_an_aligned_program_runs_under_seal():
+    from hecompiler.backends import seal as SB
+
+    g = _net(12, chans=(2, 4, 4))
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 2, 12, 12)).astype(np.float32)
+    prog, _ = lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout="aligned"))
+    assert prog.layouts[prog.inputs[0].layout].grid == (16, 16)
+    outs, _ = SB.run_encrypted(prog, {"x": x})
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    got = np.asarray(outs[prog.outputs[0].name], np.float64).reshape(-1)
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)
