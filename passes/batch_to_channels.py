@@ -84,8 +84,12 @@ class BatchToChannels(Pass):
                                   name=name + ".unstack")
             outs.append(back.output)
         graph.outputs = outs
+        replaced = {id(v): v for n in old_nodes for v in n.inputs if v.is_constant}
         for node in reversed(old_nodes):
             graph.remove_node(node)
+        for v in replaced.values():  # the per-image constants the stacked ones replace
+            if not v.uses and v not in graph.outputs:
+                graph.remove_constant(v)
         return PassResult(True, [f"batch of {b}: {len(old_nodes)} node(s) act on the images stacked along "
                                  f"the channels"])
 
@@ -164,7 +168,7 @@ def _stack_matmul(graph, node, ins, a, b, add, where):
                          f"(limit {MAX_BLOCK_ENTRIES})")
     if node.op == "Gemm" and a.get("transA", 0):
         raise BatchError(f"{where}: Gemm with transA on a batch is not supported")
-    ins[1] = _const(graph, np.kron(np.eye(b, dtype=w.data.dtype), w.data), w)
+    ins[1] = _const(graph, np.kron(np.eye(b, dtype=w.data.dtype), w.data) + 0.0, w)  # + 0.0: no -0.0 entries
     if node.op == "Gemm" and len(node.inputs) > 2:
         c = node.inputs[2]
         n = node.output.type.shape[1]
