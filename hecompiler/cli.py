@@ -112,6 +112,8 @@ def _warn_insecure(prog) -> None:
 
 
 def _compile_parser() -> argparse.ArgumentParser:
+    from .layout_strategy import STRATEGIES
+
     p = _Parser(prog="hecompile", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the ONNX model to compile")
@@ -144,7 +146,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--slots", type=int, default=None, metavar="S",
                    help="slots per ciphertext: N/2, or (bootstrapping targets) a sparse packing whose cheaper "
                         "bootstrap the target measured (default: the planner weighs them)")
-    g.add_argument("--layout", default=None, choices=["multiplexed", "gapped", "aligned"],
+    g.add_argument("--layout", default=None, choices=list(STRATEGIES),
                    help="layout strategy (hecompiler/layout_strategy.py; default: the planner tries each at the "
                         "chosen parameters and keeps the cheapest)")
     g.add_argument("--max-memory", default="8G", metavar="SIZE",

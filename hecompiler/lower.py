@@ -73,10 +73,8 @@ class LoweringOptions:
     #: weight of one new Galois key, in rotations, when choosing BSGS splits
     key_cost: float = 0.0
     #: the layout strategy (hecompiler.layout_strategy: "multiplexed", "gapped", "aligned"); None:
-    #: "multiplexed", or "gapped" when ``multiplex`` is False
+    #: "multiplexed", and the planner may try the others
     layout: str | None = None
-    #: multiplex strided layouts (fill holes with channels); False keeps them gapped
-    multiplex: bool = True
     #: reuse a skip source's level alignment across the Adds it feeds (shared-source lowering)
     share_alignment: bool = True
     #: BSGS plans by (op structure, layouts), shared by the planner's candidates
@@ -115,7 +113,7 @@ class Lowering:
                  options: LoweringOptions | None = None, refresh_plan: RefreshPlan | None = None):
         self.g = graph
         self.opts = options or LoweringOptions()
-        self.strategy = get_strategy(self.opts.layout or ("multiplexed" if self.opts.multiplex else "gapped"))
+        self.strategy = get_strategy(self.opts.layout)
         self.prog = HEProgram(params, tuple(primes))
         self.t: dict[int, Tensor] = {}
         self.meta: dict[int, tuple[int, float]] = {}

@@ -179,14 +179,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                 queue.insert(0, replace(params, coeff_bits=bits))
         _check_budgets(c, opts)
         cands.append(c)
-        # keep only the best program so far in memory (large networks have large programs)
-        if not c.reason and (best is None or (c.cost.seconds, c.cost.memory_bytes) <
-                             (best.cost.seconds, best.cost.memory_bytes)):
-            if best is not None:
-                best.prog = best.lowering = None
-            best = c
-        else:
-            c.prog = c.lowering = None
+        best = _keep_cheaper(best, c)
         if progress is not None:
             progress(c)
         if not queue and not extra_done and best is not None and best.cost.refreshes:
@@ -206,9 +199,21 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise HecError(f"no parameter set fits: {table}")
-    if opts.lowering.layout is None and opts.lowering.multiplex:
+    if opts.lowering.layout is None:
         best = _search_layouts(graph, best, cands, opts, cost, lowering, final_opts, progress)
     return best, cands
+
+
+def _keep_cheaper(best: Candidate | None, c: Candidate) -> Candidate | None:
+    """The faster (then smaller) of ``best`` and ``c`` when ``c`` fits its budgets; only that
+    one keeps its program in memory (large networks have large programs)."""
+    if not c.reason and (best is None or (c.cost.seconds, c.cost.memory_bytes) <
+                         (best.cost.seconds, best.cost.memory_bytes)):
+        if best is not None:
+            best.prog = best.lowering = None
+        return c
+    c.prog = c.lowering = None
+    return best
 
 
 def _check_budgets(c: Candidate, opts: PlanOptions) -> None:
@@ -247,11 +252,7 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
             c = _place_refreshes(graph, c, opts, cost, lo)
         _check_budgets(c, opts)
         cands.append(c)
-        if not c.reason and (c.cost.seconds, c.cost.memory_bytes) < (best.cost.seconds, best.cost.memory_bytes):
-            best.prog = best.lowering = None
-            best = c
-        else:
-            c.prog = c.lowering = None
+        best = _keep_cheaper(best, c)
         if progress is not None:
             progress(c)
     return best

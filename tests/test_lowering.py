@@ -506,7 +506,7 @@ def test_downsampling_block(seed, c, hw, w_extra, shortcut_first, swap, multiple
     z = b.poly(add, (0.1, 1.0, 0.1))
     g = b.out(z)
     bits, primes = _chain(n, 5, 40)
-    prog, low = lower(g, Params(n, bits, 40, security="none"), primes, LoweringOptions(multiplex=multiplex))
+    prog, low = lower(g, Params(n, bits, 40, security="none"), primes, LoweringOptions(layout="multiplexed" if multiplex else "gapped"))
     verify_program(prog)
     xv = b.x(x.shape)
     outs, _ = Simulator(prog, cost=_ZeroCost()).run({"x": xv})

@@ -109,7 +109,7 @@ def test_server_never_holds_the_secret_key(tiny, keydirs):
 
 def test_keys_for_another_program_are_refused(tiny, keydirs):
     _, cdir, sdir = keydirs
-    other, _ = lower(tiny.g, Params(N, BITS, 40), tiny.primes, LoweringOptions(multiplex=False))
+    other, _ = lower(tiny.g, Params(N, BITS, 40), tiny.primes, LoweringOptions(layout="gapped"))
     assert SB.program_sha256(other) != SB.program_sha256(tiny.prog)
     with pytest.raises(SB.BackendError, match="another program"):
         SB.read_keys(other, sdir, secret=False)
