@@ -549,7 +549,8 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
               "add": (c.get("add", 0) - acc) * model.op_seconds("add", n, pin),
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
-        enc = (c.get("mul_plain", 0) * (model.op_seconds("encode", n, pin) + model.generation_seconds(n))
+        enc = (c.get("mul_plain", 0) * model.generation_seconds(n)
+               + linear_encodings(c) * model.op_seconds("encode", n, pin)
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one
@@ -562,6 +563,19 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
     if ins.plain is not None and ins.op != "refresh":  # a refresh's factor is a relabel, not a plaintext
         enc = model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
     return {ins.op: t}, enc, {ins.op: 1}
+
+
+def linear_encodings(counts: dict) -> int:
+    """Diagonals a linear op encodes per inference (``counts`` as the lowering records them):
+    what the executor's op-local plaintext tier leaves to encode when identical diagonals share
+    one encoding (``counts["plaintexts"]``, simulated by the lowering at the tier's size:
+    hecompiler.linear.plaintext_encodings); every product without that count or the tier."""
+    from .plaintexts import default_cache_bytes, default_op_cache_bytes
+
+    uses = counts.get("mul_plain", 0)
+    if default_op_cache_bytes() <= 0 or default_cache_bytes() <= 0:
+        return uses
+    return min(uses, counts.get("plaintexts", uses))
 
 
 def encode_hidden(by: dict[str, float], enc: float, cores: int) -> float:
@@ -595,6 +609,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     enc = 0.0
     top_primes = p.top_level + 1
     n_pt = pt_all = 0
+    op_tier = 0.0  # the plaintext cache's op-local tier: the distinct plaintexts of the largest op
     cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
     hidden = 0.0
     for ins in prog.instrs:
@@ -607,8 +622,13 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         if ins.op == "linear":
             hidden += encode_hidden(by, e, cores)
             c = prog.linears[ins.plain.args[0]].counts
-            n_pt += c.get("mul_plain", 0) + c.get("add_plain", 0)
-            pt_all += c.get("mul_plain", 0) * pt_bytes(n, ins.level + 2) + c.get("add_plain", 0) * pt_bytes(n, ins.level + 1)
+            nb = pt_bytes(n, ins.level + 2)
+            n_enc = linear_encodings(c)
+            n_pt += n_enc + c.get("add_plain", 0)
+            distinct = min(c.get("mul_plain", 0), c.get("distinct_plaintexts", c.get("mul_plain", 0)))
+            pt_all += distinct * nb + c.get("add_plain", 0) * pt_bytes(n, ins.level + 1)
+            if n_enc < c.get("mul_plain", 0):  # the executor's op-local tier holds them (begin_op)
+                op_tier = max(op_tier, distinct * nb)
         elif ins.plain is not None and ins.op != "refresh" and ins.plain.kind != "scalar":
             n_pt += 1
             pt_all += pt_bytes(n, ins.level + 1)
@@ -676,6 +696,11 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     from .plaintexts import default_cache_bytes
 
     cached = min(default_cache_bytes(), pt_all)
+    # past that budget, the op running shares its identical diagonals in an op-local tier
+    if pt_all > cached:
+        from .plaintexts import default_op_cache_bytes
+
+        cached += int(min(default_op_cache_bytes(), op_tier))
     # a Go heap (Lattigo) holds the keys, the bootstrapper, the ciphertexts and the encoded plaintexts, and
     # its collector lets garbage grow to gc_percent of that before it runs (measured: ResNet-20's server)
     garbage = int((kb + boot_mem + peak_b + cached) * getattr(model, "gc_percent", 0) / 100)

@@ -390,7 +390,8 @@ class Executor:
             stats.plaintexts_reused += 1
         elif made.kind == "content":
             cache.content_hits += 1
-            cache.link(ref, level, made.pt)
+            cache.touch(made.key)
+            cache.link(ref, level, made.pt, made.key)
             stats.plaintexts_reused += 1
         elif made.kind == "zero":
             cache.store(ref, level, None, _ZERO, 0)
@@ -437,7 +438,7 @@ class Executor:
         key = cache.content_key(vec, level, ref.scale)
         pt = cache.lookup_content(key)
         if pt is not None:
-            cache.link(ref, level, pt)
+            cache.link(ref, level, pt, key)
             stats.plaintexts_reused += 1
             return pt
         pt = self.prim.encode(vec, ref.scale, level)
@@ -504,13 +505,17 @@ class Executor:
             held = len(live) + linear_temporaries(lin) + self.prog.layouts[lin.out_layout].n_ct
             stats.peak_live_ciphertexts = max(stats.peak_live_ciphertexts, held)
             plan = self.plans.plan(ins.plain.args[0])
-            if not self.encode_threads:
-                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats))
-            pre = self._prefetcher(ins, plan)
+            self.ptcache.begin_op(lin.counts.get("plaintexts", 0) < lin.counts.get("mul_plain", 0))
             try:
-                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
+                if not self.encode_threads:
+                    return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats))
+                pre = self._prefetcher(ins, plan)
+                try:
+                    return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
+                finally:
+                    pre.close()
             finally:
-                pre.close()
+                self.ptcache.end_op()
         if op == "rotate":
             return [p.rotate(args[0], ins.step)]
         if op == "add":

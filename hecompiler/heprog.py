@@ -144,6 +144,10 @@ class LinearOp:
     schedule: str = ""
     #: "tree"/"star": the distinct rotations (steps mod slots) the schedule composes from the keys
     needs: list[int] = field(default_factory=list)
+    #: the order its output ciphertexts are computed in (empty: 0, 1, ...): those that share
+    #: diagonals one after another, so that the executor's op-local plaintext tier (least recently
+    #: used first out) encodes a shared diagonal once (hecompiler.linear.sharing_order)
+    order: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -330,6 +334,9 @@ def _check_linear(prog: HEProgram, ins: Instr, keys, where: str, graph: list) ->
     if len(ins.args) != lin_in.n_ct or len(ins.results) != lout.n_ct:
         raise ProgramError(f"{where}: linear op #{p.args[0]} maps {lin_in.n_ct} ciphertext(s) to {lout.n_ct}, "
                            f"got {len(ins.args)} -> {len(ins.results)}")
+    if lin.order and sorted(lin.order) != list(range(lout.n_ct)):
+        raise ProgramError(f"{where}: linear op #{p.args[0]}'s order is not a permutation of its "
+                           f"{lout.n_ct} output ciphertexts")
     S = prog.params.slots
     if lin.schedule in ("tree", "star"):
         if not graph:
@@ -382,6 +389,8 @@ def print_program(prog: HEProgram) -> str:
         if lin.schedule:
             d["schedule"] = lin.schedule
             d["needs"] = list(lin.needs)
+        if lin.order:
+            d["order"] = list(lin.order)
         out.append(f"  linear #{k} {_fmt_params(d)}")
     for io in prog.inputs:
         vals = ", ".join(f"%{v}" for v in io.values)
@@ -447,7 +456,8 @@ def parse_program(text: str, weights: dict[str, np.ndarray] | None = None, sourc
                                              float(d["bias_mult"]), d["note"], int(d.get("n1", 0)),
                                              [int(k) for k in d.get("steps", [])],
                                              {str(k): int(v) for k, v in d.get("counts", {}).items()},
-                                             str(d.get("schedule", "")), [int(k) for k in d.get("needs", [])]))
+                                             str(d.get("schedule", "")), [int(k) for k in d.get("needs", [])],
+                                             [int(k) for k in d.get("order", [])]))
             elif kind in ("input", "output"):
                 name = json.loads(str(c[0]))
                 shape = tuple(int(t) for t in c[1].children)

@@ -16,7 +16,16 @@ strided case multiplexed packing):
 * ``gapped``: after a stride-s convolution the output keeps the input's grid,
   so ``hs`` and ``ws`` grow by s and the holes stay empty;
 * ``multiplexed``: like gapped, but the holes are filled with other channels,
-  s*s channels sharing one footprint, so density stays as high as compact.
+  s*s channels sharing one footprint, so density stays as high as compact;
+* ``polyphase`` (``phase`` k > 1): the image is split into its k*k phases, element
+  (c, h, w) belonging to *virtual channel* (c, h % k, w % k) of a (C k^2, H/k, W/k)
+  tensor, and ``pos`` is indexed by virtual channel::
+
+      P(c, h, w) = pos[(c*k + h%k)*k + w%k] + (h//k) * hs + (w//k) * ws
+
+  A stride-s convolution from phase k to phase k/s is then a stride-1 convolution of
+  the virtual tensors (its diagonals independent of the position), and its output is as
+  dense as its input: no gaps to fill and no compaction after a strided layer.
 
 Gapped and multiplexed layouts keep every convolution a matrix whose
 diagonals do not depend on (h, w), which is what makes it cheap in
@@ -53,6 +62,9 @@ class Layout:
     #: sits at the same offset from its channel c' and a per-image op's diagonals are shared by
     #: the images (the rotations do not grow with B)
     batch: int = 1
+    #: polyphase factor k (see the module docstring): ``pos`` has C*k*k entries, one per virtual
+    #: channel (c, p, q) in that (c-major) order, and ``hs``/``ws`` step the virtual grid
+    phase: int = 1
 
     # ------------------------------------------------------------------ builders
     @staticmethod
@@ -101,7 +113,7 @@ class Layout:
         """The layout a stride-``stride`` conv/pool from this layout writes to
         when its diagonals must not depend on (h, w): same grid, gap times
         ``stride``; holes filled with further channels when ``multiplex``."""
-        if self.grid == (0, 0):
+        if self.grid == (0, 0) or self.phase > 1:
             raise LoweringError(f"layout {self.describe()} has no grid to derive a strided layout from")
         gap = self.gap * stride
         c, h, w = shape
@@ -114,6 +126,34 @@ class Layout:
                                 self.batch)
 
     @staticmethod
+    def polyphase(shape, slots: int, k: int, pow2: bool = True) -> "Layout":
+        """The k x k phases of every channel as virtual channels of a (C k^2, H/k, W/k) tensor,
+        each on its own footprint (the virtual grid, sides rounded up to powers of two when
+        ``pow2``), placed phase-major: one ciphertext holds one phase of consecutive channels,
+        so a convolution's ciphertext blocks pair a phase with a phase and their diagonals are
+        full (every channel offset pairs each output channel with an input channel)."""
+        c, h, w = shape
+        if k < 1 or h % k or w % k:
+            raise LoweringError(f"layout: polyphase factor {k} does not divide {h}x{w}")
+        vh, vw = h // k, w // k
+        if pow2:
+            vh, vw = 1 << max(0, (vh - 1).bit_length()), 1 << max(0, (vw - 1).bit_length())
+        fsize = vh * vw
+        per_ct = max(1, slots // fsize)
+        pos = [0] * (c * k * k)
+        f = 0
+        for p in range(k):
+            for q in range(k):
+                for ch in range(c):
+                    base = (f // per_ct) * slots + (f % per_ct) * fsize if fsize <= slots else f * fsize
+                    pos[(ch * k + p) * k + q] = base
+                    f += 1
+        last = max(pos) + (h // k - 1) * vw + (w // k - 1)
+        n_ct = last // slots + 1
+        kind = "polyphase" if k > 1 else ("compact" if (vh, vw) == (h, w) else "padded")
+        return Layout((c, h, w), slots, n_ct, tuple(pos), vw, 1, kind, 1, (vh, vw), 1, 1, k)
+
+    @staticmethod
     def vector(n: int, slots: int) -> "Layout":
         """A flat vector of n features in consecutive slots."""
         return Layout((n, 1, 1), slots, -(-n // slots), tuple(range(n)), 0, 0, "vector", 1, (1, 1), 1)
@@ -124,14 +164,26 @@ class Layout:
         c, h, w = self.shape
         return c * h * w
 
+    @property
+    def vshape(self) -> tuple[int, int, int]:
+        """The virtual tensor's shape (C k^2, H/k, W/k); the shape itself when k = 1."""
+        c, h, w = self.shape
+        k = self.phase
+        return (c * k * k, h // k, w // k)
+
     @cached_property
     def positions(self) -> np.ndarray:
         """Virtual position of every element, in (c, h, w) row-major order."""
         c, h, w = self.shape
-        pos = np.asarray(self.pos, dtype=np.int64)[:, None, None]
-        hh = (np.arange(h, dtype=np.int64) * self.hs)[None, :, None]
-        ww = (np.arange(w, dtype=np.int64) * self.ws)[None, None, :]
-        return (pos + hh + ww).reshape(-1)
+        k = self.phase
+        pos = np.asarray(self.pos, dtype=np.int64)
+        if k == 1:
+            hh = (np.arange(h, dtype=np.int64) * self.hs)[None, :, None]
+            ww = (np.arange(w, dtype=np.int64) * self.ws)[None, None, :]
+            return (pos[:, None, None] + hh + ww).reshape(-1)
+        hi, wi = np.arange(h, dtype=np.int64), np.arange(w, dtype=np.int64)
+        v = (np.arange(c, dtype=np.int64)[:, None, None] * k + (hi % k)[None, :, None]) * k + (wi % k)[None, None, :]
+        return (pos[v] + ((hi // k) * self.hs)[None, :, None] + ((wi // k) * self.ws)[None, None, :]).reshape(-1)
 
     def check(self) -> None:
         p = self.positions
@@ -146,8 +198,8 @@ class Layout:
 
     @property
     def channel_straddles(self) -> bool:
-        """Whether some channel's elements span two ciphertexts."""
-        c, h, w = self.shape
+        """Whether some (virtual) channel's elements span two ciphertexts."""
+        c, h, w = self.vshape
         first = np.asarray(self.pos) // self.slots
         last = (np.asarray(self.pos) + (h - 1) * self.hs + (w - 1) * self.ws) // self.slots
         return bool(np.any(first != last))
@@ -156,6 +208,7 @@ class Layout:
         c, h, w = self.shape
         g = f" gap {self.gap}" if self.gap > 1 else ""
         b = f" ({self.batch} images channel-major)" if self.batch > 1 else ""
+        g += f" k={self.phase}" if self.phase > 1 else ""
         return f"{self.kind}{g} {c}x{h}x{w}{b} in {self.n_ct} ct ({100 * self.density:.0f}% full)"
 
     # ------------------------------------------------------------------ packing
@@ -180,13 +233,21 @@ class Layout:
              "per_fp": self.per_fp}
         if self.batch > 1:
             d["batch"] = self.batch
+        if self.phase > 1:
+            d["phase"] = self.phase
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "Layout":
         lay = Layout(tuple(int(x) for x in d["shape"]), int(d["slots"]), int(d["n_ct"]),
                      tuple(int(x) for x in d["pos"]), int(d["hs"]), int(d["ws"]), str(d["kind"]), int(d["gap"]),
-                     tuple(int(x) for x in d["grid"]), int(d["per_fp"]), int(d.get("batch", 1)))
+                     tuple(int(x) for x in d["grid"]), int(d["per_fp"]), int(d.get("batch", 1)),
+                     int(d.get("phase", 1)))
+        c, h, w = lay.shape
+        k = lay.phase
+        if k < 1 or h % k or w % k or len(lay.pos) != c * k * k:
+            raise LoweringError(f"layout {lay.describe()}: polyphase factor {k} does not fit its shape "
+                                f"and {len(lay.pos)} channel positions")
         lay.check()
         return lay
 

@@ -22,15 +22,51 @@ parameters and keeps the cheapest):
   two when it fits one; rows never straddle), and channel offsets in a ciphertext are multiples
   of the footprint, so the diagonals of different channel pairs coincide (a ciphertext's block
   of a convolution has as few diagonals as it has channel offsets, each full) at the price of
-  the padding (for 28x28 images 784 of 1024 slots hold data).
+  the padding (for 28x28 images 784 of 1024 slots hold data);
+* ``polyphase``: as ``aligned``, but a graph input is packed in k x k phases (``Layout.polyphase``),
+  k the decimation its strided layers will apply (32 for a ResNet at 224x224: 224 = 7 * 32), each
+  phase of a channel a virtual channel of the (H/k, W/k) grid, and a stride-s layer writes phase
+  k/s.  Every tensor is then as dense as a compact one at its own resolution, with no gaps: the
+  re-gridding after strided layers costs nothing, because the client did it when it packed the
+  input.  Where a stride does not divide the phase (or the shape), the layer writes phase 1 and
+  the rule of ``aligned`` takes over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 
 from .errors import HecError
 from .layout import Layout
+
+#: ops that divide the resolution by their stride, and ops after which the spatial structure is
+#: gone (a polyphase layout flows through every other op: element-wise, activations, Add)
+_SPATIAL_STRIDED = ("Conv", "AveragePool", "MaxPool")
+_RESHAPING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Concat", "Gemm", "MatMul",
+              "GlobalAveragePool", "ReduceSum", "ReduceMean")
+
+
+def decimation(graph) -> dict[str, int]:
+    """For every value of ``graph``, the product of the strides its strided consumers apply
+    downstream (the largest over its paths) until the spatial structure ends (a global pool, a
+    reshape, a Gemm): the polyphase factor that keeps every strided layer's output whole."""
+    need: dict[str, int] = {}
+    for node in reversed(list(graph.nodes)):
+        for out in node.outputs:
+            need.setdefault(out.name, 1)
+        down = max((need.get(o.name, 1) for o in node.outputs), default=1)
+        if node.op in _SPATIAL_STRIDED:
+            st = tuple(node.attr("strides", (1, 1)) or (1, 1))
+            f = st[0] * down if len(st) == 2 and st[0] == st[1] else 1
+        elif node.op in _RESHAPING:
+            f = 1
+        else:
+            f = down
+        for v in node.inputs:
+            if not v.is_constant:
+                need[v.name] = max(need.get(v.name, 1), f)
+    return need
 
 
 @dataclass(frozen=True)
@@ -38,14 +74,19 @@ class LayoutStrategy:
     name: str = "multiplexed"
     multiplex: bool = True  # fill the gaps of strided layouts with channels
     pow2_grid: bool = False  # round the grid's sides up to powers of two
+    polyphase: bool = False  # pack inputs in phases of their decimation (Layout.polyphase)
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
         if not self.pow2_grid:
             return (h, w)
         return (1 << max(0, (h - 1).bit_length()), 1 << max(0, (w - 1).bit_length()))
 
-    def input_layout(self, shape, slots: int, batch: int = 1) -> Layout:
+    def input_layout(self, shape, slots: int, batch: int = 1, decimation: int = 1) -> Layout:
         c, h, w = shape
+        if self.polyphase and batch == 1:
+            k = gcd(decimation, gcd(h, w))
+            if k > 1:
+                return Layout.polyphase(shape, slots, k, self.pow2_grid)
         g = self.grid(h, w)
         return Layout.from_grid(shape, slots, g, 1, 1, "compact" if g == (h, w) else "padded", batch)
 
@@ -54,6 +95,12 @@ class LayoutStrategy:
             return partner
         if lin_in.grid == (0, 0):  # a vector or a flattened tensor: no grid to derive from
             return self.input_layout(out_shape, lin_in.slots, lin_in.batch)
+        if lin_in.phase > 1:
+            c, h, w = out_shape
+            k = lin_in.phase // stride if lin_in.phase % stride == 0 else 1
+            if h % k or w % k:
+                k = 1
+            return Layout.polyphase(out_shape, lin_in.slots, k, self.pow2_grid)
         return lin_in.strided(out_shape, stride, self.multiplex)
 
 
@@ -61,6 +108,7 @@ STRATEGIES: dict[str, LayoutStrategy] = {
     "multiplexed": LayoutStrategy("multiplexed"),
     "gapped": LayoutStrategy("gapped", multiplex=False),
     "aligned": LayoutStrategy("aligned", pow2_grid=True),
+    "polyphase": LayoutStrategy("polyphase", pow2_grid=True, polyphase=True),
 }
 
 

@@ -173,15 +173,20 @@ def bias_vector(lin: LinearOp, weights: dict[str, np.ndarray]) -> np.ndarray | N
 # --------------------------------------------------------------------------- diagonals
 
 def _structured_ok(lin: LinearOp, lin_in: Layout, lout: Layout) -> bool:
-    """Whether a conv/pool/affine op's diagonals are independent of (h, w):
-    the output grid must be the input grid times the stride."""
+    """Whether a conv/pool/affine op's diagonals are independent of (h, w): the output's
+    virtual grid must be the input's times the virtual stride (the stride, times the output's
+    polyphase factor over the input's, which must be whole)."""
     if lin.kind not in ("conv", "pool", "affine"):
         return False
-    if lin_in.hs == 0 and lin.in_shape[1] > 1 or lin_in.ws == 0 and lin.in_shape[2] > 1:
-        return False
+    ki, ko = lin_in.phase, lout.phase
     s0, s1 = lin.params.get("strides", (1, 1))
-    _, OH, OW = lin.out_shape
-    return (OH == 1 or lout.hs == s0 * lin_in.hs) and (OW == 1 or lout.ws == s1 * lin_in.ws)
+    if (s0 * ko) % ki or (s1 * ko) % ki:
+        return False
+    _, H, W = lin_in.vshape
+    _, OH, OW = lout.vshape
+    if lin_in.hs == 0 and H > 1 or lin_in.ws == 0 and W > 1:
+        return False
+    return (OH == 1 or lout.hs == s0 * ko // ki * lin_in.hs) and (OW == 1 or lout.ws == s1 * ko // ki * lin_in.ws)
 
 
 def _valid_range(n_out: int, stride: int, off: int, n_in: int) -> tuple[int, int]:
@@ -193,11 +198,24 @@ def _valid_range(n_out: int, stride: int, off: int, n_in: int) -> tuple[int, int
     return lo, hi
 
 
-def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
-    """Diagonal keys of a conv/pool/affine op from (co, ci, tap), never
-    enumerating spatial positions except rows that cross a ciphertext
-    boundary (only when a channel footprint spans ciphertexts)."""
-    S = lin_in.slots
+@dataclass
+class _Terms:
+    """The (co, ci) pairs of one output phase (P, Q) and tap: the weights ``w``, the output and
+    input (virtual) positions of their channels ``po`` and ``pin`` (at virtual (0, 0)), and the
+    diagonal ``delta`` = P_in - P_out, the same at every output position of the rectangle
+    ``rect`` = (oh_lo, oh_hi, ow_lo, ow_hi) of the virtual output grid where the tap is valid."""
+    P: int
+    Q: int
+    rect: tuple[int, int, int, int]
+    w: np.ndarray
+    po: np.ndarray
+    pin: np.ndarray
+    delta: np.ndarray
+
+
+def _structured_terms(lin: LinearOp, weights, lin_in: Layout, lout: Layout):
+    """The terms of a conv/pool/affine op (:class:`_Terms`), from (co, ci, tap) and the output
+    phases, never enumerating spatial positions."""
     C, H, W = lin.in_shape
     M, OH, OW = lin.out_shape
     p = lin.params
@@ -215,7 +233,38 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     pos_out = np.asarray(lout.pos, np.int64)
     co = np.arange(M)
     ci = (co[:, None] // (M // group)) * cg + np.arange(cg)[None, :]  # [M, cg]
+    # polyphase layouts: output phase (P, Q) of tap (a, b) reads input phase (p, q) at a virtual
+    # offset (oy, ox); the virtual op is a convolution of stride s * ko / ki (1, or s when ki = 1)
+    ki, ko = lin_in.phase, lout.phase
+    H, W, OH, OW = H // ki, W // ki, OH // ko, OW // ko
+    sv = (s[0] * ko // ki, s[1] * ko // ki)
+    for P, a in ((P, a) for P in range(ko) for a in range(kh)):
+        oy, pp = divmod(s[0] * P + a * dil[0] - pads[0], ki)
+        oh_lo, oh_hi = _valid_range(OH, sv[0], oy, H)
+        if oh_lo > oh_hi:
+            continue
+        for Q, b in ((Q, b) for Q in range(ko) for b in range(kw)):
+            ox, qq = divmod(s[1] * Q + b * dil[1] - pads[1], ki)
+            ow_lo, ow_hi = _valid_range(OW, sv[1], ox, W)
+            if ow_lo > ow_hi:
+                continue
+            nz = w[:, :, a, b] != 0
+            if not nz.any():
+                continue
+            off = oy * lin_in.hs + ox * lin_in.ws
+            cc, kk = np.nonzero(nz)
+            po = pos_out[(cc * ko + P) * ko + Q]
+            pin = pos_in[(ci[cc, kk] * ki + pp) * ki + qq]
+            yield _Terms(P, Q, (oh_lo, oh_hi, ow_lo, ow_hi), w[cc, kk, a, b], po, pin, pin + off - po)
+
+
+def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
+    """Diagonal keys of a conv/pool/affine op from (co, ci, tap), never
+    enumerating spatial positions except rows that cross a ciphertext
+    boundary (only when a channel footprint spans ciphertexts)."""
+    S = lin_in.slots
     straddle = lin_in.channel_straddles or lout.channel_straddles
+    _, OH, OW = lout.vshape
     hs_o = lout.hs if OH > 1 else 0
     ws_o = lout.ws if OW > 1 else 0
     NI = lin_in.n_ct + 1
@@ -224,55 +273,133 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     def enc(j, i, d):
         return np.unique((np.asarray(j, np.int64) * NI + np.asarray(i, np.int64)) * S + np.asarray(d, np.int64))
 
-    for a in range(kh):
-        oh_lo, oh_hi = _valid_range(OH, s[0], a * dil[0] - pads[0], H)
-        if oh_lo > oh_hi:
+    for t in _structured_terms(lin, weights, lin_in, lout):
+        po, delta = t.po, t.delta
+        if not straddle:
+            found.append(enc(po // S, t.pin // S, delta % S))
             continue
-        for b in range(kw):
-            ow_lo, ow_hi = _valid_range(OW, s[1], b * dil[1] - pads[1], W)
-            if ow_lo > ow_hi:
-                continue
-            nz = w[:, :, a, b] != 0
-            if not nz.any():
-                continue
-            off = (a * dil[0] - pads[0]) * lin_in.hs + (b * dil[1] - pads[1]) * lin_in.ws
-            cc, kk = np.nonzero(nz)
-            po = pos_out[cc]
-            delta = pos_in[ci[cc, kk]] + off - po  # P_in - P_out, the same for every valid position
-            if not straddle:
-                found.append(enc(po // S, pos_in[ci[cc, kk]] // S, delta % S))
-                continue
-            rows = np.arange(oh_lo, oh_hi + 1)
-            ps = po[:, None] + rows[None, :] * hs_o + ow_lo * ws_o  # [pairs, rows] first valid position
-            pe = ps + (ow_hi - ow_lo) * ws_o
-            dl = delta[:, None]
-            simple = (ps // S == pe // S) & ((ps + dl) // S == (pe + dl) // S)
-            pi, ri = np.nonzero(simple)
-            found.append(enc(ps[pi, ri] // S, (ps[pi, ri] + delta[pi]) // S, delta[pi] % S))
-            pi, ri = np.nonzero(~simple)
-            if len(pi) == 0:
-                continue
-            if (ow_hi - ow_lo) * ws_o >= S:  # a row longer than a ciphertext: enumerate its points
-                for p_, r_ in zip(pi, ri):
-                    pts = ps[p_, r_] + np.arange(ow_hi - ow_lo + 1) * ws_o
-                    js, is_ = pts // S, (pts + delta[p_]) // S
-                    found.append(enc(js, is_, np.full(js.shape, delta[p_] % S)))
-                continue
-            # a row shorter than a ciphertext crosses at most one output and one input boundary:
-            # its (out ct, in ct) pairs are the first, the last, and the one between the crossings
-            a0, dd = ps[pi, ri], delta[pi]
-            a1 = pe[pi, ri]
-            js, je, is_, ie = a0 // S, a1 // S, (a0 + dd) // S, (a1 + dd) // S
-            big = np.iinfo(np.int64).max
-            tj = np.where(js != je, -((a0 - (js + 1) * S) // ws_o), big)  # first point index in the next out ct
-            ti = np.where(is_ != ie, -((a0 + dd - (is_ + 1) * S) // ws_o), big)
-            dm = dd % S
-            m1, m2 = tj < ti, ti < tj
-            found.append(enc(np.concatenate([js, je, je[m1], js[m2]]), np.concatenate([is_, ie, is_[m1], ie[m2]]),
-                             np.concatenate([dm, dm, dm[m1], dm[m2]])))
+        oh_lo, oh_hi, ow_lo, ow_hi = t.rect
+        rows = np.arange(oh_lo, oh_hi + 1)
+        ps = po[:, None] + rows[None, :] * hs_o + ow_lo * ws_o  # [pairs, rows] first valid position
+        pe = ps + (ow_hi - ow_lo) * ws_o
+        dl = delta[:, None]
+        simple = (ps // S == pe // S) & ((ps + dl) // S == (pe + dl) // S)
+        pi, ri = np.nonzero(simple)
+        found.append(enc(ps[pi, ri] // S, (ps[pi, ri] + delta[pi]) // S, delta[pi] % S))
+        pi, ri = np.nonzero(~simple)
+        if len(pi) == 0:
+            continue
+        if (ow_hi - ow_lo) * ws_o >= S:  # a row longer than a ciphertext: enumerate its points
+            for p_, r_ in zip(pi, ri):
+                pts = ps[p_, r_] + np.arange(ow_hi - ow_lo + 1) * ws_o
+                js, is_ = pts // S, (pts + delta[p_]) // S
+                found.append(enc(js, is_, np.full(js.shape, delta[p_] % S)))
+            continue
+        # a row shorter than a ciphertext crosses at most one output and one input boundary:
+        # its (out ct, in ct) pairs are the first, the last, and the one between the crossings
+        a0, dd = ps[pi, ri], delta[pi]
+        a1 = pe[pi, ri]
+        js, je, is_, ie = a0 // S, a1 // S, (a0 + dd) // S, (a1 + dd) // S
+        big = np.iinfo(np.int64).max
+        tj = np.where(js != je, -((a0 - (js + 1) * S) // ws_o), big)  # first point index in the next out ct
+        ti = np.where(is_ != ie, -((a0 + dd - (is_ + 1) * S) // ws_o), big)
+        dm = dd % S
+        m1, m2 = tj < ti, ti < tj
+        found.append(enc(np.concatenate([js, je, je[m1], js[m2]]), np.concatenate([is_, ie, is_[m1], ie[m2]]),
+                         np.concatenate([dm, dm, dm[m1], dm[m2]])))
     if not found:
         return {}
     return _decode_keys(np.unique(np.concatenate(found)), NI, S)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit mixing function (splitmix64's finaliser) on uint64 arrays (wrapping)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def diag_signatures(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int, int], int] | None:
+    """A content signature per non-zero diagonal {(j, i, d): int}: equal signatures, equal slot
+    vectors.  A diagonal is the sum of its terms, each a weight on a rectangle of its output
+    channel's footprint; the signature hashes that multiset (the footprint's offset in the
+    ciphertext, the weight, the rectangle, and for a pooling the output phase, whose divisors
+    differ at the border).  Convolutions in polyphase layouts repeat the same diagonals in every
+    phase whose tap stays inside the virtual grid, so they need far fewer encodings than products.
+    None when the op is not a structured conv/pool/affine or a channel spans ciphertexts (its
+    diagonals are then counted as all different)."""
+    if not _structured_ok(lin, lin_in, lout) or lin_in.channel_straddles or lout.channel_straddles:
+        return None
+    S = lin_in.slots
+    NI = lin_in.n_ct + 1
+    keys, hashes = [], []
+    for t in _structured_terms(lin, weights, lin_in, lout):
+        keys.append((t.po // S * NI + t.pin // S) * S + t.delta % S)
+        rect = hash((t.rect, (t.P, t.Q) if lin.kind == "pool" else None)) & 0xFFFFFFFFFFFFFFFF
+        h = _mix64((t.po % S).astype(np.uint64) ^ np.uint64(rect))
+        h = _mix64(h ^ np.ascontiguousarray(t.w, np.float64).view(np.uint64))
+        hashes.append(h)
+    if not keys:
+        return {}
+    k = np.concatenate(keys)
+    uk, inv = np.unique(k, return_inverse=True)
+    sig = np.zeros(len(uk), np.uint64)
+    np.add.at(sig, inv, np.concatenate(hashes))
+    blk, d = np.divmod(uk, S)
+    j, i = np.divmod(blk, NI)
+    return dict(zip(zip(j.tolist(), i.tolist(), d.tolist()), sig.tolist()))
+
+
+def _uses(plan: "BsgsPlan", sigs: dict, j: int):
+    """The plaintexts output ciphertext ``j``'s products use, in the order the runtime asks: a
+    product's plaintext is its diagonal turned by its giant step (runtime.run_linear), so two
+    are equal when their diagonals' signatures and giant steps are."""
+    return [(sigs[(j, i, d)], g) for g, terms in plan.giant.get(j, {}).items() for (i, _b, d) in terms]
+
+
+def sharing_order(plan: "BsgsPlan", sigs: dict | None, lout: Layout) -> list[int]:
+    """An order of the output ciphertexts that puts those sharing plaintexts next to each other:
+    by the first channel they hold, then the set of plaintexts they use, then the index.  In a
+    polyphase layout the phases of a channel group follow one another, and phases whose taps
+    see the same masks (the same set) run back to back.  Empty (the natural order) without
+    signatures, or when the natural order is that."""
+    if sigs is None:
+        return []
+    C, H, W = lout.shape
+    cts = lout.positions // lout.slots
+    first = np.full(lout.n_ct, C, np.int64)
+    np.minimum.at(first, cts, np.repeat(np.arange(C, dtype=np.int64), H * W))
+    sets: dict[frozenset, int] = {}
+    key = [(int(first[j]), sets.setdefault(frozenset(_uses(plan, sigs, j)), len(sets)), j) for j in range(lout.n_ct)]
+    order = [j for *_k, j in sorted(key)]
+    return [] if order == list(range(lout.n_ct)) else order
+
+
+def plaintext_encodings(plan: "BsgsPlan", sigs: dict | None, order: list[int], capacity: int) -> tuple[int, int]:
+    """(encodings, distinct plaintexts) of a linear op run in ``order`` when the executor keeps
+    at most ``capacity`` of its plaintexts, least recently used out first
+    (hecompiler.plaintexts.PlaintextCache's op-local tier): what the cost model prices.  Every
+    product is an encoding without signatures or capacity."""
+    if sigs is None or capacity <= 0:
+        return plan.n_diagonals, plan.n_diagonals
+    from collections import OrderedDict
+
+    held: OrderedDict = OrderedDict()
+    seen: set = set()
+    n = 0
+    for j in order or sorted(plan.giant):
+        for u in _uses(plan, sigs, j):
+            if u in held:
+                held.move_to_end(u)
+                continue
+            n += 1
+            seen.add(u)
+            held[u] = None
+            if len(held) > capacity:
+                held.popitem(last=False)
+    return n, len(seen)
 
 
 def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout, out_ct: int | None = None):
@@ -285,6 +412,12 @@ def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout, out_ct: 
     po = lout.positions[m.row]
     pi = lin_in.positions[m.col]
     return po // S, pi // S, (pi - po) % S, po % S, m.data
+
+
+def cheap_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict | None:
+    """The op's diagonal keys when they are found without enumerating its matrix (a structured
+    conv/pool/affine op), else None."""
+    return _structured_keys(lin, weights, lin_in, lout) if _structured_ok(lin, lin_in, lout) else None
 
 
 def diag_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int], np.ndarray]:
@@ -317,10 +450,12 @@ DIAG_TEMP_BYTES = _DIAG_CHUNK_ENTRIES * 72
 
 
 def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
-              out_ct: int | None = None) -> dict[tuple[int, int, int], np.ndarray]:
+              out_ct: int | None = None, keys: dict | None = None) -> dict[tuple[int, int, int], np.ndarray]:
     """Values of every non-zero diagonal: {(j, i, d): vector of ``slots`` floats}
     where ``y_j[k] += diag[k] * x_i[(k + d) % slots]``; only output
-    ciphertext ``out_ct``'s when given.
+    ciphertext ``out_ct``'s when given.  ``keys``: the op's :func:`cheap_keys`, when the caller
+    keeps them (a polyphase convolution's take a loop over phases and taps to find: asking for
+    each output ciphertext's diagonals would find them all again).
 
     The matrix entries are turned into diagonals a few hundred thousand at a time, so the
     temporaries stay a few tens of MB however large the op (the diagonals themselves are what
@@ -335,8 +470,10 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
     per_row = max(1, probe.nnz // max(1, min(len(rows), 64)))
     step = max(1, _DIAG_CHUNK_ENTRIES // per_row)
     index: dict[int, int] = {}
-    if _structured_ok(lin, lin_in, lout):  # the diagonals are known cheaply: size the result once
-        for (jj, ii), ds in _structured_keys(lin, weights, lin_in, lout).items():
+    if keys is None:
+        keys = cheap_keys(lin, weights, lin_in, lout)
+    if keys is not None:  # the diagonals are known: size the result once
+        for (jj, ii), ds in keys.items():
             if out_ct is None or jj == out_ct:
                 for dd in ds:
                     index[(jj * NI + ii) * S + int(dd)] = len(index)

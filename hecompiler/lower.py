@@ -40,8 +40,9 @@ from .opsem import SCALE_SNAP, OpSemanticsError, result_meta
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
-from .layout_strategy import get_strategy
-from .linear import diag_keys, plan_bsgs
+from .layout_strategy import decimation, get_strategy
+from .linear import diag_keys, diag_signatures, plaintext_encodings, plan_bsgs, sharing_order
+from .plaintexts import default_op_cache_bytes
 from .refresh import LevelModel, NodeInfo, RefreshPlan
 
 
@@ -350,10 +351,18 @@ class Lowering:
             keys = diag_keys(lin, self.prog.weights, lin_in, lout)
             if not keys:
                 raise LoweringError(f"{self._where()}: the linear op is identically zero")
-            cached = plan_bsgs(keys, lin_in.slots, self.opts.key_cost, set(self.prog.galois_steps))
+            plan = plan_bsgs(keys, lin_in.slots, self.opts.key_cost, set(self.prog.galois_steps))
+            # identical plaintexts (polyphase convolutions repeat most diagonals): the output
+            # ciphertexts that share them one after another, and what the executor's op-local
+            # plaintext tier then encodes (one plaintext: N * primes of the input * 8 bytes)
+            sigs = diag_signatures(lin, self.prog.weights, lin_in, lout)
+            order = sharing_order(plan, sigs, lout)
+            room = default_op_cache_bytes() // (self.prog.params.poly_degree * (x.level + 1) * 8)
+            cached = plan, order, plaintext_encodings(plan, sigs, order, room)
             if self.opts.key_cost == 0:
                 self.opts.plan_cache[ck] = cached
-        plan = cached
+        plan, order, (encodings, distinct) = cached
+        lin.order = list(order)
         self.bsgs_plans[lid] = plan
         level = x.level
         target = self.delta if out_scale is None else out_scale
@@ -363,7 +372,7 @@ class Lowering:
         lin.steps = sorted(plan.steps())
         n_out = sum(1 for j in range(lout.n_ct) if j in plan.giant)
         lin.counts = {"rotate": plan.rotations, "mul_plain": plan.n_diagonals, "add": plan.n_adds,
-                      "rescale": n_out}
+                      "rescale": n_out, "plaintexts": encodings, "distinct_plaintexts": distinct}
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
         # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)
@@ -567,6 +576,7 @@ class Lowering:
     def run(self) -> HEProgram:
         g = self.g
         params = self.prog.params
+        dec = decimation(g)
         for v in g.inputs:
             for user, idx in v.uses:
                 if idx > 0 and user.op in _CONST_OPERANDS:
@@ -578,7 +588,7 @@ class Lowering:
             except LoweringError as e:
                 raise LoweringError(f"input %{v.name}: {e}") from None
             batch = int(v.type.shape[0]) if v.type.rank >= 2 else 1
-            lay = self.layout_id(self.strategy.input_layout(shape, params.slots, batch))
+            lay = self.layout_id(self.strategy.input_layout(shape, params.slots, batch, dec.get(v.name, 1)))
             cts = [self.prog.new_value() for _ in range(self.prog.layouts[lay].n_ct)]
             for c in cts:
                 self.meta[c] = (self.top, self.delta)
@@ -756,9 +766,11 @@ def _lower_globalaveragepool(low: "Lowering", node: Node) -> Tensor:
     t = low.tensor(x)
     lay = low.layout(t)
     C, H, W = chw(x.type.shape)
-    if lay.channel_straddles or lay.hs == 0 and H > 1:
-        # rotations cannot sum across ciphertexts: a block-matrix average instead
-        out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "flat", lay.gap, (0, 0), lay.per_fp)
+    if lay.channel_straddles or lay.hs == 0 and H > 1 or lay.phase > 1:
+        # rotations cannot sum across ciphertexts (nor a channel's phases, which lie apart): a
+        # block-matrix average instead, each channel's result where its phase (0, 0) was
+        out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos[::lay.phase ** 2], 0, 0, "flat", lay.gap, (0, 0),
+                     lay.per_fp)
         lin = LinearOp("gap", t.layout, low.layout_id(out), (C, H, W), (C, 1, 1), {}, note=node.output.name)
         return low.linear(lin, x)
     cts = list(t.cts)

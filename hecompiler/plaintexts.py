@@ -9,11 +9,13 @@ block row of one op is in memory, never the whole network's.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from .errors import HecError
 from .heprog import HEProgram, PlainRef
-from .linear import bias_vector, diag_keys, diagonals
+from .linear import bias_vector, cheap_keys, diag_keys, diagonals
 
 
 def rot(v: np.ndarray, k: int) -> np.ndarray:
@@ -28,6 +30,8 @@ class PlaintextFactory:
         self.S = prog.params.slots
         self._diag_lin = -1
         self._diags: dict = {}
+        self._keys_lin = -1  # the linear op whose diagonal keys are kept
+        self._keys: dict | None = None
         self._bias: dict[int, np.ndarray] = {}
         self._fill: dict = {}
 
@@ -37,7 +41,11 @@ class PlaintextFactory:
             lin = self.prog.linears[lin_id]
             lays = self.prog.layouts
             self._diags = {}  # free the previous block before building the next
-            self._diags = diagonals(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout], j)
+            if self._keys_lin != lin_id:
+                self._keys = cheap_keys(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout])
+                self._keys_lin = lin_id
+            self._diags = diagonals(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout], j,
+                                    self._keys)
             self._diag_lin = (lin_id, j)
         return self._diags
 
@@ -99,6 +107,18 @@ def parse_bytes(text: str) -> int:
 DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
+#: the op-local tier: plaintexts of the linear op running, shared by content, least recently used
+#: out first (``$HECOMPILER_PLAINTEXT_OP_CACHE``; ``0`` turns it off, and so does a cache budget of 0)
+DEFAULT_OP_CACHE_BYTES = 512 * 2**20
+
+
+def default_op_cache_bytes() -> int:
+    import os
+
+    env = os.environ.get("HECOMPILER_PLAINTEXT_OP_CACHE")
+    return parse_bytes(env) if env else DEFAULT_OP_CACHE_BYTES
+
+
 def default_cache_bytes() -> int:
     import os
 
@@ -117,13 +137,27 @@ class PlaintextCache:
 
     The cache fills in program order and then stops growing (no eviction): a program runs its
     plaintexts in the same order every time, where an LRU would evict each entry just before
-    its reuse.  ``stats``: hits by reference, hits by content, encodings, bytes held."""
+    its reuse.  Past that, the plaintexts of the linear op running (between :meth:`begin_op` and
+    :meth:`end_op`) are still shared by content in an op-local tier of ``op_budget_bytes``,
+    least recently used out first, dropped when the op ends: a convolution in polyphase layouts
+    repeats most of its diagonals across output ciphertexts, which it computes in an order that
+    keeps the repeats close (hecompiler.linear.sharing_order; the cost model simulates this tier:
+    hecompiler.linear.plaintext_encodings).
+    ``stats``: hits by reference, hits by content, encodings, bytes held."""
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, op_budget_bytes: int | None = None):
         self.budget = default_cache_bytes() if budget_bytes is None else max(0, int(budget_bytes))
+        #: the op-local tier's budget (off, unless given, when the cache's is 0: no reuse at all)
+        if op_budget_bytes is None:
+            op_budget_bytes = default_op_cache_bytes() if self.budget else 0
+        self.op_budget = max(0, int(op_budget_bytes))
         self._by_ref: dict = {}
         self._by_content: dict = {}
         self.bytes = 0
+        self._op: OrderedDict = OrderedDict()  # content key -> (plaintext, bytes), for the op running
+        self._op_on = False
+        self.op_bytes = 0
+        self.op_peak_bytes = 0
         self.ref_hits = 0
         self.content_hits = 0
         self.encoded = 0
@@ -145,26 +179,57 @@ class PlaintextCache:
         return self._by_ref.get((ref, level))
 
     def peek_content(self, key: tuple):
-        """What :meth:`lookup_content` gives, without counting a hit."""
-        return self._by_content.get(key)
+        """What :meth:`lookup_content` gives, without counting a hit (nor using an op-local entry)."""
+        pt = self._by_content.get(key)
+        if pt is None:
+            pt = self._op.get(key, (None, 0))[0]
+        return pt
 
     def lookup_content(self, key: tuple):
         pt = self._by_content.get(key)
+        if pt is None and key in self._op:
+            self._op.move_to_end(key)
+            pt = self._op[key][0]
         if pt is not None:
             self.content_hits += 1
         return pt
 
+    def touch(self, key: tuple) -> None:
+        """An op-local entry was used (a prefetched content hit): it is the most recent."""
+        if key in self._op:
+            self._op.move_to_end(key)
+
+    def begin_op(self, shares: bool = True) -> None:
+        """A linear op starts: when it ``shares`` plaintexts (its diagonals repeat), they are shared
+        by content beyond the budget's first tier until :meth:`end_op`."""
+        self.end_op()
+        self._op_on = shares
+
+    def end_op(self) -> None:
+        self._op = OrderedDict()
+        self.op_bytes = 0
+        self._op_on = False
+
     def store(self, ref: PlainRef, level: int, key: tuple | None, pt, nbytes: int) -> None:
         self.encoded += 1
         if self.bytes + nbytes > self.budget:
+            if self._op_on and key is not None and nbytes <= self.op_budget:
+                self._op[key] = (pt, nbytes)
+                self.op_bytes += nbytes
+                while self.op_bytes > self.op_budget:
+                    self.op_bytes -= self._op.popitem(last=False)[1][1]
+                self.op_peak_bytes = max(self.op_peak_bytes, self.op_bytes)
             return
         self.bytes += nbytes
         self._by_ref[(ref, level)] = pt
         if key is not None:
             self._by_content[key] = pt
 
-    def link(self, ref: PlainRef, level: int, pt) -> None:
-        """Remember ``ref`` for a plaintext already held (a content hit)."""
+    def link(self, ref: PlainRef, level: int, pt, key: tuple | None = None) -> None:
+        """Remember ``ref`` for a plaintext already held (a content hit on ``key``; not when the
+        op-local tier holds it, which must let it go when the op ends)."""
+        if key is not None and key not in self._by_content:
+            return
         if (ref, level) not in self._by_ref and len(self._by_ref) < 1 << 22:
             self._by_ref[(ref, level)] = pt
 
@@ -172,3 +237,4 @@ class PlaintextCache:
         self._by_ref.clear()
         self._by_content.clear()
         self.bytes = 0
+        self.end_op()

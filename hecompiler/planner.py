@@ -228,7 +228,7 @@ def _check_budgets(c: Candidate, opts: PlanOptions) -> None:
 
 #: layout strategies the planner tries beside the default at the chosen parameters ("gapped" is
 #: searchable with --layout but not tried: it holds the same diagonals in emptier ciphertexts)
-SEARCHED_LAYOUTS = ("aligned",)
+SEARCHED_LAYOUTS = ("aligned", "polyphase")
 
 
 def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts: PlanOptions, cost: CostModel,
@@ -238,7 +238,7 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
     as the chosen one is skipped."""
     for name in SEARCHED_LAYOUTS:
         strat = STRATEGIES[name]
-        if name == best.layout or not _strategy_differs(graph, strat, best.params.slots):
+        if name == best.layout or not _strategy_differs(graph, strat, STRATEGIES[best.layout], best.params.slots):
             continue
         lo = replace(lowering, layout=name)
         try:
@@ -258,18 +258,21 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
     return best
 
 
-def _strategy_differs(graph: Graph, strat, slots: int) -> bool:
-    """Whether ``strat`` lays out the graph's inputs otherwise than the default strategy (from
-    there on the two derive the same layouts alike)."""
+def _strategy_differs(graph: Graph, strat, other, slots: int) -> bool:
+    """Whether ``strat`` lays out the graph's inputs otherwise than ``other`` (from there on the
+    two derive the same layouts alike)."""
     from .layout import chw
+    from .layout_strategy import decimation
 
-    default = STRATEGIES["multiplexed"]
+    dec = decimation(graph)
     for v in graph.inputs:
         try:
             shape = chw(v.type.shape, fold_batch=True)
         except HecError:
             return False
-        if strat.input_layout(shape, slots) != default.input_layout(shape, slots):
+        batch = int(v.type.shape[0]) if v.type.rank >= 2 else 1
+        k = dec.get(v.name, 1)
+        if strat.input_layout(shape, slots, batch, k) != other.input_layout(shape, slots, batch, k):
             return True
     return False
 

@@ -123,8 +123,8 @@ def _run_tree(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, sc
         del hoisted
         for b in plan.baby[i]:
             baby[(i, b)] = made[b - S if b > S // 2 else b]
-    outs = []
-    for j in range(lout.n_ct):
+    outs: list[Any] = [None] * lout.n_ct
+    for j in lin.order or range(lout.n_ct):
         if j not in plan.giant:
             r = prim.zero(ins.level, ins.scale)
         else:
@@ -157,7 +157,7 @@ def _run_tree(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, sc
             r = prim.rescale(total, ins.scale)
         if lin.params.get("bias"):
             r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
-        outs.append(r)
+        outs[j] = r
     return outs
 
 
@@ -183,13 +183,13 @@ def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, p
             baby[(i, b)] = r
         if len(steps) < len(bs):
             baby[(i, 0)] = xs[i]
-    outs = []
-    for j in range(lout.n_ct):
+    outs: list[Any] = [None] * lout.n_ct
+    for j in lin.order or range(lout.n_ct):
         if j not in plan.giant:  # every weight reaching this ciphertext is zero
             r = prim.zero(ins.level, ins.scale)
             if lin.params.get("bias"):
                 r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
-            outs.append(r)
+            outs[j] = r
             continue
         total = None
         for g, terms in plan.giant[j].items():
@@ -204,5 +204,5 @@ def run_linear(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, p
         r = prim.rescale(total, ins.scale)
         if lin.params.get("bias"):
             r = prim.add_plain(r, PlainRef("bias", (lin_id, j), ins.scale), ins.level)
-        outs.append(r)
+        outs[j] = r
     return outs

@@ -2,7 +2,8 @@
 strategy's program computes the model (simulator against the reference interpreter, one under
 SEAL), the power-of-two ("aligned") grid tiles the ciphertexts and cuts a 28x28 network's
 rotations and ct-pt multiplications, the planner picks it there and skips it where it would lay
-out the graph alike, and --layout fixes the strategy."""
+out the graph alike, polyphase layouts keep every tensor of a large image dense after strided
+layers and the planner picks them there, and --layout fixes the strategy."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import hecompiler as hc
 from hecompiler.backends.sim import Simulator
 from hecompiler.errors import HecError
 from hecompiler.heprog import Params
-from hecompiler.layout_strategy import STRATEGIES, get_strategy
+from hecompiler.layout import Layout
+from hecompiler.layout_strategy import STRATEGIES, decimation, get_strategy
 from hecompiler.lower import LoweringOptions, lower
 from hecompiler.planner import PlanOptions, plan
 
@@ -63,7 +65,7 @@ def test_aligned_grids_are_powers_of_two_that_tile_the_ciphertexts():
     big = s.input_layout((3, 224, 224), 4096)
     assert all(p % 4096 == 0 for p in big.pos) and 4096 % big.hs == 0
     assert s.input_layout((4, 8, 8), 4096) == STRATEGIES["multiplexed"].input_layout((4, 8, 8), 4096)
-    with pytest.raises(HecError, match="--layout 'tiles': expected one of multiplexed, gapped, aligned"):
+    with pytest.raises(HecError, match="--layout 'tiles': expected one of multiplexed, gapped, aligned, polyphase"):
         get_strategy("tiles")
 
 
@@ -89,24 +91,92 @@ def test_the_planner_searches_the_strategies():
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,)))
     assert best.layout == "aligned"
     layouts = {c.layout for c in cands}
-    assert layouts == {"multiplexed", "aligned"}
+    assert layouts == {"multiplexed", "aligned", "polyphase"}
     assert any("layout=aligned" in c.label for c in cands)
     # fixed by the user: no search
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,), lowering=LoweringOptions(layout="multiplexed")))
     assert best.layout == "multiplexed" and {c.layout for c in cands} == {"multiplexed"}
     # a graph whose images are powers of two: aligned would lay it out alike, so it is not lowered
     best, cands = plan(_net(16), PlanOptions(ring_degrees=(8192,)))
+    assert {c.layout for c in cands} == {"multiplexed", "polyphase"}
+    # nor is polyphase where no strided layer follows an input
+    flat = _net(16, chans=(3, 4))
+    assert decimation(flat)["x"] == 1
+    best, cands = plan(flat, PlanOptions(ring_degrees=(8192,)))
     assert {c.layout for c in cands} == {"multiplexed"}
 
 
-def test_an_aligned_program_runs_under_seal():
+@pytest.mark.parametrize("layout", ["aligned", "polyphase"])
+def test_aligned_and_polyphase_programs_run_under_seal(layout):
     from hecompiler.backends import seal as SB
 
     g = _net(12, chans=(2, 4, 4))
     x = np.random.default_rng(2).uniform(-1, 1, (1, 2, 12, 12)).astype(np.float32)
-    prog, _ = lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout="aligned"))
-    assert prog.layouts[prog.inputs[0].layout].grid == (16, 16)
+    prog, _ = lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout=layout))
+    lay = prog.layouts[prog.inputs[0].layout]
+    assert (lay.grid, lay.phase) == (((16, 16), 1) if layout == "aligned" else ((8, 8), 2))
     outs, _ = SB.run_encrypted(prog, {"x": x})
     want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
     got = np.asarray(outs[prog.outputs[0].name], np.float64).reshape(-1)
     assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)
+
+
+def test_polyphase_layout_places_each_phase_as_a_channel():
+    lay = Layout.polyphase((3, 8, 12), 64, 4)  # virtual 48 channels of 2x3, on 2x4 footprints
+    assert lay.vshape == (48, 2, 3) and lay.grid == (2, 4) and lay.phase == 4 and len(lay.pos) == 48
+    lay.check()
+    x = np.arange(3 * 8 * 12, dtype=np.float64).reshape(3, 8, 12)
+    np.testing.assert_array_equal(lay.unpack(lay.pack(x)), x)
+    # element (c, h, w) is virtual channel (c, h % 4, w % 4) at (h // 4, w // 4)
+    P = lay.positions.reshape(3, 8, 12)
+    assert P[2, 5, 7] == lay.pos[(2 * 4 + 1) * 4 + 3] + 1 * lay.hs + 1 * lay.ws
+    # phase-major: a ciphertext holds one phase of consecutive channels (8 footprints per 64 slots)
+    assert [lay.pos[(c * 4) * 4] for c in range(3)] == [0, 8, 16] and lay.pos[1] == 24
+    assert "polyphase k=4" in lay.describe()
+    assert Layout.from_dict(lay.to_dict()) == lay
+    bad = lay.to_dict()
+    bad["pos"] = bad["pos"][:3]
+    with pytest.raises(HecError, match="polyphase factor 4 does not fit"):
+        Layout.from_dict(bad)
+    with pytest.raises(HecError, match="polyphase factor 3 does not divide 8x12"):
+        Layout.polyphase((3, 8, 12), 64, 3)
+    with pytest.raises(HecError, match="no grid to derive a strided layout"):
+        lay.strided((3, 4, 6), 2)
+
+
+def test_polyphase_is_the_decimation_and_strided_layers_halve_it():
+    g = _net(28)  # convs of stride 1, 2, 2
+    assert decimation(g)["x"] == 4
+    s = STRATEGIES["polyphase"]
+    lay = s.input_layout((3, 28, 28), 4096, 1, 4)
+    assert lay.phase == 4 and lay.grid == (8, 8)
+    assert s.output_layout(lay, (8, 28, 28), 1).phase == 4
+    half = s.output_layout(lay, (8, 14, 14), 2)
+    assert half.phase == 2 and half.kind == "polyphase"
+    assert s.output_layout(half, (16, 7, 7), 2).phase == 1
+    # a stride that does not divide the phase, or an output the phase does not divide: phase 1
+    assert s.output_layout(lay, (8, 10, 10), 3).phase == 1
+    assert s.output_layout(lay, (8, 13, 13), 2).phase == 1
+    # a batch or an image the decimation does not divide: the aligned layout
+    assert s.input_layout((6, 28, 28), 4096, 2, 4) == STRATEGIES["aligned"].input_layout((6, 28, 28), 4096, 2)
+    assert s.input_layout((3, 27, 27), 4096, 1, 4) == STRATEGIES["aligned"].input_layout((3, 27, 27), 4096)
+    assert s.input_layout((3, 30, 30), 4096, 1, 4).phase == 2
+
+
+def test_polyphase_wins_when_channels_span_ciphertexts_and_the_planner_picks_it():
+    """A 96x96 image spans 2.25 ciphertexts per channel (like a 224x224 one): after each strided
+    layer the multiplexed layouts' taps reach into neighbouring ciphertexts, while the polyphase
+    layouts stay dense and every conv is a stride-1 conv of whole-ciphertext blocks."""
+    g = _net(96, chans=(3, 8, 8, 8))
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,), security="none"))
+    assert best.layout == "polyphase"
+    mine = {c.layout: c.cost.op_counts for c in cands if c.params == best.params}
+    assert mine["polyphase"]["mul_plain"] < 0.8 * mine["aligned"]["mul_plain"], mine
+    assert mine["polyphase"]["rotate"] < mine["aligned"]["rotate"], mine
+    lays = [lay for lay in best.prog.layouts if lay.phase > 1]
+    assert {lay.phase for lay in lays} == {4, 2}
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 96, 96)).astype(np.float32)
+    out, _ = Simulator(best.prog).run({"x": x})
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    got = np.asarray(out[best.prog.outputs[0].name], np.float64).reshape(-1)
+    assert np.abs(got - want).max() <= 1e-6 * np.ptp(want)

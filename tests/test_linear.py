@@ -12,10 +12,15 @@ from hecompiler.layout import Layout
 from hecompiler.plaintexts import rot
 
 
-def _random_conv(rng, small_slots=True):
+def _random_conv(rng, small_slots=True, polyphase=False):
+    """A random conv and its layouts: compact in, strided out (gapped or multiplexed); with
+    ``polyphase``, the input in phases k_in of 2 or 4 and the output in phase k_in / stride when
+    that divides it (else phase 1, whose diagonals depend on the position)."""
     while True:
         C, M = int(rng.integers(1, 6)), int(rng.integers(1, 6))
-        H, W = int(rng.integers(3, 16)), int(rng.integers(3, 16))
+        kin = int(rng.choice([2, 4])) if polyphase else 1
+        H, W = (int(rng.integers(1, 5)) * kin, int(rng.integers(1, 5)) * kin) if polyphase else \
+            (int(rng.integers(3, 16)), int(rng.integers(3, 16)))
         k = int(rng.choice([1, 3, 5]))
         s = int(rng.choice([1, 2, 3]))
         pd = int(rng.integers(0, k))
@@ -26,8 +31,14 @@ def _random_conv(rng, small_slots=True):
         if OH >= 1 and OW >= 1:
             break
     S = int(rng.choice([8, 16, 64, 256] if small_slots else [1024, 4096]))
-    lin_in = Layout.compact((C, H, W), S)
-    lout = lin_in.strided((M, OH, OW), s, bool(rng.random() < 0.7))
+    if polyphase:
+        kout = kin // s if kin % s == 0 else 1
+        kout = kout if OH % kout == 0 and OW % kout == 0 else 1
+        pow2 = bool(rng.random() < 0.5)
+        lin_in, lout = Layout.polyphase((C, H, W), S, kin, pow2), Layout.polyphase((M, OH, OW), S, kout, pow2)
+    else:
+        lin_in = Layout.compact((C, H, W), S)
+        lout = lin_in.strided((M, OH, OW), s, bool(rng.random() < 0.7))
     w = rng.standard_normal((M, C // group, k, k))
     w[rng.random(w.shape) < 0.2] = 0
     lin = LinearOp("conv", 0, 1, (C, H, W), (M, OH, OW),
@@ -43,13 +54,15 @@ def _enumerated_keys(lin, ws, lin_in, lout):
     return out
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_structured_keys_equal_enumerated_keys(seed):
-    """Including layouts whose channels span several ciphertexts (tiny slot counts)."""
+@pytest.mark.parametrize("seed,polyphase", [(s, False) for s in range(6)] + [(s, True) for s in range(4)])
+def test_structured_keys_equal_enumerated_keys(seed, polyphase):
+    """Including layouts whose channels span several ciphertexts (tiny slot counts), and
+    polyphase layouts (a stride-s conv from phase k to phase k/s is a stride-1 conv of the
+    virtual channels)."""
     rng = np.random.default_rng(seed)
     checked = 0
     for _ in range(60):
-        lin, ws, lin_in, lout = _random_conv(rng)
+        lin, ws, lin_in, lout = _random_conv(rng, polyphase=polyphase)
         if not L._structured_ok(lin, lin_in, lout):
             continue  # e.g. a stride that does not fit the grid: the lowering enumerates instead
         got = {k: set(v.tolist()) for k, v in L._structured_keys(lin, ws, lin_in, lout).items()}
@@ -69,11 +82,11 @@ def _apply_plan(plan, diags, x_cts, n_out, S):
     return out
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_bsgs_schedule_computes_the_matrix(seed):
+@pytest.mark.parametrize("seed,polyphase", [(s, False) for s in range(4)] + [(s, True) for s in range(3)])
+def test_bsgs_schedule_computes_the_matrix(seed, polyphase):
     rng = np.random.default_rng(100 + seed)
     for _ in range(15):
-        lin, ws, lin_in, lout = _random_conv(rng)
+        lin, ws, lin_in, lout = _random_conv(rng, polyphase=polyphase)
         x = rng.standard_normal(lin.in_shape)
         keys = L.diag_keys(lin, ws, lin_in, lout)
         plan = L.plan_bsgs(keys, lin_in.slots)
@@ -138,3 +151,41 @@ def test_layout_pack_unpack_and_multiplexing():
     x = np.random.default_rng(1).standard_normal((32, 16, 16))
     np.testing.assert_array_equal(b.unpack(b.pack(x)), x)
     assert Layout.from_dict(b.to_dict()) == b
+
+
+@pytest.mark.parametrize("polyphase", [False, True])
+def test_diagonal_signatures_find_the_identical_plaintexts(polyphase):
+    """Equal signatures are equal diagonals, and the encodings a plan needs when identical
+    plaintexts share one (plaintext_encodings) are never fewer than the distinct slot vectors its
+    products use (more only where a diagonal repeats within its ciphertext, so that two giant
+    steps turn two diagonals into one vector: the count is then an upper bound)."""
+    rng = np.random.default_rng(5)
+    checked = exact = shared = 0
+    for _ in range(80):
+        lin, ws, lin_in, lout = _random_conv(rng, polyphase=polyphase)
+        sigs = L.diag_signatures(lin, ws, lin_in, lout)
+        if sigs is None:  # not structured, or a channel spans ciphertexts: every product its own
+            continue
+        diags = L.diagonals(lin, ws, lin_in, lout)
+        assert set(sigs) == set(diags)
+        first: dict[int, np.ndarray] = {}
+        for k, v in diags.items():
+            np.testing.assert_array_equal(first.setdefault(sigs[k], v), v)
+        plan = L.plan_bsgs(L.diag_keys(lin, ws, lin_in, lout), lin_in.slots)
+        S = lin_in.slots
+        vectors = {(rot(diags[(j, i, d)], -g % S) + 0.0).tobytes()
+                   for j, gs in plan.giant.items() for g, terms in gs.items() for (i, _b, d) in terms}
+        order = L.sharing_order(plan, sigs, lout)
+        assert not order or sorted(order) == list(range(lout.n_ct))
+        enc, got = L.plaintext_encodings(plan, sigs, order, 10**9)
+        assert enc == got and len(vectors) <= got <= plan.n_diagonals
+        # a smaller op-local tier (least recently used out first) encodes some again
+        small = L.plaintext_encodings(plan, sigs, order, 2)[0]
+        assert got <= small <= plan.n_diagonals and L.plaintext_encodings(plan, sigs, order, 0)[0] == plan.n_diagonals
+        checked += 1
+        exact += got == len(vectors)
+        shared += got < plan.n_diagonals
+    if polyphase:  # a phase whose taps stay inside the virtual grid repeats another's diagonals
+        assert checked >= 25 and exact >= 0.8 * checked and shared >= 5, (checked, exact, shared)
+    else:  # every output ciphertext holds other channels: nothing to share
+        assert checked >= 15 and exact == checked and shared == 0, (checked, exact, shared)

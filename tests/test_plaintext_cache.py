@@ -153,7 +153,7 @@ def test_repeated_runs_reuse_plaintexts_under_seal(tiny):
 def test_cache_unit():
     from hecompiler.heprog import PlainRef
 
-    c = PlaintextCache(100)
+    c = PlaintextCache(100, op_budget_bytes=60)
     r1, r2 = PlainRef("diag", (0, 0, 0, 1, 0), 2.0**40), PlainRef("diag", (0, 1, 1, 1, 0), 2.0**40)
     v = np.arange(8.0)
     k = c.content_key(v, 1, 2.0**40)
@@ -167,6 +167,21 @@ def test_cache_unit():
     c.store(PlainRef("bias", (0, 0), 1.0), 1, None, "b", 60)  # over the budget: not kept
     assert c.bytes == 60 and c.encoded == 2
     assert (c.ref_hits, c.content_hits) == (2, 1)
+    # past the budget, a linear op that shares plaintexts keeps them by content until it ends
+    k2, k3 = c.content_key(v + 1, 1, 2.0**40), c.content_key(v + 2, 1, 2.0**40)
+    c.begin_op(True)
+    c.store(r2, 1, k2, "p2", 60)
+    assert c.lookup_content(k2) == "p2" and c.lookup_ref(r2, 1) == "pt"
+    c.store(r2, 1, k3, "p3", 60)  # the op tier holds one: the least recently used goes
+    assert c.lookup_content(k2) is None and c.lookup_content(k3) == "p3"
+    assert (c.bytes, c.op_bytes, c.op_peak_bytes) == (60, 60, 60)
+    c.link(r1, 0, "p3", k3)  # an op-local plaintext is not remembered by reference past the op
+    assert c.lookup_ref(r1, 0) is None
+    c.end_op()
+    assert c.lookup_content(k3) is None and c.op_bytes == 0 and c.lookup_content(k) == "pt"
+    c.begin_op(False)  # an op whose diagonals do not repeat keeps nothing
+    c.store(r2, 1, k2, "p2", 60)
+    assert c.lookup_content(k2) is None
 
 
 # --------------------------------------------------------------------------- prefetch (hecompiler.prefetch)
@@ -262,3 +277,49 @@ def test_prefetch_failure_reaches_the_evaluation(tiny):
         np.testing.assert_array_equal(y, y0)
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_polyphase_conv_encodes_its_distinct_diagonals_once(threads):
+    """A convolution in polyphase layouts repeats most diagonals across its output ciphertexts:
+    with the cache's first tier full (as on a large network), the op-local tier still encodes
+    each distinct diagonal once, no more often than the lowering's count (``plaintexts``) that
+    the cost model prices, and the outputs are those of a run that shares nothing."""
+    from test_layout_strategy import _net
+
+    g = _net(32, chans=(3, 16, 16, 16))
+    prog, _ = lower(g, Params(N, BITS, 40, "none", log_slots=8), _primes(N, BITS), LoweringOptions(layout="polyphase"))
+    lins = [prog.linears[i.plain.args[0]] for i in prog.instrs if i.op == "linear"]
+    products = sum(lin.counts["mul_plain"] for lin in lins)
+    distinct = sum(lin.counts["plaintexts"] for lin in lins)
+    assert distinct < 0.6 * products, (distinct, products)
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    standalone = sum(i.op in ("mul_plain", "add_plain") for i in prog.instrs) + sum(
+        lin.counts.get("add_plain", 0) for lin in lins)
+    runs = {}
+    for op_tier in (0, 1 << 30):
+        prim = _ThreadedSim(prog, threads) if threads else SimPrimitives(prog, None, np.random.default_rng(0), True)
+        ex = Executor(prog, prim, None, plaintext_cache_bytes=0)
+        ex.ptcache = PlaintextCache(0, op_budget_bytes=op_tier)  # first tier full from the start
+        try:
+            runs[op_tier] = _sim_run(ex, prog, x)
+        finally:
+            ex.close()
+    # the output ciphertexts run phase after phase of each channel group: an order kept by the
+    # program text and checked to be a permutation
+    from hecompiler.heprog import ProgramError, parse_program, print_program, verify_program
+
+    assert any(lin.order for lin in lins)
+    again = parse_program(print_program(prog), prog.weights)
+    assert [lin.order for lin in again.linears] == [lin.order for lin in prog.linears]
+    bad = next(lin for lin in again.linears if lin.order)
+    bad.order = [bad.order[0]] * len(bad.order)
+    with pytest.raises(ProgramError, match="order is not a permutation"):
+        verify_program(again)
+    (y0, s0), (y1, s1) = runs[0], runs[1 << 30]
+    np.testing.assert_array_equal(y0, y1)
+    assert s0.plaintexts + s0.plaintexts_reused == products + standalone
+    if not threads:  # (plaintexts made ahead share a duplicate within the prefetch window even so)
+        assert s0.plaintexts_reused == 0
+    assert 0.9 * distinct <= s1.plaintexts - standalone <= distinct, (s1.plaintexts, standalone, distinct)
+    assert s1.plaintexts + s1.plaintexts_reused == products + standalone
