@@ -398,7 +398,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,
         "errors": errors, "noise": noise, "bootstrap": boots,
-        "plaintext_generation_s": measure_plaintext_generation(p.n, log),
+        **dict(zip(("plaintext_generation_s", "plaintext_lookup_s"), measure_plaintext_generation(p.n, log))),
         "go_memory": go_mem,
     }
 

@@ -319,9 +319,13 @@ class CostModel:
         return self.op_seconds("encode", n, primes)
 
     def generation_seconds(self, n: int) -> float:
-        """Making one plaintext diagonal from compact weights (numpy), before it is encoded;
-        0 when the table has no measurement of it."""
+        """Making plaintext diagonals from compact weights (numpy), per full diagonal's worth of
+        matrix entries (``n/2`` of them), before they are encoded; 0 when not measured."""
         return float(self._ring(n).get("plaintext_generation_s") or 0.0)
+
+    def lookup_seconds(self, n: int) -> float:
+        """Checking one product's plaintext and looking it up by content; 0 when not measured."""
+        return float(self._ring(n).get("plaintext_lookup_s") or 0.0)
 
     def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool,
                slots: int | None = None) -> tuple[float, int]:
@@ -549,7 +553,11 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
               "add": (c.get("add", 0) - acc) * model.op_seconds("add", n, pin),
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
-        enc = (c.get("mul_plain", 0) * model.generation_seconds(n)
+        # making the diagonals costs their matrix entries (every product a full diagonal when the
+        # lowering did not count them), then each product's plaintext is looked up by content
+        full = c.get("entries", c.get("mul_plain", 0) * prog.params.slots) / prog.params.slots
+        lookup = getattr(model, "lookup_seconds", None)  # a duck-typed model may not say
+        enc = (full * model.generation_seconds(n) + (c.get("mul_plain", 0) * lookup(n) if lookup else 0.0)
                + linear_encodings(c) * model.op_seconds("encode", n, pin)
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}

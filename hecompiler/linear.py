@@ -312,6 +312,15 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     return _decode_keys(np.unique(np.concatenate(found)), NI, S)
 
 
+def matrix_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> int | None:
+    """Non-zero entries of a conv/pool/affine op's matrix (its multiply-accumulates), from its
+    terms; None for another op.  Making its diagonals costs about this (hecompiler.costmodel)."""
+    if not _structured_ok(lin, lin_in, lout):
+        return None
+    return sum(len(t.w) * (t.rect[1] - t.rect[0] + 1) * (t.rect[3] - t.rect[2] + 1)
+               for t in _structured_terms(lin, weights, lin_in, lout))
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """A 64-bit mixing function (splitmix64's finaliser) on uint64 arrays (wrapping)."""
     x = x ^ (x >> np.uint64(30))

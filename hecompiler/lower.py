@@ -41,7 +41,7 @@ from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .layout_strategy import decimation, get_strategy
-from .linear import diag_keys, diag_signatures, plaintext_encodings, plan_bsgs, sharing_order
+from .linear import diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs, sharing_order
 from .plaintexts import default_op_cache_bytes
 from .refresh import LevelModel, NodeInfo, RefreshPlan
 
@@ -358,10 +358,11 @@ class Lowering:
             sigs = diag_signatures(lin, self.prog.weights, lin_in, lout)
             order = sharing_order(plan, sigs, lout)
             room = default_op_cache_bytes() // (self.prog.params.poly_degree * (x.level + 1) * 8)
-            cached = plan, order, plaintext_encodings(plan, sigs, order, room)
+            cached = plan, order, plaintext_encodings(plan, sigs, order, room), \
+                matrix_entries(lin, self.prog.weights, lin_in, lout)
             if self.opts.key_cost == 0:
                 self.opts.plan_cache[ck] = cached
-        plan, order, (encodings, distinct) = cached
+        plan, order, (encodings, distinct), entries = cached
         lin.order = list(order)
         self.bsgs_plans[lid] = plan
         level = x.level
@@ -373,6 +374,8 @@ class Lowering:
         n_out = sum(1 for j in range(lout.n_ct) if j in plan.giant)
         lin.counts = {"rotate": plan.rotations, "mul_plain": plan.n_diagonals, "add": plan.n_adds,
                       "rescale": n_out, "plaintexts": encodings, "distinct_plaintexts": distinct}
+        if entries is not None:  # what making its diagonals costs (hecompiler.costmodel)
+            lin.counts["entries"] = entries
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
         # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)

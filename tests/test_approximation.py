@@ -231,7 +231,7 @@ def test_cli_flags_tiny_model(models, tmp_path, capsys):
     np.save(d / "y.npy", rng.integers(0, 10, 10))
     np.save(d / "x0.npy", x[:1])
     np.save(d / "xbig.npy", 5 * x[:1])
-    np.save(d / "xwide.npy", 1.4 * x[:1])
+    np.save(d / "xwide.npy", 1.33 * x[:1])
     np.save(d / "xdiverge.npy", 1.45 * x[:1])
     hec = str(d / "m.hec")
     assert main([str(d / "relu.onnx"), "-o", hec, "--calibration", str(d / "cal.npy"), "--labels", str(d / "y.npy"),

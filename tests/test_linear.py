@@ -189,3 +189,19 @@ def test_diagonal_signatures_find_the_identical_plaintexts(polyphase):
         assert checked >= 25 and exact >= 0.8 * checked and shared >= 5, (checked, exact, shared)
     else:  # every output ciphertext holds other channels: nothing to share
         assert checked >= 15 and exact == checked and shared == 0, (checked, exact, shared)
+
+
+@pytest.mark.parametrize("polyphase", [False, True])
+def test_matrix_entries_are_the_multiply_accumulates(polyphase):
+    """The entries counted from a structured op's terms are its matrix's non-zeros (what making
+    its diagonals costs)."""
+    rng = np.random.default_rng(9)
+    checked = 0
+    for _ in range(40):
+        lin, ws, lin_in, lout = _random_conv(rng, polyphase=polyphase)
+        got = L.matrix_entries(lin, ws, lin_in, lout)
+        if got is None:
+            continue
+        assert got == L.tensor_matrix(lin, ws).nnz
+        checked += 1
+    assert checked >= 10
