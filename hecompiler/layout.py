@@ -87,13 +87,8 @@ class Layout:
             raise LoweringError(f"layout: {h}x{w} with gap {gap} does not fit grid {h0}x{w0}")
         if not 1 <= per_footprint <= gap * gap:
             raise LoweringError(f"layout: {per_footprint} channels per footprint with gap {gap}")
-        fsize = h0 * w0
         n_fp = -(-(c // batch) // per_footprint) * batch
-        if fsize <= slots:
-            per_ct = slots // fsize
-            fp_base = [(f // per_ct) * slots + (f % per_ct) * fsize for f in range(n_fp)]
-        else:  # a footprint spans several ciphertexts: lay them end to end
-            fp_base = [f * fsize for f in range(n_fp)]
+        fp_base = _footprint_bases(n_fp, h0 * w0, slots)
         pos = []
         per_image = c // batch
         for ch in range(c):
@@ -135,19 +130,11 @@ class Layout:
         c, h, w = shape
         if k < 1 or h % k or w % k:
             raise LoweringError(f"layout: polyphase factor {k} does not divide {h}x{w}")
-        vh, vw = h // k, w // k
-        if pow2:
-            vh, vw = 1 << max(0, (vh - 1).bit_length()), 1 << max(0, (vw - 1).bit_length())
-        fsize = vh * vw
-        per_ct = max(1, slots // fsize)
+        vh, vw = (pow2_ceil(h // k), pow2_ceil(w // k)) if pow2 else (h // k, w // k)
+        base = _footprint_bases(c * k * k, vh * vw, slots)  # in phase-major order (p, q, channel)
         pos = [0] * (c * k * k)
-        f = 0
-        for p in range(k):
-            for q in range(k):
-                for ch in range(c):
-                    base = (f // per_ct) * slots + (f % per_ct) * fsize if fsize <= slots else f * fsize
-                    pos[(ch * k + p) * k + q] = base
-                    f += 1
+        for f, (p, q, ch) in enumerate((p, q, ch) for p in range(k) for q in range(k) for ch in range(c)):
+            pos[(ch * k + p) * k + q] = base[f]
         last = max(pos) + (h // k - 1) * vw + (w // k - 1)
         n_ct = last // slots + 1
         kind = "polyphase" if k > 1 else ("compact" if (vh, vw) == (h, w) else "padded")
@@ -250,6 +237,20 @@ class Layout:
                                 f"and {len(lay.pos)} channel positions")
         lay.check()
         return lay
+
+
+def pow2_ceil(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _footprint_bases(n_fp: int, fsize: int, slots: int) -> list[int]:
+    """Virtual positions of ``n_fp`` footprints of ``fsize`` slots: as many per ciphertext as fit,
+    none straddling two; a footprint larger than a ciphertext spans several, end to end."""
+    if fsize <= slots:
+        per_ct = slots // fsize
+        return [(f // per_ct) * slots + (f % per_ct) * fsize for f in range(n_fp)]
+    return [f * fsize for f in range(n_fp)]
 
 
 def chw(shape: tuple[int, ...], fold_batch: bool = False) -> tuple[int, int, int]:

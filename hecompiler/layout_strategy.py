@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from math import gcd
 
 from .errors import HecError
-from .layout import Layout
+from .layout import Layout, pow2_ceil
 
 #: ops that divide the resolution by their stride, and ops after which the spatial structure is
 #: gone (a polyphase layout flows through every other op: element-wise, activations, Add)
@@ -79,7 +79,7 @@ class LayoutStrategy:
     def grid(self, h: int, w: int) -> tuple[int, int]:
         if not self.pow2_grid:
             return (h, w)
-        return (1 << max(0, (h - 1).bit_length()), 1 << max(0, (w - 1).bit_length()))
+        return (pow2_ceil(h), pow2_ceil(w))
 
     def input_layout(self, shape, slots: int, batch: int = 1, decimation: int = 1) -> Layout:
         c, h, w = shape
