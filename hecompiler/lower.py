@@ -41,7 +41,8 @@ from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .layout_strategy import decimation, get_strategy
-from .linear import diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs, sharing_order
+from .linear import (bias_vector, diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs,
+                     sharing_order, tensor_matrix)
 from .plaintexts import default_op_cache_bytes
 from .refresh import LevelModel, NodeInfo, RefreshPlan
 
@@ -418,6 +419,38 @@ class Lowering:
         for o in ins.results:
             self.meta[o] = (ins.level, new_scale)
 
+    def _normalize_output(self, v: Value, t: Tensor) -> Tensor:
+        """Scale up the weights of a graph output's linear op when they are small, leaving the
+        factor pending for the client.  Encoding rounds every plaintext to 1/scale, an error each
+        product multiplies by the ciphertext's slots (garbage slots included), so small weights (a
+        classifier after a sum-pooling, with a polynomial's leading coefficient pending) lose digits
+        (see backends/sim.py).  ``k`` is the largest power of two keeping the op's gain, its largest
+        absolute row sum (and bias), at most 1: the output's ciphertext values stay within its
+        input's, so no level's modulus is approached that the input did not already approach."""
+        if t.emission is None or v.uses or not self._feeds_only(v, t):
+            return t
+        lin = self.prog.linears[t.emission.lin]
+        m = tensor_matrix(lin, self.prog.weights)
+        gain = float(abs(m).sum(axis=1).max()) if m.nnz else 0.0
+        b = bias_vector(lin, self.prog.weights)
+        if b is not None and b.size:
+            gain = max(gain, float(np.abs(b).max()))
+        if not 0.0 < gain < 0.5:
+            return t
+        k = 2.0 ** min(math.floor(-math.log2(gain)), OUTPUT_GAIN_BITS)
+        self._replan(t.emission, t.scale, k)
+        return replace(t, alpha=t.alpha / k, emission=None)
+
+    def _feeds_only(self, v: Value, t: Tensor) -> bool:
+        """Whether the linear op that made ``t`` reaches ``v`` and nothing else (through scalar
+        Mul/Div, Identity, Flatten...)."""
+        p = v.producer
+        src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None
+        st = self.t.get(id(src)) if src is not None else None
+        if st is None or st.emission is not t.emission:
+            return True
+        return self._adjustable(src, st, p)
+
     # ================================================================== alignment
     def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:
         if t.emission is None:
@@ -623,7 +656,7 @@ class Lowering:
                                                        1e-3 * (rot + 1)))
         self.node = None
         for v in g.outputs:
-            t = self.tensor(v)
+            t = self._normalize_output(v, self.tensor(v))
             self.prog.outputs.append(IOSpec(v.name, tuple(v.type.shape), t.layout, list(t.cts), float(t.alpha)))
         return self.prog
 
@@ -909,6 +942,10 @@ def _lower_pow(low: "Lowering", node: Node) -> Tensor:
 SOFT_ALPHA = 6.0
 #: ... and above which it is multiplied out even at the cost of a level
 HARD_ALPHA = 20.0
+
+
+#: the most a graph output's linear op is scaled up by (2^k; see Lowering._normalize_output)
+OUTPUT_GAIN_BITS = 24
 
 
 def _bad_alpha(alpha: float, limit: float = SOFT_ALPHA) -> bool:
