@@ -381,7 +381,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
     live = _live_ciphertexts(graph, low)
     batch = max(1, int(graph.inputs[0].type.shape[0])) if graph.inputs and graph.inputs[0].type.rank >= 2 else 1
     layers = []
-    for st in low.layers:
+    for st in low.stats.layers:
         layers.append({"node": st.node, "op": st.op, "layout_in": st.layout_in, "layout_out": st.layout_out,
                        "rotations": st.rotations, "diagonals": st.diagonals, "bsgs_bound": round(st.bound, 1),
                        "level_in": st.level_in, "level_out": st.level_out, "live_cts": live.get(st.node, 0)})
@@ -405,13 +405,13 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "ops": c.op_counts,
         "levels_used": best.prog.levels_used(),
         "refreshes": c.refreshes,
-        "refresh_points": list(low.refresh_points),
+        "refresh_points": list(low.stats.refresh_points),
         "refresh_placement": {"method": "optimal (DP over the level model)" if best.refresh_plan else
                               ("none needed" if not c.refreshes else "greedy"),
                               "greedy_refreshed_ciphertexts": best.greedy_refreshed,
                               "refreshed_ciphertexts": c.refreshes,
-                              "unplanned": low.unplanned_refreshes},
-        "shared_alignments": low.shared_alignments,
+                              "unplanned": low.stats.unplanned_refreshes},
+        "shared_alignments": low.stats.shared_alignments,
         "target": target.name,
         "layout": best.layout,
         "bootstraps": c.refreshes if target.backend != "seal" else 0,

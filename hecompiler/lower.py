@@ -2,33 +2,32 @@
 
 Walks the graph in order and keeps, for every graph value, an encrypted
 :class:`Tensor`: its ciphertexts, layout, level, scale, and a *pending
-scalar* ``alpha`` (the real tensor is ``alpha * decrypt(cts)``).  Pending
-scalars are how depth stays minimal:
+scalar* ``alpha`` (the real tensor is ``alpha * decrypt(cts)``).  Each op is
+lowered by the rule registered for it (:func:`lowers`; the data-movement ops
+in :mod:`hecompiler.lower_moves`).  The parts live in their own modules:
 
-* a scalar multiply or divide only changes ``alpha`` (no level);
-* a linear op absorbs the ``alpha`` of its input into its weights;
-* a polynomial substitutes ``alpha`` into its coefficients, and a degree-2
-  ``A t^2 + B t + C`` is evaluated as ``A * ((t + B/2A)^2 + C'/A)``: one
-  ciphertext product, one level, with ``A`` left pending;
-* a residual ``Add`` makes both sides agree on ``alpha``, level and scale by
-  adjusting the linear op that produced one side (its weights and the scale
-  of its plaintexts are still free), and only multiplies when neither side
-  can be adjusted;
-* at an output the client multiplies by what is still pending.
+* :mod:`hecompiler.progbuilder`: emitting instructions, with the level and
+  scale of each from the one op-semantics table (:mod:`hecompiler.opsem`);
+* :mod:`hecompiler.lower_align`: pending scalars, and bringing two operands
+  to one alpha, level and scale (re-planning the linear op that made one);
+* :mod:`hecompiler.layout_strategy`: which layout each tensor takes;
+* :mod:`hecompiler.lower_observe`: statistics and the level model, recorded
+  as observers of the lowering's events.
 
-Levels run down from the top (fresh) level.  Refreshes come from a
-:class:`~hecompiler.refresh.RefreshPlan` (the planner's exact placement) when
-one is given; an op that still needs more levels than its input has gets a
-``refresh`` of that input first (greedy fallback, counted).  A skip source
-read by several Adds is mod-switched once per level and fanned out.  Scales
-are planned exactly: every rescale's result is the value the backends set,
-every add sees equal scales.
+A degree-2 polynomial ``A t^2 + B t + C`` is evaluated as
+``A * ((t + B/2A)^2 + C'/A)``: one ciphertext product, one level, with ``A``
+left pending.  Levels run down from the top (fresh) level.  Refreshes come
+from a :class:`~hecompiler.refresh.RefreshPlan` (the planner's exact
+placement) when one is given; an op that still needs more levels than its
+input has gets a ``refresh`` of that input first (greedy fallback, counted).
+A skip source read by several Adds is mod-switched once per level and fanned
+out.  Scales are planned exactly: every rescale's result is the value the
+backends set, every add sees equal scales.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -36,38 +35,17 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CompileBudgetError, LoweringError, LoweringInvariantError, OutOfLevelsError
-from .opsem import SCALE_SNAP, OpSemanticsError, result_meta
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .layout_strategy import decimation, get_strategy
-from .linear import (bias_vector, diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs,
-                     sharing_order, tensor_matrix)
+from .linear import diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs, sharing_order
 from .plaintexts import default_op_cache_bytes
-from .refresh import LevelModel, NodeInfo, RefreshPlan
+from .lower_align import HARD_ALPHA, Emission, PendingScalars, Tensor, bad_alpha
+from .lower_observe import LayerStat, LevelObserver, LoweringStats, Observer
+from .progbuilder import ProgramBuilder
+from .refresh import LevelModel, RefreshPlan
 
-
-
-@dataclass
-class Emission:
-    """The ``linear`` instruction of one linear op, kept so a later Add can
-    still change the op's multiplier and output scale."""
-
-    lin: int
-    instr: int  # index of the ``linear`` instruction
-    level_in: int
-    scale_in: float
-
-
-@dataclass
-class Tensor:
-    cts: list[int]
-    layout: int
-    level: int
-    scale: float
-    alpha: float = 1.0
-    emission: Emission | None = None
-    dirty: bool = False  # slots outside the layout may hold garbage
 
 
 @dataclass
@@ -94,92 +72,41 @@ class LoweringOptions:
     #: they keep the Galois keys within (the planner sets both)
     cost: Any = field(default=None, repr=False, compare=False)
     max_memory_bytes: int | None = None
+    #: more observers of the lowering's events (hecompiler.lower_observe.Observer)
+    observers: tuple = field(default=(), repr=False, compare=False)
 
 
-@dataclass
-class LayerStat:
-    node: str
-    op: str
-    layout_in: str
-    layout_out: str
-    rotations: int = 0
-    diagonals: int = 0
-    bound: float = 0.0  # 2 * sqrt(#diagonals)
-    level_in: int = 0
-    level_out: int = 0
-    refreshes: int = 0
+class Lowering(ProgramBuilder, PendingScalars):
+    """Lowers a graph, node by node, through the rules registered with :func:`lowers`.  It is a
+    :class:`~hecompiler.progbuilder.ProgramBuilder` (levels and scales of what it emits) and
+    keeps pending scalars with :class:`~hecompiler.lower_align.PendingScalars`; what it did is
+    recorded by its observers (:mod:`hecompiler.lower_observe`): ``stats`` and ``levels``, plus
+    those of ``LoweringOptions.observers``."""
 
-
-class Lowering:
     def __init__(self, graph: Graph, params: Params, primes: tuple[int, ...],
                  options: LoweringOptions | None = None, refresh_plan: RefreshPlan | None = None):
+        ProgramBuilder.__init__(self, params, primes)
         self.g = graph
         self.opts = options or LoweringOptions()
         self.strategy = get_strategy(self.opts.layout)
-        self.prog = HEProgram(params, tuple(primes))
         self.t: dict[int, Tensor] = {}
-        self.meta: dict[int, tuple[int, float]] = {}
-        self.layers: list[LayerStat] = []
-        self.node: Node | None = None
-        self.refresh_points: list[str] = []
         self.refresh_plan = refresh_plan
-        self.unplanned_refreshes = 0  # refreshes the plan did not foresee (greedy fallback)
-        self.refreshed_cts = 0
-        self.refreshed_before: dict[str, int] = {}  # node output name -> ciphertexts refreshed for it
         self.refresh_groups: list[int] = []  # index of the first refresh instruction of each refreshed tensor
-        self.node_view: dict[int, tuple] = {}  # id(node) -> (level, #ct, layout, alpha) when it was lowered
-        self.level_model_nodes: list[NodeInfo] = []  # what this lowering observed, for planning
         # shared-source: a value's ciphertexts brought down to a level once, reused by every reader
         self._aligned: dict[tuple[int, int], Tensor] = {}
-        self.shared_alignments = 0
-        self.conversions = 0  # layout conversions (identity linear ops) the lowering inserted
         self.bsgs_plans: dict[int, Any] = {}  # linear op id -> its BSGS plan (for the HE passes)
         self.he_report = None  # the HE passes' PipelineReport
         self.he_notes: dict[str, Any] = {}  # what they reported (e.g. the rotation-key trade)
+        self.stats = LoweringStats(planned=refresh_plan is not None)
+        self.levels = LevelObserver()
+        self.observers: list[Observer] = [self.stats, self.levels, *self.opts.observers]
 
-    # ================================================================== instruction emission
-    @property
-    def top(self) -> int:
-        return self.prog.params.top_level
-
-    @property
-    def delta(self) -> float:
-        return self.prog.params.scale
-
-    def _emit(self, op: str, args: tuple[int, ...], *, step: int = 0, to_level: int = -1,
-              plain: PlainRef | None = None, scale: float | None = None) -> int:
-        p = self.prog.params
-        try:
-            level, s = result_meta(op, [self.meta[a] for a in args], self.prog.primes, p.top_level, p.scale,
-                                   to_level=to_level, plain_scale=plain.scale if plain is not None else None,
-                                   planned_scale=scale)
-        except OpSemanticsError as e:
-            raise LoweringInvariantError(f"{self._where()}: the lowering emitted an invalid {op}: {e}") from None
-        out = self.prog.new_value()
-        note = self.node.outputs[0].name if self.node is not None else ""
-        self.prog.instrs.append(Instr(op, out, tuple(args), step, to_level, plain, level, s, note))
-        self.meta[out] = (level, s)
-        return out
-
-    def rotate(self, v: int, k: int) -> int:
-        k %= self.prog.params.slots
-        return v if k == 0 else self._emit("rotate", (v,), step=k)
-
-    def add(self, a: int, b: int) -> int:
-        return self._emit("add", (a, b))
-
-    def mod_switch(self, v: int, level: int) -> int:
-        return v if self.meta[v][0] == level else self._emit("mod_switch", (v,), to_level=level)
+    def tell(self, event: str, *args) -> None:
+        """Send an event (``on_linear``, ``on_refresh``...) to every observer."""
+        for o in self.observers:
+            getattr(o, event)(*args)
 
     # ================================================================== tensors and layouts
-    def layout_id(self, lay: Layout) -> int:
-        for k, existing in enumerate(self.prog.layouts):
-            if existing == lay:
-                return k
-        lay.check()
-        self.prog.layouts.append(lay)
-        return len(self.prog.layouts) - 1
-
     def layout(self, t: Tensor) -> Layout:
         return self.prog.layouts[t.layout]
 
@@ -189,23 +116,6 @@ class Lowering:
             raise LoweringError(f"{self._where()}: operand %{v.name} is not an encrypted tensor "
                                 f"(constant operands are only supported where noted)")
         return t
-
-    def _where(self) -> str:
-        return f"node {self.node.label}" if self.node is not None else "program"
-
-    def weight(self, v: Value, suffix: str = "") -> str:
-        name = v.name + suffix
-        if name not in self.prog.weights:
-            self.prog.weights[name] = np.asarray(v.data)
-        return name
-
-    def add_weight(self, name: str, data: np.ndarray) -> str:
-        base, k = name, 0
-        while name in self.prog.weights:
-            k += 1
-            name = f"{base}.{k}"
-        self.prog.weights[name] = np.asarray(data)
-        return name
 
     # ================================================================== levels
     def refresh(self, t: Tensor, planned: bool = False) -> Tensor:
@@ -220,12 +130,7 @@ class Lowering:
         plain = PlainRef("scalar", (factor,), 1.0) if factor != 1.0 else None
         cts = [self._emit("refresh", (c,), plain=plain) for c in t.cts]
         self.refresh_groups.append(len(self.prog.instrs) - len(cts))
-        where = self.node.outputs[0].name if self.node else "?"
-        self.refresh_points.append(where)
-        self.refreshed_before[where] = self.refreshed_before.get(where, 0) + len(cts)
-        self.refreshed_cts += len(cts)
-        if self.refresh_plan is not None and not planned:
-            self.unplanned_refreshes += 1
+        self.tell("on_refresh", self.node.outputs[0].name if self.node else "?", len(cts), planned)
         return Tensor(cts, t.layout, self.top, self.delta, t.alpha / factor, None, t.dirty)
 
     def need(self, v: Value, levels: int) -> Tensor:
@@ -254,34 +159,21 @@ class Lowering:
         hit = self._aligned.get(key)
         if hit is not None and hit.cts and self.meta.get(hit.cts[0]) == (level, t.scale) and hit.alpha == t.alpha \
                 and hit.layout == t.layout:
-            self.shared_alignments += 1
+            self.tell("on_shared_alignment")
             return hit
         out = self.to_level(t, level)
         if len(v.uses) > 1:
             self._aligned[key] = out
         return out
 
-    def annotate(self, node: Node) -> dict:
-        """DOT annotations of a lowered node: levels, layout, refreshes before it."""
-        view = self.node_view.get(id(node))  # as lowered (a later refresh of its output does not change it)
-        if view is None:
-            return {}
-        level, n_ct, layout, alpha = view
-        lines = [f"level {level}, {n_ct} ct", layout]
-        if abs(alpha - 1.0) > 1e-12:
-            lines.append(f"pending x{alpha:.3g}")
-        extra: dict = {"lines": lines}
-        k = self.refreshed_before.get(node.outputs[0].name, 0)
-        if k:
-            lines.append(f"REFRESH before: {k} ciphertext{'s' if k > 1 else ''}")
-            extra.update(color="#d00000", penwidth="3")
-        return extra
-
     def level_model(self) -> LevelModel:
         """The observed level model (drops per node, ciphertexts per value), for refresh planning."""
         n_ct = {v.name: len(t.cts) for v in self.g.values() if (t := self.t.get(id(v))) is not None}
-        return LevelModel(self.level_model_nodes, n_ct, [v.name for v in self.g.inputs],
-                          [v.name for v in self.g.outputs], self.top)
+        return self.levels.level_model(self.g, n_ct, self.top)
+
+    def annotate(self, node: Node) -> dict:
+        """DOT annotations of a lowered node: levels, layout, refreshes before it."""
+        return self.levels.annotate(node, self.stats.refreshed_before)
 
     # ================================================================== linear ops
     def choose_out_layout(self, node: Node, lin_in: Layout, out_shape, stride: int) -> Layout:
@@ -300,7 +192,7 @@ class Lowering:
             return replace(t, layout=self.layout_id(lay))
         lin = LinearOp("identity", t.layout, self.layout_id(lay), src.shape, lay.shape, {},
                        note=self.node.outputs[0].name if self.node is not None else "")
-        self.conversions += 1
+        self.tell("on_conversion")
         return self.linear_on(lin, t)
 
     def _convert_one(self, ta: Tensor, tb: Tensor) -> tuple[Tensor, Tensor, bool, bool]:
@@ -396,139 +288,10 @@ class Lowering:
                                       level=level - 1, scale=target, note=note, outs=tuple(outs)))
         for o in outs:
             self.meta[o] = (level - 1, target)
-        stat = LayerStat(self.node.outputs[0].name, self.node.op, lin_in.describe(), lout.describe(),
-                         plan.rotations, plan.n_diagonals, 2 * math.sqrt(plan.n_diagonals), level, level - 1)
-        self.layers.append(stat)
+        self.tell("on_linear", LayerStat.of(self._note(), self.node.op if self.node else "", lin_in.describe(),
+                                            lout.describe(), plan.rotations, plan.n_diagonals, level))
         em = Emission(lid, start, level, x.scale)
         return Tensor(outs, lin.out_layout, level - 1, target, 1.0, em)
-
-    def _replan(self, em: Emission, new_scale: float, mult: float = 1.0) -> None:
-        """Change a linear op's output scale (its plaintext scale) and multiplier."""
-        lin = self.prog.linears[em.lin]
-        lin.mult *= mult
-        lin.bias_mult *= mult
-        q = self.prog.primes[em.level_in]
-        s_pt = new_scale * q / em.scale_in
-        ins = self.prog.instrs[em.instr]
-        got = em.scale_in * s_pt / q
-        if ins.op != "linear" or abs(got - new_scale) > SCALE_SNAP * new_scale:
-            raise LoweringInvariantError(f"{self._where()}: re-planning instruction {em.instr} ({ins.op}) to scale "
-                                         f"{new_scale!r} gives {got!r}")
-        ins.plain = replace(ins.plain, scale=s_pt)
-        ins.scale = new_scale
-        for o in ins.results:
-            self.meta[o] = (ins.level, new_scale)
-
-    def _normalize_output(self, v: Value, t: Tensor) -> Tensor:
-        """Scale up the weights of a graph output's linear op when they are small, leaving the
-        factor pending for the client.  Encoding rounds every plaintext to 1/scale, an error each
-        product multiplies by the ciphertext's slots (garbage slots included), so small weights (a
-        classifier after a sum-pooling, with a polynomial's leading coefficient pending) lose digits
-        (see backends/sim.py).  ``k`` is the largest power of two keeping the op's gain, its largest
-        absolute row sum (and bias), at most 1: the output's ciphertext values stay within its
-        input's, so no level's modulus is approached that the input did not already approach."""
-        if t.emission is None or v.uses or not self._feeds_only(v, t):
-            return t
-        lin = self.prog.linears[t.emission.lin]
-        m = tensor_matrix(lin, self.prog.weights)
-        gain = float(abs(m).sum(axis=1).max()) if m.nnz else 0.0
-        b = bias_vector(lin, self.prog.weights)
-        if b is not None and b.size:
-            gain = max(gain, float(np.abs(b).max()))
-        if not 0.0 < gain < 0.5:
-            return t
-        k = 2.0 ** min(math.floor(-math.log2(gain)), OUTPUT_GAIN_BITS)
-        self._replan(t.emission, t.scale, k)
-        return replace(t, alpha=t.alpha / k, emission=None)
-
-    def _feeds_only(self, v: Value, t: Tensor) -> bool:
-        """Whether the linear op that made ``t`` reaches ``v`` and nothing else (through scalar
-        Mul/Div, Identity, Flatten...)."""
-        p = v.producer
-        src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None
-        st = self.t.get(id(src)) if src is not None else None
-        if st is None or st.emission is not t.emission:
-            return True
-        return self._adjustable(src, st, p)
-
-    # ================================================================== alignment
-    def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:
-        if t.emission is None:
-            return False
-        # the emission may come through scalar Mul/Div, Identity, Flatten...: every value from the
-        # linear op's output to ``v`` must feed only the next one, else replanning changes them too
-        cur, nxt = v, user
-        while True:
-            if cur in self.g.outputs or len(cur.uses) != 1 or cur.uses[0][0] is not nxt:
-                return False
-            p = cur.producer
-            src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None
-            st = self.t.get(id(src)) if src is not None else None
-            if st is None or st.emission is not t.emission:
-                return True
-            cur, nxt = src, p
-
-    def align(self, va: Value, vb: Value) -> tuple[Tensor, Tensor]:
-        """Bring two operands of an add to the same layout, alpha, level and scale."""
-        ta, tb = self.tensor(va), self.tensor(vb)
-        conv_a = conv_b = False
-        if ta.layout != tb.layout:
-            ta, tb, conv_a, conv_b = self._convert_one(ta, tb)
-        # a converted operand is this node's own linear op: its scale can always be replanned
-        adj_a = conv_a or self._adjustable(va, ta, self.node)
-        adj_b = conv_b or self._adjustable(vb, tb, self.node)
-        # choose which side follows the other: an adjustable one, preferring the lower level
-        if adj_a and (not adj_b or ta.level <= tb.level):
-            follow, lead, fv = ta, tb, va
-        elif adj_b:
-            follow, lead, fv = tb, ta, vb
-        else:
-            follow = None
-        if follow is not None:
-            # the result takes the leader's alpha; when that alpha is far from 1 the ciphertext holds
-            # real/alpha, which overflows the modulus downstream: multiply it out on the leader when
-            # the leader has a level to spare (a skip branch usually has several)
-            if _bad_alpha(lead.alpha) and (lead.level > follow.level or _bad_alpha(lead.alpha, HARD_ALPHA)):
-                lead = self.materialize(lead)
-            self._replan(follow.emission, lead.scale, follow.alpha / lead.alpha)
-            follow = Tensor(follow.cts, follow.layout, follow.level, lead.scale, lead.alpha, None, follow.dirty)
-            lv = min(follow.level, lead.level)
-            lead_v = vb if fv is va else va
-            follow, lead = self.to_level(follow, lv), self.shared_to_level(lead_v, lead, lv)
-            return (follow, lead) if fv is va else (lead, follow)
-        # neither adjustable: multiply the side with more levels by alpha ratio at a chosen scale
-        if _bad_alpha(ta.alpha) or _bad_alpha(tb.alpha):
-            ta, tb = self.materialize(ta), self.materialize(tb)
-        hi, lo = (ta, tb) if ta.level >= tb.level else (tb, ta)
-        if hi.level < 1:
-            hi = self.refresh(hi)
-        ratio = hi.alpha / lo.alpha
-        lvl = hi.level
-        target_level = min(lvl - 1, lo.level)
-        lo = self.to_level(lo, target_level)
-        hi = self.to_level(hi, target_level + 1)
-        q = self.prog.primes[hi.level]
-        s_pt = lo.scale * q / hi.scale
-        cts = []
-        for c in hi.cts:
-            m = self._emit("mul_plain", (c,), plain=PlainRef("scalar", (float(ratio),), s_pt))
-            cts.append(self._emit("rescale", (m,), scale=lo.scale))
-        hi = Tensor(cts, hi.layout, target_level, lo.scale, lo.alpha, None, hi.dirty)
-        return (hi, lo) if ta.level >= tb.level else (lo, hi)
-
-    def materialize(self, t: Tensor) -> Tensor:
-        """Multiply a tensor's pending alpha into its ciphertexts (one level)."""
-        if t.alpha == 1.0:
-            return t
-        if t.level < 1:
-            t = self.refresh(t)
-        q = self.prog.primes[t.level]
-        s_pt = self.delta * q / t.scale
-        cts = []
-        for c in t.cts:
-            m = self._emit("mul_plain", (c,), plain=PlainRef("scalar", (float(t.alpha),), s_pt))
-            cts.append(self._emit("rescale", (m,), scale=self.delta))
-        return Tensor(cts, t.layout, t.level - 1, self.delta, 1.0, None, t.dirty)
 
     # ================================================================== polynomials
     def poly(self, x_val: Value, coeffs) -> Tensor:
@@ -544,12 +307,12 @@ class Lowering:
         t0 = self.tensor(x_val)
         unit = deg >= 3 and abs(t0.alpha) < 0.5
         fold = unit and t0.level >= depth and self._adjustable(x_val, t0, self.node)
-        extra = 1 if (_bad_alpha(t0.alpha, HARD_ALPHA) or unit) and not fold else 0
+        extra = 1 if (bad_alpha(t0.alpha, HARD_ALPHA) or unit) and not fold else 0
         x = self.need(x_val, depth + extra)
         if fold:
             self._replan(x.emission, x.scale, x.alpha)
             x = replace(x, alpha=1.0, emission=None)
-        elif _bad_alpha(x.alpha, HARD_ALPHA) or unit:  # powers of a far-off alpha would overflow
+        elif bad_alpha(x.alpha, HARD_ALPHA) or unit:  # powers of a far-off alpha would overflow
             x = self.materialize(x)
         a = x.alpha
         cs = c * a ** np.arange(deg + 1)  # coefficients in the ciphertext's own variable
@@ -644,16 +407,13 @@ class Lowering:
             for v in enc:
                 if v.name in planned and self.t[id(v)].level < self.top:
                     self.t[id(v)] = self.refresh(self.t[id(v)], planned=True)
-            n_layers = len(self.layers)
+            self.tell("on_node_start", node)
             res = fn(self, node)
             if res is not None:
                 self.t[id(node.output)] = res
-                self.node_view[id(node)] = (res.level, len(res.cts), self.layout(res).describe(), res.alpha)
                 lo = min((self.t[id(v)].level for v in enc), default=self.top)
-                rot = sum(st.rotations for st in self.layers[n_layers:])
-                self.level_model_nodes.append(NodeInfo(node.outputs[0].name, tuple(v.name for v in enc),
-                                                       node.outputs[0].name, max(0, lo - res.level),
-                                                       1e-3 * (rot + 1)))
+                self.tell("on_node_end", node, res.level, len(res.cts), self.layout(res).describe(), res.alpha,
+                          tuple(v.name for v in enc), lo)
         self.node = None
         for v in g.outputs:
             t = self._normalize_output(v, self.tensor(v))
@@ -817,8 +577,8 @@ def _lower_globalaveragepool(low: "Lowering", node: Node) -> Tensor:
             rots += _sum_rotations(count) * len(cts)
     out = Layout((C, 1, 1), lay.slots, lay.n_ct, lay.pos, 0, 0, "sum", lay.gap, (0, 0), lay.per_fp)
     lid = low.layout_id(out)
-    low.layers.append(LayerStat(node.outputs[0].name, node.op, lay.describe(), out.describe(), rots, 0, 0,
-                                t.level, t.level))
+    low.tell("on_linear", LayerStat(node.outputs[0].name, node.op, lay.describe(), out.describe(), rots, 0, 0,
+                                     t.level, t.level))
     return Tensor(cts, lid, t.level, t.scale, t.alpha / (H * W), None, True)
 
 
@@ -936,20 +696,6 @@ def _lower_pow(low: "Lowering", node: Node) -> Tensor:
         raise LoweringError(f"{low._where()}: only integer powers 1..64 by a constant are supported")
     k = int(e.data.reshape(-1)[0])
     return low.poly(x, [0.0] * k + [1.0])
-
-
-#: |log2 alpha| above which a pending scalar is multiplied out when it is free (a spare level)
-SOFT_ALPHA = 6.0
-#: ... and above which it is multiplied out even at the cost of a level
-HARD_ALPHA = 20.0
-
-
-#: the most a graph output's linear op is scaled up by (2^k; see Lowering._normalize_output)
-OUTPUT_GAIN_BITS = 24
-
-
-def _bad_alpha(alpha: float, limit: float = SOFT_ALPHA) -> bool:
-    return alpha == 0 or abs(math.log2(abs(alpha))) > limit
 
 
 def _poly_depth(deg: int) -> int:

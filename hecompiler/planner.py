@@ -152,10 +152,10 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
             continue
         c = Candidate(params, primes, prog, low, program_cost(prog, cost), lowering_options=final_opts,
                       layout=low.strategy.name)
-        c.greedy_refreshed = low.refreshed_cts
-        if low.refreshed_cts and opts.optimal_refresh:
+        c.greedy_refreshed = low.stats.refreshed_cts
+        if low.stats.refreshed_cts and opts.optimal_refresh:
             c = _place_refreshes(graph, c, opts, cost, lowering)
-        if (low.refreshed_cts and opts.levels is None and opts.scale_bits is None and target.backend == "seal"
+        if (low.stats.refreshed_cts and opts.levels is None and opts.scale_bits is None and target.backend == "seal"
                 and params.top_level == max_levels(params.poly_degree, params.scale_bits, opts.security,
                                                    cost.refresh.reserved_bits(params.scale_bits))):
             # the longest chain of these primes needs refreshes: smaller primes hold more levels (a
@@ -168,7 +168,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                                     for q in [cd.params for cd in cands] + queue):
                     queue.append(Params(params.poly_degree, chain_bits(params.poly_degree, sb, depth), sb,
                                         opts.security))
-        if not low.refreshed_cts and opts.levels is None and prog.levels_used() < params.top_level:
+        if not low.stats.refreshed_cts and opts.levels is None and prog.levels_used() < params.top_level:
             # the chain has levels the program never uses: a shorter one is cheaper in every op and
             # in key memory (keys grow with the square of the chain)
             lv = max(1, prog.levels_used())
@@ -247,8 +247,8 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
             continue
         c = Candidate(best.params, best.primes, prog, low, program_cost(prog, cost),
                       lowering_options=replace(final_opts, layout=name), layout=name)
-        c.greedy_refreshed = low.refreshed_cts
-        if low.refreshed_cts and opts.optimal_refresh:
+        c.greedy_refreshed = low.stats.refreshed_cts
+        if low.stats.refreshed_cts and opts.optimal_refresh:
             c = _place_refreshes(graph, c, opts, cost, lo)
         _check_budgets(c, opts)
         cands.append(c)
@@ -329,11 +329,11 @@ def _place_refreshes(graph: Graph, greedy: Candidate, opts: PlanOptions, cost: C
         prog, low = lower(graph, greedy.params, greedy.primes, lowering or opts.lowering, rplan)
         c = Candidate(greedy.params, greedy.primes, prog, low, program_cost(prog, cost),
                       lowering_options=greedy.lowering_options, layout=greedy.layout)
-        c.greedy_refreshed = greedy.lowering.refreshed_cts
+        c.greedy_refreshed = greedy.lowering.stats.refreshed_cts
         c.refresh_plan = rplan
         if (c.cost.refreshes, c.cost.seconds) <= (best.cost.refreshes, best.cost.seconds):
             best = c
-        if not low.unplanned_refreshes:
+        if not low.stats.unplanned_refreshes:
             break
         model = low.level_model()
     return best

@@ -66,8 +66,8 @@ def test_every_input_of_a_batch_as_if_alone(tiny, batch):
 def test_the_images_share_the_diagonals(tiny):
     """Every convolution of a batch of 4 applies the diagonals of one image (the weights of the 4
     images are the same, at the same offsets): no more diagonals than at batch 1."""
-    one = {s.node: s for s in _lowered(tiny, 1)[1].layers}
-    four = {s.node: s for s in _lowered(tiny, 4)[1].layers}
+    one = {s.node: s for s in _lowered(tiny, 1)[1].stats.layers}
+    four = {s.node: s for s in _lowered(tiny, 4)[1].stats.layers}
     convs = [k for k, s in one.items() if s.op == "Conv"]
     assert convs
     for k in convs:

@@ -14,7 +14,8 @@ import hecompiler as hc
 from hecompiler.backends.sim import Simulator
 from hecompiler.costmodel import CostModel
 from hecompiler.heprog import Params
-from hecompiler.lower import OUTPUT_GAIN_BITS, lower
+from hecompiler.lower import lower
+from hecompiler.lower_align import OUTPUT_GAIN_BITS
 
 sealapi = pytest.importorskip("tenseal.sealapi")
 from hecompiler.backends import seal as SB  # noqa: E402

@@ -184,7 +184,7 @@ def test_conv_single(p, seed, n):
     x = b.input((1, p["c"], p["h"], p["w"]))
     y = b.conv(x, p["m"], p["k"], p["s"], p["pads"], p["d"], p["group"], p["bias"])
     prog, low = check(b.out(y), b.x(x.shape), N=n, L=2)
-    assert [ly.op for ly in low.layers] == ["Conv"]
+    assert [ly.op for ly in low.stats.layers] == ["Conv"]
     _record_rotations(low, p | {"N": n})
 
 
@@ -203,7 +203,7 @@ def test_conv_chain_with_poly(seed, c, hw, w_extra, k1, k2, s1, third, dw, n):
     if third:
         y = b.conv(y, c + 1, 3, 2)
     prog, low = check(b.out(y), b.x(x.shape), N=n, L=4)
-    assert len(low.layers) == (3 if third else 2)
+    assert len(low.stats.layers) == (3 if third else 2)
     _record_rotations(low, dict(c=c, hw=hw, k1=k1, k2=k2, s1=s1, third=third, dw=dw, N=n))
 
 
@@ -610,7 +610,7 @@ def test_level_exhaustion_refreshes(seed, depth, L, c, hw, residual):
         y = b.node("Add", [t, y]) if residual else t
     prog, low = check(b.out(y), b.x(x.shape) * 0.5, N=8192, L=L)
     assert _has_refresh(prog), "expected refresh ops with a short modulus chain"
-    assert low.refresh_points
+    assert low.stats.refresh_points
 
 
 def test_no_refresh_when_levels_suffice():
@@ -747,7 +747,7 @@ def test_conv_weight_computed_from_encrypted_data():
 def _rot_violations(low, slack: float = 1.0) -> list[str]:
     """Conv layers with more than ``slack * (1.5 * 2 * sqrt(#diagonals) + 2)`` rotations."""
     out = []
-    for ly in low.layers:
+    for ly in low.stats.layers:
         if ly.op != "Conv":
             continue
         bound = slack * (1.5 * 2 * math.sqrt(ly.diagonals) + 2)

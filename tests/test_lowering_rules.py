@@ -84,3 +84,35 @@ def test_an_op_without_a_rule_is_refused_by_node(monkeypatch):
     monkeypatch.setattr(L, "LOWERINGS", {k: v for k, v in L.LOWERINGS.items() if k != "Div"})
     with pytest.raises(LoweringError, match=r"node .*y.*: cannot run Div under encryption: this op has no HE lowering"):
         _lower(_model("Div"))
+
+
+def test_an_observer_sees_the_lowerings_events():
+    """A user's observer (LoweringOptions.observers) gets the events the built-in statistics
+    and level model are recorded from: one node end per node, one linear op per Conv."""
+    from hecompiler.lower_observe import Observer
+
+    class Count(Observer):
+        def __init__(self):
+            self.linear, self.ends, self.starts = [], [], 0
+
+        def on_node_start(self, node):
+            self.starts += 1
+
+        def on_linear(self, stat):
+            self.linear.append((stat.node, stat.op, stat.level_in, stat.level_out))
+
+        def on_node_end(self, node, level, n_ct, layout, alpha, input_names, input_level):
+            self.ends.append((node.op, input_level - level, alpha))
+
+    g = hc.load_onnx(_model("Div"))
+    hc.run_pipeline(g, "")
+    primes = tuple(q.value() for q in sealapi.CoeffModulus.Create(N, list(BITS)))[:-1]
+    obs = Count()
+    low = L.Lowering(g, Params(N, BITS, 40), primes, L.LoweringOptions(observers=(obs,)))
+    low.run()
+    assert obs.starts == len(g.nodes) == len(obs.ends)
+    assert obs.linear == [(s.node, s.op, s.level_in, s.level_out) for s in low.stats.layers]
+    assert [op for op, _, _ in obs.ends] == ["Conv", "Div"]
+    assert obs.ends[0][1] == 1 and obs.ends[1][1] == 0  # the conv takes a level, the scalar Div none
+    assert obs.ends[1][2] == pytest.approx(0.25)  # Div by 4: pending, not multiplied
+    assert [n.drop for n in low.level_model().nodes] == [1, 0]

@@ -111,7 +111,7 @@ def test_reshape_between_image_shapes(stride, conversions):
                                                           "w2": _w(2, 16, 3, 3)})
     got, ref, prog, low = _run(m, {"x": _x(1, 2, side, side)})
     _close(got, ref)
-    assert low.conversions == conversions
+    assert low.stats.conversions == conversions
 
 
 @pytest.mark.parametrize("op, axes, keepdims", [("ReduceSum", [1], 1), ("ReduceSum", [2, 3], 0),
@@ -152,7 +152,7 @@ def test_add_and_mul_across_layouts():
     m = _model(nodes, [("x", [1, 2, 8, 8]), ("z", [1, 3, 4, 4])], "y", {"w1": _w(3, 2, 3, 3)})
     got, ref, _, low = _run(m, {"x": _x(1, 2, 8, 8), "z": _x(1, 3, 4, 4)})
     _close(got, ref)
-    assert low.conversions >= 1
+    assert low.stats.conversions >= 1
 
 
 def test_gemm_with_a_run_time_bias():

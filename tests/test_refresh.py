@@ -75,8 +75,8 @@ def test_lowering_follows_the_optimal_plan_and_stays_correct(models, levels):
         assert plan.ciphertexts == brute_force(model)
     prog, low = lower(g, params, primes, refresh_plan=plan)
     verify_program(prog)
-    assert low.unplanned_refreshes == 0
-    assert low.refreshed_cts == plan.ciphertexts <= greedy.refreshed_cts
+    assert low.stats.unplanned_refreshes == 0
+    assert low.stats.refreshed_cts == plan.ciphertexts <= greedy.stats.refreshed_cts
     x = np.random.default_rng(0).standard_normal(g.inputs[0].type.shape).astype(np.float32)
     y = Simulator(prog).run({g.inputs[0].name: x})[0][g.outputs[0].name]
     ref = hc.run_graph(g, x)[0]
@@ -99,8 +99,8 @@ def test_replanning_when_the_lowering_deviates_from_the_plan(models, monkeypatch
     assert once.refresh_plan is None and once.cost.refreshes == once.greedy_refreshed == 10
     first = plan_refreshes(once.lowering.level_model())
     _, deviated = lower(g, once.params, once.primes, refresh_plan=first)
-    assert first.ciphertexts == 10 and deviated.unplanned_refreshes == 1 and deviated.refreshed_cts == 11
+    assert first.ciphertexts == 10 and deviated.stats.unplanned_refreshes == 1 and deviated.stats.refreshed_cts == 11
     monkeypatch.setattr(planner, "REPLANS", 3)
     best, _ = planner.plan(g, opts)
-    assert best.refresh_plan is not None and best.lowering.unplanned_refreshes == 0
+    assert best.refresh_plan is not None and best.lowering.stats.unplanned_refreshes == 0
     assert best.cost.refreshes == best.refresh_plan.ciphertexts == 10

@@ -134,14 +134,14 @@ def test_shared_source_resnet_poly_compiles_and_shares_alignment(models):
     assert len(_encrypted_adds(g)) == 6
     for src, fan in (("/relu/Add_1_output_0", 3), ("/layer2/layer2.0/relu_1/Add_1_output_0", 2)):
         assert sum(u.op == "Add" for u in g.value(src).users) == fan, src
-    shared = res.chosen.lowering.shared_alignments
+    shared = res.chosen.lowering.stats.shared_alignments
     assert shared == res.metadata["report"]["shared_alignments"]
     assert shared > 0, (res.chosen.label, res.metadata["report"]["refresh_points"])
     assert "shared-source:" in res.report_text
 
     off = compile_model(model, CompileOptions(plan=PlanOptions(lowering=LoweringOptions(share_alignment=False))))
     _check_compiled(off, model)
-    assert off.chosen.lowering.shared_alignments == 0
+    assert off.chosen.lowering.stats.shared_alignments == 0
     assert off.metadata["report"]["shared_alignments"] == 0
     assert off.chosen.label == res.chosen.label
     # the HE pass share-mod-switch then shares what the lowering did not: the same program
