@@ -52,7 +52,7 @@ class Layout:
     pos: tuple[int, ...]  # virtual position of element (c, 0, 0)
     hs: int
     ws: int
-    kind: str = "compact"  # compact | gapped | multiplexed | vector | custom
+    kind: str = "compact"  # compact | gapped | multiplexed | padded | polyphase | vector | spread | ...
     gap: int = 1  # spatial interleave factor (1 for compact)
     grid: tuple[int, int] = (0, 0)  # footprint (H0, W0) of one channel group, for derived layouts
     per_fp: int = 1  # channels sharing one footprint
@@ -144,6 +144,17 @@ class Layout:
     def vector(n: int, slots: int) -> "Layout":
         """A flat vector of n features in consecutive slots."""
         return Layout((n, 1, 1), slots, -(-n // slots), tuple(range(n)), 0, 0, "vector", 1, (1, 1), 1)
+
+    @staticmethod
+    def spread(n: int, slots: int, stride: int) -> "Layout":
+        """A flat vector of ``n <= slots`` features in ``slots / stride`` columns ``stride`` slots
+        apart: feature j at slot ``stride * (j mod cols) + j div cols``.  A dense matrix reading
+        inputs that lie ``stride`` apart (the sums a global pooling leaves) into it has about
+        ``stride`` times fewer distinct diagonals per input ciphertext than into consecutive
+        slots (all differences of output and input slots hit every residue there)."""
+        cols = slots // stride
+        pos = tuple(stride * (j % cols) + j // cols for j in range(n))
+        return Layout((n, 1, 1), slots, 1, pos, 0, 0, "spread", 1, (1, 1), 1)
 
     # ------------------------------------------------------------------ derived
     @property

@@ -116,3 +116,60 @@ def test_an_observer_sees_the_lowerings_events():
     assert obs.ends[0][1] == 1 and obs.ends[1][1] == 0  # the conv takes a level, the scalar Div none
     assert obs.ends[1][2] == pytest.approx(0.25)  # Div by 4: pending, not multiplied
     assert [n.drop for n in low.level_model().nodes] == [1, 0]
+
+
+def _pool_gemm(n_out: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).normal(0, 0.1, (n_out, 64)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "pool_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n_out])],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_classifier_after_pooling_writes_its_outputs_spread():
+    """After a global pooling by rotate-and-sum the 64 sums lie 64 slots apart; 100 outputs in
+    consecutive slots would take all 4096 diagonals (every slot difference occurs), spread in
+    columns 64 apart they take 64 x 2 = 128, at no extra level; the program computes the model."""
+    import os
+    import tempfile
+
+    from hecompiler.hecfile import load_hec, save_hec
+    from hecompiler.layout import Layout
+    from hecompiler.linear import diag_keys
+
+    g, (prog, low) = _lower(_pool_gemm(100))
+    gemm = next(s for s in low.stats.layers if s.op == "Gemm")
+    assert gemm.diagonals == 128 and gemm.layout_out.startswith("spread 100x1x1 in 1 ct")
+    lin = prog.linears[-1]
+    lin_in, lout = prog.layouts[lin.in_layout], prog.layouts[lin.out_layout]
+    consecutive = diag_keys(lin, prog.weights, lin_in, Layout.vector(100, lin_in.slots))
+    assert sum(len(d) for d in consecutive.values()) == 4096
+    assert sorted(lout.positions[:3]) == [0, 64, 128] and lout.positions[64] == 1  # column-major
+    x = np.random.default_rng(4).normal(0, 1, (1, 64, 8, 8)).astype(np.float32)
+    ref = np.asarray(hc.run_graph(g, x)[0], np.float64)
+    out = Simulator(prog).run({prog.inputs[0].name: x})[0][prog.outputs[0].name]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # the layout survives the .hec file
+    with tempfile.TemporaryDirectory() as d:
+        save_hec(os.path.join(d, "p.hec"), prog, {})
+        back, _ = load_hec(os.path.join(d, "p.hec"))
+    assert back.layouts[lin.out_layout] == lout
+
+
+def test_consecutive_outputs_stay_when_spreading_saves_nothing():
+    """Inputs in consecutive slots (stride 1): the outputs stay consecutive."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).normal(0, 0.1, (10, 64)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                          [numpy_helper.from_array(w, "w")])
+    _, (prog, low) = _lower(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    gemm = next(s for s in low.stats.layers if s.op == "Gemm")
+    assert gemm.layout_out.startswith("vector 10x1x1")
