@@ -156,6 +156,17 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
     return sp.csr_matrix((np.asarray(vals, np.float64) * lin.mult, (rows, cols)), shape=(out_size, in_size))
 
 
+def op_gain(lin: LinearOp, weights: dict[str, np.ndarray]) -> float:
+    """The op's largest absolute row sum (including ``mult``, excluding the bias).  A conv's comes
+    from its weights (an output that sees every tap; one near the border sees fewer, so this
+    bounds it from above) without enumerating its taps; other ops' from their matrix."""
+    if lin.kind == "conv":
+        w = np.abs(np.asarray(weights[lin.params["weight"]], np.float64))
+        return float(w.reshape(w.shape[0], -1).sum(axis=1).max() * abs(lin.mult)) if w.size else 0.0
+    m = tensor_matrix(lin, weights)
+    return float(abs(m).sum(axis=1).max()) if m.nnz else 0.0
+
+
 def bias_vector(lin: LinearOp, weights: dict[str, np.ndarray]) -> np.ndarray | None:
     """The bias as a flat (c, h, w) vector, or None."""
     name = lin.params.get("bias")

@@ -130,7 +130,7 @@ class Lowering(ProgramBuilder, PendingScalars):
         plain = PlainRef("scalar", (factor,), 1.0) if factor != 1.0 else None
         cts = [self._emit("refresh", (c,), plain=plain) for c in t.cts]
         self.refresh_groups.append(len(self.prog.instrs) - len(cts))
-        self.tell("on_refresh", self.node.outputs[0].name if self.node else "?", len(cts), planned)
+        self.tell("on_refresh", self._note() or "?", len(cts), planned)
         return Tensor(cts, t.layout, self.top, self.delta, t.alpha / factor, None, t.dirty)
 
     def need(self, v: Value, levels: int) -> Tensor:
@@ -191,7 +191,7 @@ class Lowering(ProgramBuilder, PendingScalars):
         if src.n_ct == lay.n_ct and np.array_equal(src.positions, lay.positions):
             return replace(t, layout=self.layout_id(lay))
         lin = LinearOp("identity", t.layout, self.layout_id(lay), src.shape, lay.shape, {},
-                       note=self.node.outputs[0].name if self.node is not None else "")
+                       note=self._note())
         self.tell("on_conversion")
         return self.linear_on(lin, t)
 
@@ -283,7 +283,7 @@ class Lowering(ProgramBuilder, PendingScalars):
         # padding): the backends then make an encryption of zero (plus the bias) at the planned level
         start = len(self.prog.instrs)
         outs = [self.prog.new_value() for _ in range(lout.n_ct)]
-        note = self.node.outputs[0].name if self.node is not None else ""
+        note = self._note()
         self.prog.instrs.append(Instr("linear", outs[0], tuple(x.cts), plain=PlainRef("diag", (lid,), s_pt),
                                       level=level - 1, scale=target, note=note, outs=tuple(outs)))
         for o in outs:

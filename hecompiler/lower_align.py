@@ -29,7 +29,7 @@ import numpy as np
 from .errors import LoweringInvariantError
 from .heprog import PlainRef
 from .ir import Node, Value
-from .linear import bias_vector, tensor_matrix
+from .linear import bias_vector, op_gain
 from .opsem import SCALE_SNAP
 
 #: |log2 alpha| above which a pending scalar is multiplied out when it is free (a spare level)
@@ -94,11 +94,10 @@ class PendingScalars:
         (see backends/sim.py).  ``k`` is the largest power of two keeping the op's gain, its largest
         absolute row sum (and bias), at most 1: the output's ciphertext values stay within its
         input's, so no level's modulus is approached that the input did not already approach."""
-        if t.emission is None or v.uses or not self._feeds_only(v, t):
+        if v.uses or not self._adjustable(v, t, None):
             return t
         lin = self.prog.linears[t.emission.lin]
-        m = tensor_matrix(lin, self.prog.weights)
-        gain = float(abs(m).sum(axis=1).max()) if m.nnz else 0.0
+        gain = op_gain(lin, self.prog.weights)
         b = bias_vector(lin, self.prog.weights)
         if b is not None and b.size:
             gain = max(gain, float(np.abs(b).max()))
@@ -108,24 +107,19 @@ class PendingScalars:
         self._replan(t.emission, t.scale, k)
         return replace(t, alpha=t.alpha / k, emission=None)
 
-    def _feeds_only(self, v: Value, t: Tensor) -> bool:
-        """Whether the linear op that made ``t`` reaches ``v`` and nothing else (through scalar
-        Mul/Div, Identity, Flatten...)."""
-        p = v.producer
-        src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None
-        st = self.t.get(id(src)) if src is not None else None
-        if st is None or st.emission is not t.emission:
-            return True
-        return self._adjustable(src, st, p)
-
-    def _adjustable(self, v: Value, t: Tensor, user: Node) -> bool:
+    def _adjustable(self, v: Value, t: Tensor, user: Node | None) -> bool:
+        """Whether the linear op that made ``t`` can be re-planned: it reaches ``v`` and nothing
+        else, and ``v`` feeds only ``user`` (None: ``v`` is a graph output nothing reads)."""
         if t.emission is None:
             return False
         # the emission may come through scalar Mul/Div, Identity, Flatten...: every value from the
         # linear op's output to ``v`` must feed only the next one, else replanning changes them too
         cur, nxt = v, user
         while True:
-            if cur in self.g.outputs or len(cur.uses) != 1 or cur.uses[0][0] is not nxt:
+            if nxt is None:
+                if cur.uses:
+                    return False
+            elif cur in self.g.outputs or len(cur.uses) != 1 or cur.uses[0][0] is not nxt:
                 return False
             p = cur.producer
             src = next((u for u in p.inputs if not u.is_constant), None) if p is not None else None

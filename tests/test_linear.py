@@ -205,3 +205,15 @@ def test_matrix_entries_are_the_multiply_accumulates(polyphase):
         assert got == L.tensor_matrix(lin, ws).nnz
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_convs_gain_from_its_weights_is_its_matrix_row_sum(group):
+    """op_gain reads a conv's gain off its weights; with outputs that see every tap it equals
+    the largest absolute row sum of the op's matrix."""
+    w = np.random.default_rng(1).normal(0, 1, (4, 4 // group, 3, 3))
+    lin = LinearOp("conv", 0, 1, (4, 8, 8), (4, 8, 8),
+                   {"weight": "w", "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": group},
+                   mult=-0.5)
+    exact = float(abs(L.tensor_matrix(lin, {"w": w})).sum(axis=1).max())
+    assert L.op_gain(lin, {"w": w}) == pytest.approx(exact, rel=1e-12)
