@@ -554,10 +554,17 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
               "rescale": c.get("rescale", 0) * model.op_seconds("rescale", n, pin),
               "add_plain": c.get("add_plain", 0) * model.op_seconds("add_plain", n, pin - 1)}
         # making the diagonals costs their matrix entries (every product a full diagonal when the
-        # lowering did not count them), then each product's plaintext is looked up by content
-        full = c.get("entries", c.get("mul_plain", 0) * prog.params.slots) / prog.params.slots
+        # lowering did not count them); each product's plaintext is then checked and looked up by
+        # content.  An op with signatures (entries_made) finds a held plaintext by signature
+        # instead (a dictionary lookup, not priced): only the output ciphertexts with a plaintext
+        # not held make their diagonals (all of them when nothing is held), and only the
+        # plaintexts it encodes are checked (priced as the measured check and content lookup)
+        signed = "entries_made" in c
+        made = c["entries_made"] if signed and plaintexts_held() else c.get("entries")
+        full = (made if made is not None else c.get("mul_plain", 0) * prog.params.slots) / prog.params.slots
         lookup = getattr(model, "lookup_seconds", None)  # a duck-typed model may not say
-        enc = (full * model.generation_seconds(n) + (c.get("mul_plain", 0) * lookup(n) if lookup else 0.0)
+        looked_up = linear_encodings(c) if signed else c.get("mul_plain", 0)
+        enc = (full * model.generation_seconds(n) + (looked_up * lookup(n) if lookup else 0.0)
                + linear_encodings(c) * model.op_seconds("encode", n, pin)
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
@@ -573,15 +580,20 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
     return {ins.op: t}, enc, {ins.op: 1}
 
 
+def plaintexts_held() -> bool:
+    """Whether the executor keeps encoded plaintexts for reuse (neither cache budget is 0)."""
+    from .plaintexts import default_cache_bytes, default_op_cache_bytes
+
+    return default_op_cache_bytes() > 0 and default_cache_bytes() > 0
+
+
 def linear_encodings(counts: dict) -> int:
     """Diagonals a linear op encodes per inference (``counts`` as the lowering records them):
     what the executor's op-local plaintext tier leaves to encode when identical diagonals share
     one encoding (``counts["plaintexts"]``, simulated by the lowering at the tier's size:
     hecompiler.linear.plaintext_encodings); every product without that count or the tier."""
-    from .plaintexts import default_cache_bytes, default_op_cache_bytes
-
     uses = counts.get("mul_plain", 0)
-    if default_op_cache_bytes() <= 0 or default_cache_bytes() <= 0:
+    if not plaintexts_held():
         return uses
     return min(uses, counts.get("plaintexts", uses))
 

@@ -413,7 +413,8 @@ class Executor:
 
         window = max(2, min(256, PREFETCH_BYTES // nbytes(ins.level + 1)))
         return Prefetcher(plaintext_order(self.prog, ins, plan), self.pf.vector, self.prim.encode,
-                          self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool, window)
+                          self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool, window,
+                          self.pf.share_key)
 
     def close(self) -> None:
         """Stop the encoding threads, if any."""
@@ -425,6 +426,13 @@ class Executor:
         """Generate and encode ``ref`` at ``level`` (a constant vector as a scalar, an all-zero
         one as nothing), sharing the encoding of an identical vector already cached."""
         cache = self.ptcache
+        key = self.pf.share_key(ref, level)  # a repeated diagonal is found without making it
+        if key is not None:
+            pt = cache.lookup_content(key)
+            if pt is not None:
+                cache.link(ref, level, pt, key)
+                stats.plaintexts_reused += 1
+                return pt
         vec = self.pf.vector(ref)
         nbytes = self.prog.params.poly_degree * (level + 1) * 8
         if not np.any(vec):
@@ -435,12 +443,13 @@ class Executor:
             cache.store(ref, level, None, pt, nbytes)
             stats.plaintexts += 1
             return pt
-        key = cache.content_key(vec, level, ref.scale)
-        pt = cache.lookup_content(key)
-        if pt is not None:
-            cache.link(ref, level, pt, key)
-            stats.plaintexts_reused += 1
-            return pt
+        if key is None:
+            key = cache.content_key(vec, level, ref.scale)
+            pt = cache.lookup_content(key)
+            if pt is not None:
+                cache.link(ref, level, pt, key)
+                stats.plaintexts_reused += 1
+                return pt
         pt = self.prim.encode(vec, ref.scale, level)
         cache.store(ref, level, key, pt, nbytes)
         stats.plaintexts += 1

@@ -323,13 +323,18 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     return _decode_keys(np.unique(np.concatenate(found)), NI, S)
 
 
-def matrix_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> int | None:
-    """Non-zero entries of a conv/pool/affine op's matrix (its multiply-accumulates), from its
-    terms; None for another op.  Making its diagonals costs about this (hecompiler.costmodel)."""
+def matrix_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> np.ndarray | None:
+    """Non-zero entries of a conv/pool/affine op's matrix (its multiply-accumulates) per output
+    ciphertext, from its terms (a channel spanning ciphertexts counts in its first); None for
+    another op.  Making an output ciphertext's diagonals costs about its entries
+    (hecompiler.costmodel)."""
     if not _structured_ok(lin, lin_in, lout):
         return None
-    return sum(len(t.w) * (t.rect[1] - t.rect[0] + 1) * (t.rect[3] - t.rect[2] + 1)
-               for t in _structured_terms(lin, weights, lin_in, lout))
+    out = np.zeros(lout.n_ct, np.int64)
+    for t in _structured_terms(lin, weights, lin_in, lout):
+        area = (t.rect[1] - t.rect[0] + 1) * (t.rect[3] - t.rect[2] + 1)
+        np.add.at(out, np.minimum(t.po // lin_in.slots, lout.n_ct - 1), area)
+    return out
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -341,35 +346,45 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+#: a second seed for the signatures' other 64 bits
+_SIG_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
 def diag_signatures(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tuple[int, int, int], int] | None:
-    """A content signature per non-zero diagonal {(j, i, d): int}: equal signatures, equal slot
-    vectors.  A diagonal is the sum of its terms, each a weight on a rectangle of its output
-    channel's footprint; the signature hashes that multiset (the footprint's offset in the
+    """A 128-bit content signature per non-zero diagonal {(j, i, d): int}: equal signatures,
+    equal slot vectors.  A diagonal is the sum of its terms, each a weight on a rectangle of its
+    output channel's footprint; the signature hashes that multiset (the footprint's offset in the
     ciphertext, the weight, the rectangle, and for a pooling the output phase, whose divisors
-    differ at the border).  Convolutions in polyphase layouts repeat the same diagonals in every
-    phase whose tap stays inside the virtual grid, so they need far fewer encodings than products.
+    differ at the border) twice, with two seeds.  Convolutions in polyphase layouts repeat the
+    same diagonals in every phase whose tap stays inside the virtual grid, so they need far fewer
+    encodings than products, and the executor finds the repeats by signature without making
+    their slot vectors (hecompiler.plaintexts.PlaintextFactory.share_key).
     None when the op is not a structured conv/pool/affine or a channel spans ciphertexts (its
     diagonals are then counted as all different)."""
     if not _structured_ok(lin, lin_in, lout) or lin_in.channel_straddles or lout.channel_straddles:
         return None
     S = lin_in.slots
     NI = lin_in.n_ct + 1
-    keys, hashes = [], []
+    keys, hashes, hashes2 = [], [], []
     for t in _structured_terms(lin, weights, lin_in, lout):
         keys.append((t.po // S * NI + t.pin // S) * S + t.delta % S)
         rect = hash((t.rect, (t.P, t.Q) if lin.kind == "pool" else None)) & 0xFFFFFFFFFFFFFFFF
-        h = _mix64((t.po % S).astype(np.uint64) ^ np.uint64(rect))
-        h = _mix64(h ^ np.ascontiguousarray(t.w, np.float64).view(np.uint64))
-        hashes.append(h)
+        base = (t.po % S).astype(np.uint64) ^ np.uint64(rect)
+        wbits = np.ascontiguousarray(t.w, np.float64).view(np.uint64)
+        hashes.append(_mix64(_mix64(base) ^ wbits))
+        hashes2.append(_mix64(_mix64(base ^ _SIG_SALT) ^ wbits ^ _SIG_SALT))
     if not keys:
         return {}
     k = np.concatenate(keys)
     uk, inv = np.unique(k, return_inverse=True)
     sig = np.zeros(len(uk), np.uint64)
     np.add.at(sig, inv, np.concatenate(hashes))
+    sig2 = np.zeros(len(uk), np.uint64)
+    np.add.at(sig2, inv, np.concatenate(hashes2))
     blk, d = np.divmod(uk, S)
     j, i = np.divmod(blk, NI)
-    return dict(zip(zip(j.tolist(), i.tolist(), d.tolist()), sig.tolist()))
+    return dict(zip(zip(j.tolist(), i.tolist(), d.tolist()),
+                    (a << 64 | b for a, b in zip(sig.tolist(), sig2.tolist()))))
 
 
 def _uses(plan: "BsgsPlan", sigs: dict, j: int):
@@ -397,29 +412,37 @@ def sharing_order(plan: "BsgsPlan", sigs: dict | None, lout: Layout) -> list[int
     return [] if order == list(range(lout.n_ct)) else order
 
 
-def plaintext_encodings(plan: "BsgsPlan", sigs: dict | None, order: list[int], capacity: int) -> tuple[int, int]:
-    """(encodings, distinct plaintexts) of a linear op run in ``order`` when the executor keeps
-    at most ``capacity`` of its plaintexts, least recently used out first
-    (hecompiler.plaintexts.PlaintextCache's op-local tier): what the cost model prices.  Every
-    product is an encoding without signatures or capacity."""
+def plaintext_encodings(plan: "BsgsPlan", sigs: dict | None, order: list[int],
+                        capacity: int) -> tuple[int, int, list[int]]:
+    """(encodings, distinct plaintexts, the output ciphertexts whose diagonals are made) of a
+    linear op run in ``order`` when the executor keeps at most ``capacity`` of its plaintexts,
+    least recently used out first (hecompiler.plaintexts.PlaintextCache's op-local tier): what
+    the cost model prices.  An output ciphertext all of whose plaintexts are held is never made
+    (the executor finds them by signature).  Every product is an encoding, and every output
+    ciphertext made, without signatures or capacity."""
     if sigs is None or capacity <= 0:
-        return plan.n_diagonals, plan.n_diagonals
+        return plan.n_diagonals, plan.n_diagonals, sorted(plan.giant)
     from collections import OrderedDict
 
     held: OrderedDict = OrderedDict()
     seen: set = set()
+    made = []
     n = 0
     for j in order or sorted(plan.giant):
+        fresh = 0
         for u in _uses(plan, sigs, j):
             if u in held:
                 held.move_to_end(u)
                 continue
-            n += 1
+            fresh += 1
             seen.add(u)
             held[u] = None
             if len(held) > capacity:
                 held.popitem(last=False)
-    return n, len(seen)
+        n += fresh
+        if fresh:
+            made.append(j)
+    return n, len(seen), sorted(made)
 
 
 def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout, out_ct: int | None = None):
@@ -524,7 +547,10 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
             grown = np.zeros((max(len(index), 2 * len(dense)), S))
             grown[: len(dense)] = dense
             dense = grown
-        np.add.at(dense.reshape(-1), at * S + po % S, m.data)
+        # one matrix entry per (output slot, diagonal): an output position and a diagonal of one
+        # input ciphertext name one input position, and the matrix sums repeated entries
+        # (tensor_matrix is a CSR matrix), so a plain scatter is exact
+        dense.reshape(-1)[at * S + po % S] = m.data
     out = {}
     for k, r in index.items():
         blk, dd = divmod(k, S)

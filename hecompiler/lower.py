@@ -252,10 +252,10 @@ class Lowering(ProgramBuilder, PendingScalars):
             order = sharing_order(plan, sigs, lout)
             room = default_op_cache_bytes() // (self.prog.params.poly_degree * (x.level + 1) * 8)
             cached = plan, order, plaintext_encodings(plan, sigs, order, room), \
-                matrix_entries(lin, self.prog.weights, lin_in, lout)
+                matrix_entries(lin, self.prog.weights, lin_in, lout), sigs is not None
             if self.opts.key_cost == 0:
                 self.opts.plan_cache[ck] = cached
-        plan, order, (encodings, distinct), entries = cached
+        plan, order, (encodings, distinct, made), entries, signed = cached
         lin.order = list(order)
         self.bsgs_plans[lid] = plan
         level = x.level
@@ -268,7 +268,11 @@ class Lowering(ProgramBuilder, PendingScalars):
         lin.counts = {"rotate": plan.rotations, "mul_plain": plan.n_diagonals, "add": plan.n_adds,
                       "rescale": n_out, "plaintexts": encodings, "distinct_plaintexts": distinct}
         if entries is not None:  # what making its diagonals costs (hecompiler.costmodel)
-            lin.counts["entries"] = entries
+            lin.counts["entries"] = int(entries.sum())
+        if entries is not None and signed:
+            # those of the output ciphertexts whose diagonals are made: the others' plaintexts are
+            # all held, found by signature (hecompiler.plaintexts.PlaintextFactory.share_key)
+            lin.counts["entries_made"] = int(entries[made].sum()) if made else 0
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
         # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)

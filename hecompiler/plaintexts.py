@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import HecError
 from .heprog import HEProgram, PlainRef
-from .linear import bias_vector, cheap_keys, diag_keys, diagonals
+from .linear import bias_vector, cheap_keys, diag_keys, diag_signatures, diagonals
 
 
 def rot(v: np.ndarray, k: int) -> np.ndarray:
@@ -34,6 +34,8 @@ class PlaintextFactory:
         self._keys: dict | None = None
         self._bias: dict[int, np.ndarray] = {}
         self._fill: dict = {}
+        self._sigs_lin = -1  # the linear op whose diagonal signatures are kept
+        self._sigs: dict | None = None
 
     def _linear_diagonals(self, lin_id: int, j: int) -> dict:
         """Diagonals of one output ciphertext of one linear op (the only ones kept)."""
@@ -48,6 +50,24 @@ class PlaintextFactory:
                                     self._keys)
             self._diag_lin = (lin_id, j)
         return self._diags
+
+    def share_key(self, ref: PlainRef, level: int) -> tuple | None:
+        """A cache key for ``ref`` at ``level`` found without making its slot vector: equal keys,
+        equal vectors.  A diagonal of a linear op with signatures (hecompiler.linear.diag_signatures:
+        a structured conv/pool/affine whose channels stay within their ciphertexts) turned by a
+        giant step is its op, its signature and the turn; None for anything else (the executor
+        then hashes the vector).  A polyphase convolution finds most of its products' plaintexts
+        this way, without making the diagonals of the output ciphertexts that only repeat them."""
+        if ref.kind != "diag":
+            return None
+        lin_id, j, i, d, r = ref.args
+        if lin_id != self._sigs_lin:
+            lin = self.prog.linears[lin_id]
+            lays = self.prog.layouts
+            self._sigs = diag_signatures(lin, self.prog.weights, lays[lin.in_layout], lays[lin.out_layout])
+            self._sigs_lin = lin_id
+        sig = self._sigs.get((j, i, d)) if self._sigs is not None else None
+        return None if sig is None else ("sig", lin_id, sig, r, level, ref.scale)
 
     def diagonal_keys(self, lin_id: int) -> dict[tuple[int, int], np.ndarray]:
         """{(j, i): sorted d} of the non-zero diagonals of linear op ``lin_id``."""

@@ -98,12 +98,16 @@ class Prefetcher:
     """Makes ``order``'s plaintexts ahead of use (see the module doc).  ``vector(ref)`` gives a slot
     vector, ``encode(vec, scale, level)`` / ``encode_scalar(value, scale, level)`` encode it
     (called on the pool's threads), ``cache`` is the executor's
-    :class:`~hecompiler.plaintexts.PlaintextCache`, ``zero`` its all-zero marker."""
+    :class:`~hecompiler.plaintexts.PlaintextCache`, ``zero`` its all-zero marker, and
+    ``share_key(ref, level)`` the cache key of a plaintext found without its vector, or None
+    (:meth:`hecompiler.plaintexts.PlaintextFactory.share_key`)."""
 
     def __init__(self, order: Sequence[tuple[PlainRef, int]], vector: Callable[[PlainRef], np.ndarray],
                  encode: Callable, encode_scalar: Callable, cache, zero: Any, nbytes: Callable[[int], int],
-                 pool: ThreadPoolExecutor, window: int):
+                 pool: ThreadPoolExecutor, window: int,
+                 share_key: Callable[[PlainRef, int], tuple | None] = lambda ref, level: None):
         self.order = list(order)
+        self._share_key = share_key
         self._vector = vector
         self._encode = encode
         self._encode_scalar = encode_scalar
@@ -149,23 +153,37 @@ class Prefetcher:
         pt = cache.peek_ref(ref, level)
         if pt is not None:
             return _done(Made(None if pt is self._zero else pt, "ref"))
+        key = self._share_key(ref, level)  # a repeated diagonal is found without making it
+        if key is not None:
+            held = self._held(key, inflight)
+            if held is not None:
+                return held
         vec = self._vector(ref)
         if not np.any(vec):
             return _done(Made(None, "zero"))
         if np.all(vec == vec[0]):  # a constant: no FFT
             return self._pool.submit(lambda: Made(self._encode_scalar(float(vec[0]), ref.scale, level), "encoded",
                                                   None, self._nbytes(level)))
-        key = cache.content_key(vec, level, ref.scale)
-        pt = cache.peek_content(key)
+        if key is None:
+            key = cache.content_key(vec, level, ref.scale)
+            held = self._held(key, inflight)
+            if held is not None:
+                return held
+        fut = self._pool.submit(lambda: Made(self._encode(vec, ref.scale, level), "encoded", key,
+                                             self._nbytes(level)))
+        inflight[key] = (k, fut)
+        return fut
+
+    def _held(self, key: tuple, inflight: dict) -> Future | None:
+        """The plaintext of content ``key`` when the cache holds it or it is being made for a
+        plaintext not yet taken; else None."""
+        pt = self._cache.peek_content(key)
         if pt is not None:
             return _done(Made(pt, "content", key))
         if key in inflight and inflight[key][0] >= self._next:
             first = inflight[key][1]
             return self._pool.submit(lambda: Made(first.result().pt, "content", key))
-        fut = self._pool.submit(lambda: Made(self._encode(vec, ref.scale, level), "encoded", key,
-                                             self._nbytes(level)))
-        inflight[key] = (k, fut)
-        return fut
+        return None
 
     # ---------------------------------------------------------------- evaluation thread
     def take(self, ref: PlainRef, level: int) -> Made:

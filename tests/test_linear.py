@@ -177,8 +177,15 @@ def test_diagonal_signatures_find_the_identical_plaintexts(polyphase):
                    for j, gs in plan.giant.items() for g, terms in gs.items() for (i, _b, d) in terms}
         order = L.sharing_order(plan, sigs, lout)
         assert not order or sorted(order) == list(range(lout.n_ct))
-        enc, got = L.plaintext_encodings(plan, sigs, order, 10**9)
+        enc, got, made = L.plaintext_encodings(plan, sigs, order, 10**9)
         assert enc == got and len(vectors) <= got <= plan.n_diagonals
+        # an output ciphertext not made uses only plaintexts an earlier one made
+        seen: set = set()
+        for j in order or sorted(plan.giant):
+            uses = {(rot(diags[(j, i, d)], -g % S) + 0.0).tobytes() for g, terms in plan.giant[j].items()
+                    for (i, _b, d) in terms}
+            assert j in made or uses <= seen
+            seen |= uses
         # a smaller op-local tier (least recently used out first) encodes some again
         small = L.plaintext_encodings(plan, sigs, order, 2)[0]
         assert got <= small <= plan.n_diagonals and L.plaintext_encodings(plan, sigs, order, 0)[0] == plan.n_diagonals
@@ -202,7 +209,11 @@ def test_matrix_entries_are_the_multiply_accumulates(polyphase):
         got = L.matrix_entries(lin, ws, lin_in, lout)
         if got is None:
             continue
-        assert got == L.tensor_matrix(lin, ws).nnz
+        m = L.tensor_matrix(lin, ws).tocoo()
+        assert got.sum() == m.nnz
+        if not (lin_in.channel_straddles or lout.channel_straddles):  # per output ciphertext
+            per_ct = np.bincount(lout.positions[m.row] // lin_in.slots, minlength=lout.n_ct)
+            np.testing.assert_array_equal(got, per_ct)
         checked += 1
     assert checked >= 10
 

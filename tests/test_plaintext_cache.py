@@ -323,3 +323,59 @@ def test_a_polyphase_conv_encodes_its_distinct_diagonals_once(threads):
         assert s0.plaintexts_reused == 0
     assert 0.9 * distinct <= s1.plaintexts - standalone <= distinct, (s1.plaintexts, standalone, distinct)
     assert s1.plaintexts + s1.plaintexts_reused == products + standalone
+
+
+def test_repeated_diagonals_are_found_by_signature_without_making_them():
+    """A polyphase convolution's products whose plaintexts repeat are found by their diagonals'
+    signatures (PlaintextFactory.share_key), so the executor makes the diagonals of exactly the
+    output ciphertexts the lowering counted as made (``entries_made``, what the cost model prices
+    for generation), fewer than all; equal keys are equal vectors, and the run's outputs equal a
+    run that shares nothing."""
+    from hecompiler import linear as L
+    from hecompiler.heprog import PlainRef
+    from hecompiler.plaintexts import PlaintextFactory
+    from test_layout_strategy import _net
+
+    g = _net(32, chans=(3, 16, 16, 16))
+    prog, _ = lower(g, Params(N, BITS, 40, "none", log_slots=8), _primes(N, BITS), LoweringOptions(layout="polyphase"))
+    lin_ids = [i.plain.args[0] for i in prog.instrs if i.op == "linear"]
+    signed = [k for k in lin_ids if "entries_made" in prog.linears[k].counts]
+    assert signed and sum(prog.linears[k].counts["entries_made"] for k in signed) < \
+        sum(prog.linears[k].counts["entries"] for k in signed)
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    runs = {}
+    for op_tier in (0, 1 << 30):
+        ex = _sim_executor(prog, 0)
+        ex.ptcache = PlaintextCache(0, op_budget_bytes=op_tier)
+        made = []
+        build = ex.pf._linear_diagonals
+
+        def recording(lin_id, j, build=build, made=made):
+            if (lin_id, j) != ex.pf._diag_lin:
+                made.append((lin_id, j))
+            return build(lin_id, j)
+
+        ex.pf._linear_diagonals = recording
+        runs[op_tier] = _sim_run(ex, prog, x), made
+    ((y0, _), made0), ((y1, _), made1) = runs[0], runs[1 << 30]
+    np.testing.assert_array_equal(y0, y1)
+    lays = prog.layouts
+    for k in signed:
+        lin = prog.linears[k]
+        per_ct = L.matrix_entries(lin, prog.weights, lays[lin.in_layout], lays[lin.out_layout])
+        assert sum(per_ct[j] for (lid, j) in made1 if lid == k) == lin.counts["entries_made"]
+        assert sum(per_ct[j] for (lid, j) in made0 if lid == k) == lin.counts["entries"]  # nothing held
+    # equal keys, equal vectors; none for a plaintext that is not a diagonal
+    pf = PlaintextFactory(prog)
+    lin_id = signed[0]
+    keys = pf.diagonal_keys(lin_id)
+    by_key: dict = {}
+    for (j, i), ds in keys.items():
+        for d in ds.tolist():
+            for r in (0, 3):
+                ref = PlainRef("diag", (lin_id, j, i, d, r), 2.0**40)
+                key = pf.share_key(ref, 1)
+                assert key is not None and key[1] == lin_id
+                np.testing.assert_array_equal(by_key.setdefault(key, pf.vector(ref)), pf.vector(ref))
+    assert len(by_key) < sum(len(ds) for ds in keys.values()) * 2
+    assert pf.share_key(PlainRef("scalar", (0.5,), 2.0**40), 1) is None
