@@ -181,6 +181,11 @@ class SealPrimitives:
         return self._s.multiply_plain(ct, pt)
 
     @_guarded
+    def mul_plain_acc(self, acc, ct, pt):
+        """acc += ct * pt in place (the executor passes a linear op's own accumulator)."""
+        return self._s.multiply_plain_accumulate(acc, ct, pt)
+
+    @_guarded
     def mul(self, a, b):
         return self._s.relinearize(self._s.multiply(a, b))
 

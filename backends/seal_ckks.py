@@ -987,6 +987,24 @@ class CkksServer:
         self.ctx._call("multiply_plain", self._ev.multiply_plain, ct, pt, out)
         return out
 
+    def multiply_plain_accumulate(self, acc: Any, ct: Any, pt: Any) -> Any:
+        """``acc += ct * pt`` in place, returning ``acc`` (a linear op's accumulator: the sum needs
+        no ciphertext of its own, and one call checks what two would)."""
+        op = "multiply_plain_accumulate"
+        lvl = self._ct_pt(op, ct, pt)
+        if pt.is_zero():
+            raise SealError(f"{op}: the plaintext is all zeros; skip this term instead")
+        s = float(ct.scale) * float(pt.scale)
+        self._check_product_scale(op, s, lvl)
+        la = self.ctx._check_ct(acc, op, "accumulator")
+        if la != lvl:
+            raise SealError(f"{op}: the accumulator is at level {la}, the product at level {lvl}")
+        self._same_scales(op, acc.scale, s, "accumulator vs product scale")
+        prod = _seal.Ciphertext()
+        self.ctx._call(op, self._ev.multiply_plain, ct, pt, prod)
+        self.ctx._call(op, self._ev.add_inplace, acc, prod)
+        return acc
+
     def rotate(self, ct: Any, step: int) -> Any:
         """Left rotation by ``step`` slots (negative = right), ``np.roll(v, -step)``."""
         self.ctx._check_ct(ct, "rotate")

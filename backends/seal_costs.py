@@ -111,6 +111,7 @@ from . import seal_ckks as S
 OPS = {
     "rotate": "rotate_vector by one slot (Galois key switch); cost independent of the step",
     "mul_plain": "multiply_plain ct x pt at the same level",
+    "mul_plain_acc": "acc += ct x pt in place (a linear op's accumulation; replaces a mul_plain and an add)",
     "rescale": "rescale_to_next: level -> level+1 (null at the last level)",
     "add": "ct + ct",
     "add_plain": "ct + pt",
@@ -190,10 +191,12 @@ def make_cases(ctx: Any, client: Any, server: Any, vec: np.ndarray, level: int) 
     b = client.encrypt(vec[::-1].copy(), SCALE, level)
     a3 = server.multiply(a, b)
     prod = server.multiply_plain(a, pt)  # scale 2^50: rescalable at levels with >= 2 primes
+    acc = server.multiply_plain(b, pt)  # an accumulator at the product's scale
     last = level == ctx.max_level
     return {
         "rotate": lambda: server.rotate(a, 1),
         "mul_plain": lambda: server.multiply_plain(a, pt),
+        "mul_plain_acc": lambda: server.multiply_plain_accumulate(acc, a, pt),
         "rescale": None if last else (lambda: server.rescale(prod)),
         "add": lambda: server.add(a, b),
         "add_plain": lambda: server.add_plain(a, pt),

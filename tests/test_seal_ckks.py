@@ -112,6 +112,23 @@ def test_multiply_plain_rescale_keeps_scale_exactly(env):
         server.rescale(cur)
 
 
+def test_multiply_plain_accumulate_adds_in_place(env):
+    """acc += ct * pt in place equals the product added to acc, and an accumulator at another
+    scale or level is refused by name."""
+    ctx, _, client, server, x, ct = env
+    w = np.linspace(-1, 1, ctx.slot_count)
+    pt = server.encode(w, SCALE, 0)
+    acc = server.multiply_plain(ct, pt)
+    again = server.multiply_plain_accumulate(acc, ct, pt)
+    assert again is acc and ctx.level_of(acc) == 0
+    np.testing.assert_allclose(client.decrypt(server.rescale(acc)), 2 * x * w, atol=1e-4)
+    with pytest.raises(ValueError, match="accumulator vs product scale"):
+        server.multiply_plain_accumulate(client.encrypt(x, SCALE), ct, pt)
+    low = server.mod_switch(server.multiply_plain(ct, pt), 1)
+    with pytest.raises(ValueError, match="accumulator is at level 1, the product at level 0"):
+        server.multiply_plain_accumulate(low, ct, pt)
+
+
 def test_rescaled_scale_predicts_seal(env):
     ctx, _, _, server, _, ct = env
     pt = server.encode_constant(0.5, SCALE, 0)
