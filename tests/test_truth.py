@@ -163,3 +163,37 @@ def test_too_many_primes_of_one_size_is_our_error():
 
     with pytest.raises(hc.HecError, match="primes of 20 bits that are 1 mod 2N for N=8192"):
         chain_primes(8192, (40,) + (20,) * 60 + (40,))
+
+
+_POOL_PROGRAM = '''heprogram v1 {
+  params {"coeff_bits":[60,40,40,40,60],"poly_degree":8192,"scale_bits":40,"security":"tc128"}
+  primes [1152921504606748673, 1099510824961, 1099510890497, 1099511480321]
+  layout #0 {"gap":1,"grid":[6,6],"hs":6,"kind":"compact","n_ct":1,"per_fp":1,"pos":[0,36],"shape":[2,6,6],"slots":4096,"ws":1}
+  input "x" [1, 2, 6, 6] layout #0 = %0
+  input "z" [1, 2, 6, 6] layout #0 = %1
+  %2 = add %0, %1 : L3 S1099511627776.0
+  %3 = mod_switch %2, 2 : L2 S1099511627776.0
+  %4 = add %3, %3 : L2 S1099511627776.0
+  %5 = mod_switch %4, 1 : L1 S1099511627776.0
+  output "y" [1, 2, 6, 6] layout #0 alpha 1.0 = %5
+}'''
+
+
+def test_seal_memory_counts_the_most_ciphertexts_of_each_level():
+    """SEAL's memory pool keeps freed ciphertexts by size, reused only for the same size: a program
+    holds, per level, the most ciphertexts of that level alive at once (here 3 at 4 primes, 2 at
+    3, 1 at 2), not the most alive at once (3).  A Go heap (Lattigo) frees them."""
+    from hecompiler.costmodel import ct_bytes, program_cost
+    from hecompiler.heprog import parse_program, verify_program
+
+    prog = parse_program(_POOL_PROGRAM, {})
+    verify_program(prog)
+    n = 8192
+    c = program_cost(prog, CostModel())
+    assert c.peak_live_ciphertexts == 3
+    assert c.peak_ciphertext_bytes == 3 * ct_bytes(n, 4) + 2 * ct_bytes(n, 3) + ct_bytes(n, 2)
+
+    class Collected(CostModel):
+        pools_by_size = False
+
+    assert program_cost(prog, Collected()).peak_ciphertext_bytes == 3 * ct_bytes(n, 4)
