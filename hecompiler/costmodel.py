@@ -184,9 +184,9 @@ class CostModel:
     def pools_by_size(self) -> bool:
         """Whether the backend keeps freed ciphertext memory in pools by allocation size, never
         returned (SEAL's memory pool): its ciphertexts then hold, for each size (level), the most of
-        that size ever alive at once, not the most alive at once.  Measured: ResNet-8 non-interactive
-        at N=2^15 grew 1467 MiB during its evaluation, where the most alive at once is 212 MiB and
-        the sum of the per-level peaks 795 MiB."""
+        that size ever alive at once, not the most alive at once.  Measured (benchmarks/seal_memory.py):
+        ResNet-8 non-interactive at N=2^15 grew 1457 MiB during its evaluation, where the most alive
+        at once is 212 MiB and the sum of the per-level peaks 795 MiB."""
         return not self.lattigo
 
     #: the percent of its live heap a collected runtime lets garbage reach (Lattigo's server sets
@@ -572,9 +572,10 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
         made = c["entries_made"] if signed and plaintexts_held() else c.get("entries")
         full = (made if made is not None else c.get("mul_plain", 0) * prog.params.slots) / prog.params.slots
         lookup = getattr(model, "lookup_seconds", None)  # a duck-typed model may not say
-        looked_up = linear_encodings(c) if signed else c.get("mul_plain", 0)
+        encodings = linear_encodings(c)
+        looked_up = encodings if signed else c.get("mul_plain", 0)
         enc = (full * model.generation_seconds(n) + (looked_up * lookup(n) if lookup else 0.0)
-               + linear_encodings(c) * model.op_seconds("encode", n, pin)
+               + encodings * model.op_seconds("encode", n, pin)
                + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one

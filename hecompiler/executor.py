@@ -422,17 +422,23 @@ class Executor:
         if pool is not None:
             pool.shutdown(wait=True)
 
+    def _held(self, ref: PlainRef, level: int, key: tuple | None, stats: ExecStats) -> Any:
+        """The cached plaintext of content ``key`` (None: no key, or not held), remembered for
+        ``ref`` too."""
+        pt = self.ptcache.lookup_content(key) if key is not None else None
+        if pt is not None:
+            self.ptcache.link(ref, level, pt, key)
+            stats.plaintexts_reused += 1
+        return pt
+
     def _encode(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
         """Generate and encode ``ref`` at ``level`` (a constant vector as a scalar, an all-zero
         one as nothing), sharing the encoding of an identical vector already cached."""
         cache = self.ptcache
         key = self.pf.share_key(ref, level)  # a repeated diagonal is found without making it
-        if key is not None:
-            pt = cache.lookup_content(key)
-            if pt is not None:
-                cache.link(ref, level, pt, key)
-                stats.plaintexts_reused += 1
-                return pt
+        pt = self._held(ref, level, key, stats)
+        if pt is not None:
+            return pt
         vec = self.pf.vector(ref)
         nbytes = self.prog.params.poly_degree * (level + 1) * 8
         if not np.any(vec):
@@ -445,10 +451,8 @@ class Executor:
             return pt
         if key is None:
             key = cache.content_key(vec, level, ref.scale)
-            pt = cache.lookup_content(key)
+            pt = self._held(ref, level, key, stats)
             if pt is not None:
-                cache.link(ref, level, pt, key)
-                stats.plaintexts_reused += 1
                 return pt
         pt = self.prim.encode(vec, ref.scale, level)
         cache.store(ref, level, key, pt, nbytes)

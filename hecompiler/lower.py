@@ -272,7 +272,7 @@ class Lowering(ProgramBuilder, PendingScalars):
         if entries is not None and signed:
             # those of the output ciphertexts whose diagonals are made: the others' plaintexts are
             # all held, found by signature (hecompiler.plaintexts.PlaintextFactory.share_key)
-            lin.counts["entries_made"] = int(entries[made].sum()) if made else 0
+            lin.counts["entries_made"] = int(entries[made].sum())
         if lin.params.get("bias"):
             lin.counts["add_plain"] = lout.n_ct
         # baby-step rotations of the inputs, held while the op runs (live ciphertexts beside its inputs)
