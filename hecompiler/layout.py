@@ -156,6 +156,15 @@ class Layout:
         pos = tuple(stride * (j % cols) + j // cols for j in range(n))
         return Layout((n, 1, 1), slots, 1, pos, 0, 0, "spread", 1, (1, 1), 1)
 
+    @staticmethod
+    def placed(positions, slots: int) -> "Layout":
+        """A flat vector whose feature j sits at virtual position ``positions[j]`` (distinct): a
+        dense matrix's outputs put where its inputs were (``hecompiler.lower.matrix_out_layout``)."""
+        pos = tuple(int(q) for q in positions)
+        lay = Layout((len(pos), 1, 1), slots, max(pos) // slots + 1, pos, 0, 0, "placed", 1, (1, 1), 1)
+        lay.check()
+        return lay
+
     # ------------------------------------------------------------------ derived
     @property
     def size(self) -> int:

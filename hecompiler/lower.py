@@ -542,34 +542,82 @@ def _lower_gemm(low: "Lowering", node: Node) -> Tensor:
     if len(node.inputs) > 2:
         c = np.broadcast_to(node.inputs[2].data.astype(np.float64) * a["beta"], (1, n)).reshape(-1)
         params["bias"] = low.add_weight(node.output.name + ".bias", c)
-    lout = low.layout_id(matrix_out_layout(low.layout(t), n))
+    lout = low.layout_id(matrix_out_layout(low.layout(t), wm))
     lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
     return low.linear(lin, x)
 
 
-def matrix_out_layout(lin_in: Layout, n: int) -> Layout:
-    """Where a dense matrix's ``n`` outputs go: consecutive slots, or spread ``s`` apart
-    (:meth:`Layout.spread`) when the input's elements lie ``s`` apart in their ciphertexts and
-    that takes fewer distinct diagonals (the products of the op; counted over all input-output
-    slot pairs, as the matrix is dense).  After a global pooling by rotate-and-sum, ResNet-18's
-    classifier: 8 x 1,024 diagonals instead of 8 x 4,096, at no level."""
+def matrix_out_layout(lin_in: Layout, wm: np.ndarray) -> Layout:
+    """Where a dense matrix ``wm`` (outputs x inputs) writes its outputs: the candidate whose
+    products (distinct slot differences of its non-zero entries, per pair of input and output
+    ciphertexts: the op's diagonals) are fewest, the earlier one on a tie:
+
+    * consecutive slots (:meth:`Layout.vector`);
+    * spread ``s`` apart (:meth:`Layout.spread`) when the input's elements lie ``s`` apart in their
+      ciphertexts: after a global pooling by rotate-and-sum, ResNet-18's classifier takes
+      8 x 1,024 diagonals instead of 8 x 4,096, at no level;
+    * where the inputs were (:meth:`Layout.placed`, :func:`_placed_outputs`): output ``j`` of
+      diagonal block ``b`` at the slot of input ``j`` of block ``b`` (shifted when a block has more
+      outputs than inputs).  The differences of output and input slots are then those among the
+      inputs' own positions, and a batch's classifier (``batch-to-channels`` makes it B copies of
+      the matrix) has the same ones in every image's block: the images share its diagonals."""
     slots = lin_in.slots
-    vec = Layout.vector(n, slots)
+    n = wm.shape[0]
     pos = lin_in.positions
+    cands = [Layout.vector(n, slots)]
     ct, p = pos // slots, pos % slots
     s = 0
     for c in np.unique(ct):
         pc = p[ct == c]
         s = int(np.gcd(s, np.gcd.reduce(pc - pc.min())))
-    if n > slots or s <= 1 or slots % s:
-        return vec
-    spread = Layout.spread(n, slots, s)
+    if n <= slots and s > 1 and slots % s == 0:
+        cands.append(Layout.spread(n, slots, s))
+    placed = _placed_outputs(pos, n, diagonal_blocks(wm))
+    if placed is not None:
+        cands.append(Layout.placed(placed, slots))
+    if len(cands) == 1:
+        return cands[0]
+    return min(cands, key=lambda out: matrix_products(wm, pos, out.positions, slots))
 
-    def diagonals(out: Layout) -> int:
-        o = out.positions % slots
-        return sum(len(np.unique((o[:, None] - p[ct == c][None, :]) % slots)) for c in np.unique(ct))
 
-    return spread if diagonals(spread) < diagonals(vec) else vec
+def _placed_outputs(pos: np.ndarray, n: int, blocks: int, tries: int = 4096) -> np.ndarray | None:
+    """Positions for the ``n`` outputs of a matrix of ``blocks`` diagonal blocks whose inputs lie at
+    ``pos``: output j of block b where input ``j mod k`` of block b lies (k inputs per block),
+    moved by ``t * (j div k)`` when a block has more outputs than inputs, ``t`` the least shift
+    that keeps every position distinct; None when no shift up to ``tries`` does."""
+    k, per = len(pos) // blocks, n // blocks
+    base = pos.reshape(blocks, k)
+    m = -(-per // k)
+    for t in range(1, tries + 1) if m > 1 else (0,):
+        cand = (base[:, None, :] + t * np.arange(m)[None, :, None]).reshape(blocks, m * k)[:, :per].reshape(-1)
+        if cand.min() >= 0 and len(np.unique(cand)) == n:
+            return cand
+    return None
+
+
+def diagonal_blocks(wm: np.ndarray) -> int:
+    """The most equal diagonal blocks ``wm`` consists of (zero outside them; 1 for a full matrix)."""
+    n, k = wm.shape
+    g = int(np.gcd(n, k))
+    nz = wm != 0
+    for b in sorted((d for d in range(2, g + 1) if g % d == 0), reverse=True):
+        blocks = nz.reshape(b, n // b, b, k // b).any(axis=(1, 3))
+        if not np.any(blocks & ~np.eye(b, dtype=bool)):
+            return b
+    return 1
+
+
+def matrix_products(wm: np.ndarray, pos_in: np.ndarray, pos_out: np.ndarray, slots: int) -> int:
+    """The ct-pt products of ``wm`` from inputs at ``pos_in`` to outputs at ``pos_out``: its
+    distinct (output ciphertext, input ciphertext, slot difference) over its non-zero entries."""
+    total = 0
+    cts = pos_in // slots
+    for c in np.unique(cts):  # one input ciphertext's columns at a time: bounded memory
+        cols = np.flatnonzero(cts == c)
+        r, j = np.nonzero(wm[:, cols])
+        o = pos_out[r]
+        total += len(np.unique((o // slots) * slots + (o - pos_in[cols[j]]) % slots))
+    return total
 
 
 @lowers("MatMul")
@@ -579,8 +627,9 @@ def _lower_matmul(low: "Lowering", node: Node) -> Tensor:
         raise LoweringError(f"{low._where()}: only [1, K] @ constant [K, N] MatMul is supported")
     n = w.type.shape[1]
     t = low.tensor(x)
-    params = {"weight": low.add_weight(node.output.name + ".matrix", w.data.astype(np.float64).T)}
-    lout = low.layout_id(matrix_out_layout(low.layout(t), n))
+    wm = w.data.astype(np.float64).T
+    params = {"weight": low.add_weight(node.output.name + ".matrix", wm)}
+    lout = low.layout_id(matrix_out_layout(low.layout(t), wm))
     lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
     return low.linear(lin, x)
 

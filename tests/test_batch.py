@@ -75,6 +75,48 @@ def test_the_images_share_the_diagonals(tiny):
         assert "4 images channel-major" in four[k].layout_out
 
 
+@pytest.mark.parametrize("batch", [4, 16])
+def test_the_images_share_the_classifiers_diagonals(tiny, batch):
+    """batch-to-channels makes the classifier B copies of its 10 x 8 matrix (block diagonal). Its
+    outputs go where each image's inputs lie (two rows of 8, shifted apart), so every image's
+    block has the same slot differences: 35 products at any batch, where consecutive outputs
+    take 38 per image; the count is the diagonal extractor's, and the outputs are onnxruntime's."""
+    from hecompiler.linear import diag_keys
+    from hecompiler.lower import diagonal_blocks, matrix_products
+
+    def classifier(b):
+        prog, low = _lowered(tiny, b)
+        stat = next(s for s in low.stats.layers if s.op == "Gemm")
+        return prog, stat, prog.linears[-1]
+
+    _, one, _ = classifier(1)
+    prog, stat, lin = classifier(batch)
+    assert one.diagonals == stat.diagonals == 35
+    lin_in, lout = prog.layouts[lin.in_layout], prog.layouts[lin.out_layout]
+    w = prog.weights[lin.params["weight"]]
+    assert lout.kind == "placed" and diagonal_blocks(w) == batch
+    consecutive = diag_keys(lin, prog.weights, lin_in, Layout.vector(10 * batch, lin_in.slots))
+    assert sum(len(d) for d in consecutive.values()) == 38 * batch
+    made = diag_keys(lin, prog.weights, lin_in, lout)
+    assert sum(len(d) for d in made.values()) == matrix_products(w, lin_in.positions, lout.positions,
+                                                                 lin_in.slots) == 35
+    x = np.random.default_rng(batch).uniform(-1, 1, (batch, 1, 8, 8)).astype(np.float32)
+    out, _ = Simulator(prog).run({"input": x})
+    _close(out[prog.outputs[0].name], _reference(tiny, x), 1e-6)
+
+
+def test_diagonal_blocks_of_a_matrix():
+    from hecompiler.lower import diagonal_blocks
+
+    w = np.random.default_rng(0).normal(size=(3, 4))
+    assert diagonal_blocks(w) == 1
+    assert diagonal_blocks(np.kron(np.eye(6), w)) == 6
+    leak = np.kron(np.eye(6), w)
+    leak[0, -1] = 1.0  # one entry outside the blocks: not block diagonal at any size
+    assert diagonal_blocks(leak) == 1
+    assert diagonal_blocks(np.kron(np.eye(2), np.kron(np.eye(3), w))) == 6
+
+
 def test_batch_layouts_are_channel_major_and_round_trip():
     lay = Layout.compact((6, 2, 2), 64, batch=3)  # 3 images of 2 channels: image b channel c is ch 2b + c
     # channel c of image b sits where channel c*3 + b of a plain compact layout would
