@@ -34,11 +34,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CompileBudgetError, LoweringError, LoweringInvariantError, OutOfLevelsError
+from .errors import CompileBudgetError, HecError, LoweringError, LoweringInvariantError, OutOfLevelsError
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .layout_strategy import decimation, get_strategy
+from .costmodel import CostModel
 from .linear import diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs, sharing_order
 from .plaintexts import default_op_cache_bytes
 from .lower_align import HARD_ALPHA, Emission, PendingScalars, Tensor, bad_alpha
@@ -542,15 +543,19 @@ def _lower_gemm(low: "Lowering", node: Node) -> Tensor:
     if len(node.inputs) > 2:
         c = np.broadcast_to(node.inputs[2].data.astype(np.float64) * a["beta"], (1, n)).reshape(-1)
         params["bias"] = low.add_weight(node.output.name + ".bias", c)
-    lout = low.layout_id(matrix_out_layout(low.layout(t), wm))
+    lout = low.layout_id(matrix_out_layout(low.layout(t), wm, matrix_prices(low, t.level)))
     lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
     return low.linear(lin, x)
 
 
-def matrix_out_layout(lin_in: Layout, wm: np.ndarray) -> Layout:
-    """Where a dense matrix ``wm`` (outputs x inputs) writes its outputs: the candidate whose
-    products (distinct slot differences of its non-zero entries, per pair of input and output
-    ciphertexts: the op's diagonals) are fewest, the earlier one on a tie:
+#: a later candidate layout of a dense matrix's outputs must be this much cheaper to be chosen: the
+#: earlier ones (consecutive slots) use rotation steps the rest of a network shares, a new layout's
+#: steps may each cost a Galois key
+MATRIX_LAYOUT_MARGIN = 0.1
+
+
+def matrix_out_layout(lin_in: Layout, wm: np.ndarray, prices: tuple[float, float] = (1.0, 1.0)) -> Layout:
+    """Where a dense matrix ``wm`` (outputs x inputs) writes its outputs.  Candidates, in order:
 
     * consecutive slots (:meth:`Layout.vector`);
     * spread ``s`` apart (:meth:`Layout.spread`) when the input's elements lie ``s`` apart in their
@@ -560,7 +565,11 @@ def matrix_out_layout(lin_in: Layout, wm: np.ndarray) -> Layout:
       diagonal block ``b`` at the slot of input ``j`` of block ``b`` (shifted when a block has more
       outputs than inputs).  The differences of output and input slots are then those among the
       inputs' own positions, and a batch's classifier (``batch-to-channels`` makes it B copies of
-      the matrix) has the same ones in every image's block: the images share its diagonals."""
+      the matrix) has the same ones in every image's block: the images share its diagonals.
+
+    Each is priced as its products (:func:`matrix_diagonals`) and its baby-step/giant-step rotations
+    at ``prices`` = (seconds per product with its encoding, seconds per rotation); a candidate
+    replaces the cheapest before it when it is :data:`MATRIX_LAYOUT_MARGIN` cheaper."""
     slots = lin_in.slots
     n = wm.shape[0]
     pos = lin_in.positions
@@ -577,7 +586,25 @@ def matrix_out_layout(lin_in: Layout, wm: np.ndarray) -> Layout:
         cands.append(Layout.placed(placed, slots))
     if len(cands) == 1:
         return cands[0]
-    return min(cands, key=lambda out: matrix_products(wm, pos, out.positions, slots))
+    best, best_t = None, 0.0
+    for out in cands:
+        keys = matrix_diagonals(wm, pos, out.positions, slots)
+        t = sum(len(d) for d in keys.values()) * prices[0] + plan_bsgs(keys, slots).rotations * prices[1]
+        if best is None or t < (1 - MATRIX_LAYOUT_MARGIN) * best_t:
+            best, best_t = out, t
+    return best
+
+
+def matrix_prices(low: "Lowering", level: int) -> tuple[float, float]:
+    """(seconds per product with its encoding, seconds per rotation) of a dense matrix at ``level``:
+    the planner's cost model, else the default one (this machine's table, else the bundled SEAL one)."""
+    cost = low.opts.cost if low.opts.cost is not None else CostModel()
+    n, primes = low.prog.params.poly_degree, level + 1
+    try:
+        return (cost.op_seconds("mul_plain_acc", n, primes) + cost.encode_seconds(n, primes),
+                cost.op_seconds("rotate", n, primes))
+    except HecError:  # a ring the table has not measured: a rotation about twice a product with
+        return (1.0, 2.0)  # its encoding, as in the bundled SEAL table at N=8192
 
 
 def _placed_outputs(pos: np.ndarray, n: int, blocks: int, tries: int = 4096) -> np.ndarray | None:
@@ -607,17 +634,22 @@ def diagonal_blocks(wm: np.ndarray) -> int:
     return 1
 
 
-def matrix_products(wm: np.ndarray, pos_in: np.ndarray, pos_out: np.ndarray, slots: int) -> int:
-    """The ct-pt products of ``wm`` from inputs at ``pos_in`` to outputs at ``pos_out``: its
-    distinct (output ciphertext, input ciphertext, slot difference) over its non-zero entries."""
-    total = 0
+def matrix_diagonals(wm: np.ndarray, pos_in: np.ndarray, pos_out: np.ndarray,
+                     slots: int) -> dict[tuple[int, int], np.ndarray]:
+    """The diagonals of ``wm`` from inputs at ``pos_in`` to outputs at ``pos_out`` (its ct-pt
+    products) as :func:`hecompiler.linear.diag_keys` gives them: per (output ciphertext, input
+    ciphertext), the distinct differences (input slot - output slot) of its non-zero entries."""
+    out: dict[tuple[int, int], np.ndarray] = {}
     cts = pos_in // slots
     for c in np.unique(cts):  # one input ciphertext's columns at a time: bounded memory
         cols = np.flatnonzero(cts == c)
         r, j = np.nonzero(wm[:, cols])
         o = pos_out[r]
-        total += len(np.unique((o // slots) * slots + (o - pos_in[cols[j]]) % slots))
-    return total
+        key = np.unique((o // slots) * slots + (pos_in[cols[j]] - o) % slots)
+        blk, d = np.divmod(key, slots)
+        for b in np.unique(blk):
+            out[(int(b), int(c))] = d[blk == b]
+    return out
 
 
 @lowers("MatMul")
@@ -629,7 +661,7 @@ def _lower_matmul(low: "Lowering", node: Node) -> Tensor:
     t = low.tensor(x)
     wm = w.data.astype(np.float64).T
     params = {"weight": low.add_weight(node.output.name + ".matrix", wm)}
-    lout = low.layout_id(matrix_out_layout(low.layout(t), wm))
+    lout = low.layout_id(matrix_out_layout(low.layout(t), wm, matrix_prices(low, t.level)))
     lin = LinearOp("matrix", t.layout, lout, chw(x.type.shape), (n, 1, 1), params, note=node.output.name)
     return low.linear(lin, x)
 
