@@ -41,6 +41,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .arrays import distinct
 from .errors import LoweringError
 
 
@@ -194,7 +195,7 @@ class Layout:
 
     def check(self) -> None:
         p = self.positions
-        if len(np.unique(p)) != len(p):
+        if len(distinct(p)) != len(p):
             raise LoweringError(f"layout {self.describe()}: two elements share a slot")
         if p.min() < 0 or p.max() >= self.n_ct * self.slots:
             raise LoweringError(f"layout {self.describe()}: positions out of range")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .arrays import distinct
 from .errors import LoweringError
 from .heprog import LinearOp
 from .layout import Layout
@@ -118,7 +119,7 @@ def tensor_matrix(lin: LinearOp, weights: dict[str, np.ndarray], rows_subset: np
     only those elements' taps, which bounds time and memory on large layers)."""
     out_size = int(np.prod(lin.out_shape))
     in_size = int(np.prod(lin.in_shape))
-    subset = None if rows_subset is None else np.unique(rows_subset)
+    subset = None if rows_subset is None else distinct(rows_subset)
     if lin.kind == "conv":
         rows, cols, vals = _conv_entries(lin, np.asarray(weights[lin.params["weight"]], np.float64), subset)
     elif lin.kind == "pool":
@@ -282,7 +283,7 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     found: list[np.ndarray] = []  # keys (j * NI + i) * S + d
 
     def enc(j, i, d):
-        return np.unique((np.asarray(j, np.int64) * NI + np.asarray(i, np.int64)) * S + np.asarray(d, np.int64))
+        return distinct((np.asarray(j, np.int64) * NI + np.asarray(i, np.int64)) * S + np.asarray(d, np.int64))
 
     for t in _structured_terms(lin, weights, lin_in, lout):
         po, delta = t.po, t.delta
@@ -320,7 +321,7 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
                          np.concatenate([dm, dm, dm[m1], dm[m2]])))
     if not found:
         return {}
-    return _decode_keys(np.unique(np.concatenate(found)), NI, S)
+    return _decode_keys(distinct(np.concatenate(found)), NI, S)
 
 
 def matrix_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> np.ndarray | None:
@@ -470,7 +471,7 @@ def diag_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict[tupl
     j, i, d, _, _ = _slot_entries(lin, weights, lin_in, lout)
     S = lin_in.slots
     NI = lin_in.n_ct + 1
-    return _decode_keys(np.unique((j * NI + i) * S + d), NI, S)
+    return _decode_keys(distinct((j * NI + i) * S + d), NI, S)
 
 
 def _decode_keys(uk: np.ndarray, NI: int, S: int) -> dict[tuple[int, int], np.ndarray]:
@@ -536,7 +537,7 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
             at = lut[local]
             new = at < 0
             if new.any():  # diagonals not known in advance
-                for k in np.unique(local[new]):
+                for k in distinct(local[new]):
                     lut[k] = index.setdefault((out_ct * NI) * S + int(k), len(index))
                 at = lut[local]
         else:
@@ -607,8 +608,8 @@ def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: flo
     best = None
     # candidate baby-step sizes: powers of two, and the natural strides of the op (the smallest
     # distinct offsets: a tap row, a channel footprint), which fit non-power-of-two images
-    alld = np.unique(np.concatenate([ds for ds in keys.values()])) if keys else np.array([], np.int64)
-    signed = np.unique(np.abs(np.where(alld > slots // 2, alld - slots, alld)))
+    alld = distinct(np.concatenate([ds for ds in keys.values()])) if keys else np.array([], np.int64)
+    signed = distinct(np.abs(np.where(alld > slots // 2, alld - slots, alld)))
     cands = sorted({1 << k for k in range(slots.bit_length()) if (1 << k) <= slots} |
                    {int(v) for v in signed[signed > 1][:48]} |
                    {int(v) * m for v in signed[signed > 1][:8] for m in (2, 3, 4, 6, 8) if int(v) * m <= slots})
@@ -622,12 +623,12 @@ def plan_bsgs(keys: dict[tuple[int, int], np.ndarray], slots: int, key_cost: flo
     for n1 in cands:
         b, g = _centered(D, n1, slots)
         b = b % slots
-        ub = np.unique(I * slots + b)
-        ug = np.unique(J * slots + g)
+        ub = distinct(I * slots + b)
+        ug = distinct(J * slots + g)
         rot = int(np.count_nonzero(ub % slots)) + int(np.count_nonzero(ug % slots))
         cost = float(rot)
         if key_cost:
-            steps = np.setdiff1d(np.unique(np.concatenate([ub % slots, ug % slots])), np.array([0]))
+            steps = np.setdiff1d(distinct(np.concatenate([ub % slots, ug % slots])), np.array([0]))
             cost += key_cost * len(np.setdiff1d(steps, ex))
         if best is None or cost < best[0]:
             best = (cost, n1)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .arrays import distinct
 from .errors import CompileBudgetError, HecError, LoweringError, LoweringInvariantError, OutOfLevelsError
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
@@ -576,7 +577,7 @@ def matrix_out_layout(lin_in: Layout, wm: np.ndarray, prices: tuple[float, float
     cands = [Layout.vector(n, slots)]
     ct, p = pos // slots, pos % slots
     s = 0
-    for c in np.unique(ct):
+    for c in distinct(ct):
         pc = p[ct == c]
         s = int(np.gcd(s, np.gcd.reduce(pc - pc.min())))
     if n <= slots and s > 1 and slots % s == 0:
@@ -617,7 +618,7 @@ def _placed_outputs(pos: np.ndarray, n: int, blocks: int, tries: int = 4096) -> 
     m = -(-per // k)
     for t in range(1, tries + 1) if m > 1 else (0,):
         cand = (base[:, None, :] + t * np.arange(m)[None, :, None]).reshape(blocks, m * k)[:, :per].reshape(-1)
-        if cand.min() >= 0 and len(np.unique(cand)) == n:
+        if cand.min() >= 0 and len(distinct(cand)) == n:
             return cand
     return None
 
@@ -641,13 +642,13 @@ def matrix_diagonals(wm: np.ndarray, pos_in: np.ndarray, pos_out: np.ndarray,
     ciphertext), the distinct differences (input slot - output slot) of its non-zero entries."""
     out: dict[tuple[int, int], np.ndarray] = {}
     cts = pos_in // slots
-    for c in np.unique(cts):  # one input ciphertext's columns at a time: bounded memory
+    for c in distinct(cts):  # one input ciphertext's columns at a time: bounded memory
         cols = np.flatnonzero(cts == c)
         r, j = np.nonzero(wm[:, cols])
         o = pos_out[r]
-        key = np.unique((o // slots) * slots + (pos_in[cols[j]] - o) % slots)
+        key = distinct((o // slots) * slots + (pos_in[cols[j]] - o) % slots)
         blk, d = np.divmod(key, slots)
-        for b in np.unique(blk):
+        for b in distinct(blk):
             out[(int(b), int(c))] = d[blk == b]
     return out
 

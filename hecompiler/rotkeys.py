@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .arrays import distinct
 from .errors import HecError
 
 
@@ -228,10 +229,28 @@ class Demands:
 _UNREACHABLE = 64
 
 
+#: largest tree :func:`_prim` grows with Python lists (above it, numpy)
+_PRIM_LISTS = 64
+
+
 def _prim(D: np.ndarray) -> int:
     """Rotations of Prim's tree from node 0 over the distance matrix ``D`` (``D[r, c]``: hops
     from node r to node c), as :func:`baby_tree` builds it."""
     n = D.shape[0] - 1
+    if n <= _PRIM_LISTS:  # baby sets are small: plain lists beat three numpy calls per step
+        rows = D.tolist()
+        best = rows[0][1:]
+        left = list(range(n))
+        total = 0
+        for _ in range(n):
+            k = min(left, key=best.__getitem__)  # the first of the least, as np.argmin
+            left.remove(k)
+            total += best[k]
+            row = rows[k + 1]
+            for i in left:
+                if row[i + 1] < best[i]:
+                    best[i] = row[i + 1]
+        return total
     best = D[0, 1:].copy()
     done = np.zeros(n, bool)
     total = 0
@@ -261,11 +280,11 @@ class _Evaluator:
         self.singles = np.asarray(sorted(dem.singles), np.int64)
         self.sw = np.asarray([dem.singles[s][c] for s in sorted(dem.singles)], float)
         need = [self.singles % S] + [((a[None, :] - a[:, None]) % S).reshape(-1) for a, _ in trees]
-        self.need = np.unique(np.concatenate(need)) if len(need) else np.zeros(0, np.int64)
+        self.need = distinct(np.concatenate(need)) if len(need) else np.zeros(0, np.int64)
         self.single_idx = np.searchsorted(self.need, self.singles % S)
         # per tree: the index into ``need`` of every (from, to) difference
         self.trees = [(np.searchsorted(self.need, (a[None, :] - a[:, None]) % S), w) for a, w in trees]
-        self.targets = np.unique(np.concatenate([self.singles % S] + [a[1:] % S for a, _ in trees]))
+        self.targets = distinct(np.concatenate([self.singles % S] + [a[1:] % S for a, _ in trees]))
         self._memo: tuple[np.ndarray, list[int]] | None = None
 
     def _dneed(self, dist: np.ndarray) -> np.ndarray:

@@ -228,3 +228,13 @@ def test_a_convs_gain_from_its_weights_is_its_matrix_row_sum(group):
                    mult=-0.5)
     exact = float(abs(L.tensor_matrix(lin, {"w": w})).sum(axis=1).max())
     assert L.op_gain(lin, {"w": w}) == pytest.approx(exact, rel=1e-12)
+
+
+def test_distinct_is_np_unique():
+    from hecompiler.arrays import distinct
+
+    rng = np.random.default_rng(3)
+    for a in (rng.integers(0, 50, 1000), rng.integers(-(1 << 40), 1 << 40, 5000), np.array([], np.int64),
+              np.array([7]), rng.integers(0, 9, (30, 4)), rng.normal(size=100).round(1)):
+        got = distinct(a)
+        assert got.dtype == np.unique(a).dtype and np.array_equal(got, np.unique(a))

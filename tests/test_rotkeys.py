@@ -356,3 +356,18 @@ def test_max_memory_trades_keys_for_rotations_monotonically(tiny):
     assert rows[-1][2] > rows[0][2]  # fewer keys really cost rotations
     with pytest.raises(HecError, match="memory"):
         comp(rest + 1 * kb)  # fewer than any key set that makes every rotation: no plan
+
+
+def test_prim_on_lists_counts_as_on_arrays(monkeypatch):
+    """Prim's tree count over small baby sets runs on Python lists: the same count, ties broken
+    the same way (the first least), as the numpy loop larger sets use."""
+    from hecompiler import rotkeys
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 5, 17, 40, 64):
+        for _ in range(50):
+            d = rng.integers(0, 4, (n + 1, n + 1))  # few distinct hop counts: many ties
+            small = rotkeys._prim(d)
+            monkeypatch.setattr(rotkeys, "_PRIM_LISTS", -1)
+            assert rotkeys._prim(d) == small
+            monkeypatch.setattr(rotkeys, "_PRIM_LISTS", 64)
