@@ -35,12 +35,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .arrays import distinct
+from .costmodel import CostModel
 from .errors import CompileBudgetError, HecError, LoweringError, LoweringInvariantError, OutOfLevelsError
 from .heprog import HEProgram, Instr, IOSpec, LinearOp, Params, PlainRef
 from .ir import Graph, Node, Value
 from .layout import Layout, chw
 from .layout_strategy import decimation, get_strategy
-from .costmodel import CostModel
 from .linear import diag_keys, diag_signatures, matrix_entries, plaintext_encodings, plan_bsgs, sharing_order
 from .plaintexts import default_op_cache_bytes
 from .lower_align import HARD_ALPHA, Emission, PendingScalars, Tensor, bad_alpha
