@@ -106,6 +106,17 @@ def test_the_images_share_the_classifiers_diagonals(tiny, batch):
     x = np.random.default_rng(batch).uniform(-1, 1, (batch, 1, 8, 8)).astype(np.float32)
     out, _ = Simulator(prog).run({"input": x})
     _close(out[prog.outputs[0].name], _reference(tiny, x), 1e-6)
+    # the placed layout survives the .hec file (the client unpacks the outputs by it); these
+    # test parameters are insecure on purpose, which the file must record
+    import os
+    import tempfile
+
+    from hecompiler.hecfile import load_hec, save_hec
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hec(os.path.join(d, "p.hec"), prog, {"insecure_ok": True})
+        back, _ = load_hec(os.path.join(d, "p.hec"))
+    assert back.layouts[lin.out_layout] == lout
 
 
 def test_diagonal_blocks_of_a_matrix():
