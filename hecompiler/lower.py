@@ -638,19 +638,9 @@ def diagonal_blocks(wm: np.ndarray) -> int:
 def matrix_diagonals(wm: np.ndarray, pos_in: np.ndarray, pos_out: np.ndarray,
                      slots: int) -> dict[tuple[int, int], np.ndarray]:
     """The diagonals of ``wm`` from inputs at ``pos_in`` to outputs at ``pos_out`` (its ct-pt
-    products) as :func:`hecompiler.linear.diag_keys` gives them: per (output ciphertext, input
-    ciphertext), the distinct differences (input slot - output slot) of its non-zero entries."""
-    out: dict[tuple[int, int], np.ndarray] = {}
-    cts = pos_in // slots
-    for c in distinct(cts):  # one input ciphertext's columns at a time: bounded memory
-        cols = np.flatnonzero(cts == c)
-        r, j = np.nonzero(wm[:, cols])
-        o = pos_out[r]
-        key = distinct((o // slots) * slots + (pos_in[cols[j]] - o) % slots)
-        blk, d = np.divmod(key, slots)
-        for b in distinct(blk):
-            out[(int(b), int(c))] = d[blk == b]
-    return out
+    products): :func:`hecompiler.linear.diag_keys` of the matrix op between those positions."""
+    lin = LinearOp("matrix", 0, 0, (len(pos_in), 1, 1), (len(pos_out), 1, 1), {"weight": "w"})
+    return diag_keys(lin, {"w": wm}, Layout.placed(pos_in, slots), Layout.placed(pos_out, slots))
 
 
 @lowers("MatMul")
