@@ -21,7 +21,8 @@ File format (JSON, UTF-8; small: the digits model's is ~3 KiB against its 79 KiB
 ``body``: ``program_sha256`` (the full program's, weights included: keys and ciphertexts made
 from the client file are accepted by the server holding the ``.hec``), ``hec_digest``,
 ``backend``, ``target``, ``params``, ``primes``, ``params_fingerprint``, ``galois_steps``,
-``relin``, ``layouts`` (only the input and output layouts, by id), ``inputs`` / ``outputs``
+``galois_levels`` (per step, the highest level the program rotates by it: a backend that makes
+keys per level makes that step's key there), ``relin``, ``layouts`` (only the input and output layouts, by id), ``inputs`` / ``outputs``
 (name, shape, layout id, ciphertext value ids, output ``alpha``), ``input_limits``,
 ``fidelity`` (the compile report's error estimate), ``refresh`` (``client`` or ``bootstrap``),
 ``refreshes`` (how many refresh points the program has: a bootstrapping target's key holder makes
@@ -87,6 +88,14 @@ class ClientProgram:
     meta: dict = field(default_factory=dict)  # input_limits, fidelity, target, report summary
     source: str = ""  # where it was read from, for messages
     refreshes: int = 0  # refresh points of the program (client round trips, or bootstraps)
+    #: step -> the highest level the program rotates by it (what a key must reach); a client file
+    #: written before the field: every key at the top
+    key_levels: dict[int, int] = field(default_factory=dict)
+
+    def galois_key_levels(self) -> dict[int, int]:
+        """As :meth:`hecompiler.heprog.HEProgram.galois_key_levels`: the level each Galois key is made at."""
+        top = self.params.top_level
+        return {k: self.key_levels.get(k, top) for k in self.galois_steps}
 
     @property
     def instrs(self) -> list[RefreshPoint]:
@@ -147,6 +156,7 @@ def client_body(prog, meta: Mapping[str, Any] | None, hec_digest: str = "") -> d
         "primes": [int(q) for q in prog.primes],
         "params_fingerprint": params_fingerprint(prog),
         "galois_steps": [int(k) for k in prog.galois_steps],
+        "galois_levels": [int(lv) for lv in prog.galois_key_levels().values()],
         "relin": bool(prog.needs_relin),
         "layouts": {str(i): prog.layouts[i].to_dict() for i in ids},
         "inputs": [_io(s, False) for s in prog.inputs],
@@ -316,6 +326,12 @@ def parse_client_file(data: bytes, src: str = "<client file>", verify_key=None) 
     steps = body.get("galois_steps")
     if not isinstance(steps, list) or not all(_int(s) and 0 < s < params.slots for s in steps):
         _fail(src, f"body.galois_steps: must be rotation steps in 1..{params.slots - 1}")
+    levels = body.get("galois_levels")
+    if levels is None:  # written before the field: keys at the top level
+        levels = [params.top_level] * len(steps)
+    if not isinstance(levels, list) or len(levels) != len(steps) \
+            or not all(_int(lv) and 0 <= lv <= params.top_level for lv in levels):
+        _fail(src, f"body.galois_levels: must be one level in 0..{params.top_level} per rotation step")
     if not isinstance(body.get("relin"), bool):
         _fail(src, "body.relin: must be true or false")
     backend = body.get("backend")
@@ -338,7 +354,8 @@ def parse_client_file(data: bytes, src: str = "<client file>", verify_key=None) 
     if not _int(refreshes) or refreshes < 0:
         _fail(src, "body.refreshes: must be a count")
     cp = ClientProgram(params, tuple(int(q) for q in body["primes"]), layouts, inputs, outputs,
-                       sorted(set(int(s) for s in steps)), bool(body["relin"]), psha, meta, src, int(refreshes))
+                       sorted(set(int(s) for s in steps)), bool(body["relin"]), psha, meta, src, int(refreshes),
+                       {int(k): int(lv) for k, lv in zip(steps, levels)})
     from .backends.protocol import params_fingerprint
 
     if body.get("params_fingerprint") != params_fingerprint(cp):

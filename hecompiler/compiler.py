@@ -419,7 +419,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                             if getattr(best, "refresh_bounds", None) else None),
         "cost_table": cost.describe_source(),
         "galois_keys": c.galois_keys,
-        "galois_key_bytes": c.galois_keys * cost.ksk_bytes(p.poly_degree, p.top_level + 1),
+        "galois_key_bytes": c.galois_key_bytes,
         "bootstrap_key_bytes": cost.bootstrap_key_bytes(p.poly_degree, p.slots),
         "key_bytes": c.key_bytes,
         "key_upload_bytes": c.key_upload_bytes,

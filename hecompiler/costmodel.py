@@ -336,7 +336,7 @@ class CostModel:
         """Checking one product's plaintext and looking it up by content; 0 when not measured."""
         return float(self._ring(n).get("plaintext_lookup_s") or 0.0)
 
-    def keygen(self, n: int, data_primes: int, galois_keys: int, relin: bool,
+    def keygen(self, n: int, data_primes: int, galois_keys: float, relin: bool,
                slots: int | None = None) -> tuple[float, int]:
         """(seconds, serialized bytes of the server's keys) of generating a program's keys with
         ``data_primes`` primes in its chain, from the one-key times and sizes measured at the
@@ -378,6 +378,21 @@ class CostModel:
             p = len(self._ring(n).get("p", [])) or 1
             return math.ceil(data_primes / p) * 2 * n * (data_primes + p) * 8
         return switching_key_bytes(n, data_primes)
+
+    @property
+    def keys_per_level(self) -> bool:
+        """Whether the backend makes each Galois key with the primes of the highest level it is used
+        at (Lattigo: ``EvaluationKeyParameters.LevelQ``); SEAL makes every key at the top."""
+        return self.lattigo
+
+    def galois_key_bytes(self, prog) -> int:
+        """In-memory bytes of ``prog``'s Galois keys: each at its level of use where the backend
+        makes keys per level (:meth:`hecompiler.heprog.HEProgram.galois_key_levels`), else all at
+        the top."""
+        n, top = prog.params.poly_degree, prog.params.top_level + 1
+        if not self.keys_per_level:
+            return len(prog.galois_steps) * self.ksk_bytes(n, top)
+        return sum(self.ksk_bytes(n, lv + 1) for lv in prog.galois_key_levels().values())
 
     def _sparse(self, n: int, slots: int | None) -> dict | None:
         """A sparse packing's own bootstrap entry (its keys and bootstrapper), else None."""
@@ -524,6 +539,8 @@ class ProgramCost:
     overlapped_seconds: float = 0.0
     #: garbage a collected runtime lets grow beside what it holds (Go at the server's GC percent; inside memory_bytes)
     garbage_bytes: int = 0
+    #: of ``key_bytes``, the Galois keys (each at its level of use where the backend makes keys per level)
+    galois_key_bytes: int = 0
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
@@ -701,7 +718,8 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0)
     n_keys = len(prog.galois_steps)
     sparse = {"slots": p.slots} if p.log_slots is not None else {}  # a sparse packing's own bootstrap
-    kb = ((n_keys + (1 if prog.needs_relin else 0)) * model.ksk_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
+    gk_bytes = model.galois_key_bytes(prog)
+    kb = (gk_bytes + (1 if prog.needs_relin else 0) * model.ksk_bytes(n, top_primes) + ct_bytes(n, top_primes + 1)
           + model.bootstrap_key_bytes(n, **sparse))
     run = longest = 0
     for ins in prog.instrs:
@@ -733,7 +751,9 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
         network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
     seconds = sum(by_op.values()) + enc - hidden
-    kg, upload = model.keygen(n, top_primes, n_keys, prog.needs_relin, **sparse)
+    # keys made at lower levels take less time and bytes: count them as that many keys at the top
+    top_keys = gk_bytes / model.ksk_bytes(n, top_primes) if n_keys else 0
+    kg, upload = model.keygen(n, top_primes, top_keys, prog.needs_relin, **sparse)
     # the executor keeps encoded plaintexts for reuse (hecompiler.plaintexts.PlaintextCache), up to its
     # budget: resident memory the server holds from the first inference on
     from .plaintexts import default_cache_bytes
@@ -750,4 +770,4 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
                        peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
-                       n_pt, pt_all, cached, hidden, garbage)
+                       n_pt, pt_all, cached, hidden, garbage, gk_bytes)

@@ -235,6 +235,26 @@ class HEProgram:
                 steps.update(k % s for k in (lin.needs if lin.schedule else lin.steps) if k % s)
         return sorted(steps)
 
+    def galois_key_levels(self) -> dict[int, int]:
+        """Galois key step -> the highest level the program rotates by it (a ``linear`` op rotates
+        its inputs at their level, one above its result's; a ``rotate`` at its own).  A key made
+        with the primes of that level only serves every use (the gadget product of a ciphertext at
+        a lower level takes the key's first primes): backends that can make keys per level
+        (Lattigo) make them so, smaller and quicker to make.  A key no op uses gets the top."""
+        s = self.params.slots
+        steps = self.galois_steps
+        at = dict.fromkeys(steps, -1)
+        for i in self.instrs:
+            if i.op == "rotate" and i.step % s in at:
+                at[i.step % s] = max(at[i.step % s], i.level)
+            elif i.op == "linear":
+                lin = self.linears[i.plain.args[0]]
+                for k in (lin.needs if lin.schedule else lin.steps):
+                    if k % s in at:
+                        at[k % s] = max(at[k % s], i.level + 1)
+        top = self.params.top_level
+        return {k: (top if lv < 0 else lv) for k, lv in at.items()}
+
     @property
     def needs_relin(self) -> bool:
         return any(i.op == "mul" for i in self.instrs)

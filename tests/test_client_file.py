@@ -109,6 +109,8 @@ def test_hec_reduces_to_the_same_client_view(digits):
     a, b = load_for_client(hec), load_for_client(out)
     assert (a.program_digest, a.params, a.primes, a.galois_steps, a.needs_relin) == \
            (b.program_digest, b.params, b.primes, b.galois_steps, b.needs_relin)
+    # the level each key is made for (a backend that makes keys per level): the program's
+    assert a.galois_key_levels() == b.galois_key_levels() == prog.galois_key_levels()
     assert [io.name for io in a.inputs] == [io.name for io in b.inputs] and a.layouts == b.layouts
 
 
@@ -132,6 +134,10 @@ def _redigest(doc):
     (lambda d: (d["body"]["inputs"][0].update(shape=[1, 1, 9, 9]), _redigest(d)), "body.inputs[0]"),
     (lambda d: (d["body"].update(primes=d["body"]["primes"][:-1]), _redigest(d)), "body.primes"),
     (lambda d: (d["body"].update(params_fingerprint="0" * 64), _redigest(d)), "params_fingerprint"),
+    (lambda d: (d["body"].update(galois_levels=d["body"]["galois_levels"][:-1]), _redigest(d)),
+     "body.galois_levels: must be one level in 0.."),
+    (lambda d: (d["body"].update(galois_levels=[99] * len(d["body"]["galois_steps"])), _redigest(d)),
+     "body.galois_levels"),
     (lambda d: d.update(format_version=99), "format version 99"),
     (lambda d: d.update(format="something else"), "not a client file"),
 ])
@@ -215,3 +221,14 @@ def test_the_client_commands_work_from_the_client_file(digits, tmp_path, capsys)
                  "--input", str(d / "x.b")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and not (d / "y2.b").exists()
+
+
+def test_a_client_file_without_key_levels_makes_every_key_at_the_top(digits):
+    """Client files written before ``galois_levels`` still load: every key at the top level."""
+    _, _, out, _, _ = digits
+    doc = json.loads(out.read_bytes())
+    del doc["body"]["galois_levels"]
+    _redigest(doc)
+    cp = parse_client_file(json.dumps(doc).encode(), "old.client")
+    assert set(cp.galois_key_levels().values()) == {cp.params.top_level}
+    assert list(cp.galois_key_levels()) == cp.galois_steps

@@ -95,6 +95,45 @@ def test_split_commands_run_to_the_end_without_a_request(tiny, tmp_path, capsys)
     assert "encrypted under key set" in err and "wrong keys" in err and not (d / "y3.b").exists()
 
 
+def test_galois_keys_are_made_at_the_level_they_are_used(tiny, tmp_path):
+    """Each Galois key has the primes of the highest level the program rotates by it: smaller
+    than a key at the top by what the cost model predicts, and the run above (made with
+    these keys by run_encrypted) matches onnxruntime."""
+    res, _ = tiny
+    prog = res.prog
+    top = prog.params.top_level
+    at = prog.galois_key_levels()
+    assert min(at.values()) < top == max(at.values())
+    rep = LS.client_keygen(prog, tmp_path / "c", tmp_path / "s", res.metadata)
+    assert dict(zip(rep["steps"], rep["levels"])) == at
+    srv = LS.open_server(prog, tmp_path / "s", res.metadata)
+    assert srv.ev.key_levels == at
+    srv.ev.close()
+    # the same steps, every key at the top: the file is larger by the predicted ratio
+    params = LS.params_for(prog, res.metadata)
+    L.keygen(params, tmp_path / "c2", tmp_path / "s2", rotations=list(at), relin=False, bootstrap=False)
+    got = (tmp_path / "s" / "galois.key").stat().st_size / (tmp_path / "s2" / "galois.key").stat().st_size
+    cost = hc.target.get_target(TOY).cost_model()
+    n = prog.params.poly_degree
+    want = cost.galois_key_bytes(prog) / (len(at) * cost.ksk_bytes(n, top + 1))
+    assert want < 0.95 and got == pytest.approx(want, rel=0.02)
+    assert res.metadata["report"]["galois_key_bytes"] == cost.galois_key_bytes(prog)
+
+
+def test_server_refuses_galois_keys_below_their_level_of_use(tiny, tmp_path, monkeypatch):
+    """A key made for a lower level than a rotation's ciphertext gives a wrong result in Lattigo,
+    not an error: the server refuses such a key set before it evaluates."""
+    res, _ = tiny
+    prog = res.prog
+    with monkeypatch.context() as m:
+        m.setattr(type(prog), "galois_key_levels", lambda self: dict.fromkeys(self.galois_steps, 0))
+        LS.client_keygen(prog, tmp_path / "c", tmp_path / "s", res.metadata)
+    low = sum(1 for lv in prog.galois_key_levels().values() if lv > 0)
+    with pytest.raises(LS.LattigoBackendError, match=rf"made for level 0, the program rotates by it at level "
+                                                      rf"\d \({low} key\(s\) too low\): make the keys"):
+        LS.open_server(prog, tmp_path / "s", res.metadata)
+
+
 def test_large_values_are_scaled_into_the_bootstrap_range():
     """Activations beyond the bootstrap's |v| <= 16 (toy-n12) enter it scaled by a power of two
     (a relabel of the scale, pending afterwards); the result stays exact."""

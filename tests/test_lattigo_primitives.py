@@ -524,3 +524,29 @@ def test_mul_plain_acc_adds_products_in_place(ring):
     with pytest.raises(L.LattigoError, match="scale mismatch"):
         ev.mul_plain_acc(cx, cy, p2)
     close(cl.decrypt(acc), x * w1 + y * w2, 1e-5)
+
+
+def test_galois_keys_made_for_a_level_serve_it_and_below_only(ring, tmp_path):
+    """A key made for level l (fewer primes, a smaller file) rotates ciphertexts at l and below
+    exactly; above l, plain and hoisted rotations raise instead of returning a wrong result."""
+    p = ring["p"]
+    rep = L.keygen(p, tmp_path / "c", tmp_path / "s", rotations=(1, -3, 4), levels=(1, 1, p.max_level), relin=False)
+    assert dict(zip(rep["steps"], rep["levels"])) == {1: 1, p.slots - 3: 1, 4: p.max_level}
+    with L.Client(p, tmp_path / "c") as cl, L.Evaluator(p, tmp_path / "s") as ev:
+        assert ev.key_levels == {1: 1, p.slots - 3: 1, 4: p.max_level}
+        x = vec(ring)
+        for level in (0, 1):
+            ct = cl.encrypt(x, level=level)
+            close(cl.decrypt(ev.rotate(ct, 1)), np.roll(x, -1), FRESH)
+            for k, r in zip((1, -3, 4), ev.rotate_hoisted(ct, (1, -3, 4))):
+                close(cl.decrypt(r), np.roll(x, -k), FRESH)
+        top = cl.encrypt(x)
+        close(cl.decrypt(ev.rotate(top, 4)), np.roll(x, -4), FRESH)
+        for op in (lambda: ev.rotate(top, 1), lambda: ev.rotate_hoisted(top, (4, -3))):
+            with pytest.raises(L.LattigoError, match=f"is made for level 1, the ciphertext is at level {p.max_level}"):
+                op()
+    # all at the top (the default) against two of three at level 1: a smaller file
+    L.keygen(p, tmp_path / "c2", tmp_path / "s2", rotations=(1, -3, 4), relin=False)
+    assert (tmp_path / "s" / "galois.key").stat().st_size < (tmp_path / "s2" / "galois.key").stat().st_size
+    with pytest.raises(L.LattigoError, match="2 levels for 3 rotations"):
+        L.keygen(p, tmp_path / "c3", tmp_path / "s3", rotations=(1, -3, 4), levels=(1, 1))

@@ -108,7 +108,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "hl_params_new": [_str, _pll],
     "hl_params_info": [_ll, _pptr],
     "hl_reference_literal": [_str, _pptr],
-    "hl_keygen": [_ll, _str, _str, _pll, _ll, _int, _int, _pptr],
+    "hl_keygen": [_ll, _str, _str, _pll, _pll, _ll, _int, _int, _pptr],
     "hl_load_client": [_ll, _str, _pll],
     "hl_load_server": [_ll, _str, _pll],
     "hl_session_info": [_ll, _pptr],
@@ -408,7 +408,8 @@ class LattigoParams:
 # ---------------------------------------------------------------- keys
 
 def keygen(params: LattigoParams, client_dir: str | os.PathLike, server_dir: str | os.PathLike,
-           rotations: Iterable[int] = (), relin: bool = True, bootstrap: bool | None = None) -> dict[str, Any]:
+           rotations: Iterable[int] = (), relin: bool = True, bootstrap: bool | None = None,
+           levels: Iterable[int] | None = None) -> dict[str, Any]:
     """Generate a key set (the key holder's job).
 
     ``client_dir`` gets secret.key (mode 0600) and public.key; ``server_dir`` gets
@@ -416,12 +417,18 @@ def keygen(params: LattigoParams, client_dir: str | os.PathLike, server_dir: str
     left-rotation step mod slots, generated and written one at a time) and
     bootstrap.key (Lattigo's bootstrapping keys, streamed one Galois key at a time;
     default: when the parameters bootstrap).  Every file is written to a temp file
-    and renamed.  Returns a report: seconds and bytes per key kind, the steps and
-    Galois elements."""
+    and renamed.  ``levels`` (one per rotation, default the top): the level each rotation's key
+    is made for, the highest it is used at (fewer primes: smaller and quicker to make; a
+    ciphertext above its key's level is refused).  Returns a report: seconds and bytes per key
+    kind, the steps, their keys' levels and Galois elements."""
     steps = np.ascontiguousarray([int(k) for k in rotations], dtype=np.int64)
+    lv = np.full(steps.size, -1, dtype=np.int64) if levels is None else \
+        np.ascontiguousarray([int(v) for v in levels], dtype=np.int64)
+    if lv.size != steps.size:
+        raise LattigoError(f"keygen: {lv.size} levels for {steps.size} rotations")
     flag = -1 if bootstrap is None else int(bool(bootstrap))
     return _call_json("hl_keygen", params.handle, os.fsencode(client_dir), os.fsencode(server_dir),
-                      steps.ctypes.data_as(_pll), steps.size, int(relin), flag)
+                      steps.ctypes.data_as(_pll), lv.ctypes.data_as(_pll), steps.size, int(relin), flag)
 
 
 def keyset_fingerprint(key_dir: str | os.PathLike) -> str:
@@ -558,6 +565,8 @@ class _Session:
         self._h = _out_handle(self._loader, params.handle, os.fsencode(key_dir))
         info = _call_json("hl_session_info", self._h)
         self.steps: tuple[int, ...] = tuple(info.get("steps") or ())
+        #: step -> the level its Galois key is made for
+        self.key_levels: dict[int, int] = dict(zip(self.steps, info.get("levels") or ()))
         self.has_relin: bool = bool(info["relin"])
         self.has_bootstrap: bool = bool(info["bootstrap"])
 

@@ -308,6 +308,13 @@ class LattigoServer:
         missing = [k for k in prog.galois_steps if k % params.slots not in {s % params.slots for s in self.ev.steps}]
         if missing:
             raise LattigoBackendError(f"{d}: no Galois key for rotation step(s) {missing[:8]} the program uses")
+        have = {s % params.slots: lv for s, lv in self.ev.key_levels.items()}
+        low = [(k, have[k], lv) for k, lv in prog.galois_key_levels().items() if have.get(k, lv) < lv]
+        if low:
+            k, got, lv = low[0]
+            raise LattigoBackendError(f"{d}: the Galois key of rotation step {k} is made for level {got}, the program "
+                                      f"rotates by it at level {lv} ({len(low)} key(s) too low): make the keys "
+                                      f"with this program")
         if prog.needs_relin and not self.ev.has_relin:
             raise LattigoBackendError(f"{d}: the program multiplies ciphertexts but there is no relin key")
         self.refreshes = any(i.op == "refresh" for i in prog.instrs)
@@ -381,8 +388,9 @@ def client_keygen(prog: HEProgram, client_dir: str | os.PathLike, server_dir: st
         dirs[1].adopt(SERVER_FILES)
         boots = any(i.op == "refresh" for i in prog.instrs)
         try:
-            rep = keygen(params, client_dir, server_dir, rotations=prog.galois_steps, relin=prog.needs_relin,
-                         bootstrap=boots)
+            at = prog.galois_key_levels()  # each key made for the highest level it is used at
+            rep = keygen(params, client_dir, server_dir, rotations=list(at), levels=list(at.values()),
+                         relin=prog.needs_relin, bootstrap=boots)
         except LattigoError as e:
             raise LattigoBackendError(f"keygen: {e}") from None
         fp = _key_set(Path(client_dir))

@@ -7,7 +7,9 @@ same number of rotations, far fewer distinct steps), picks the key set greedily 
 rotation time each key saves (rotations counted, a hoisted one at its price relative to
 a full one from ``ctx.options["cost"]``), and cuts that order at the budget: ``max_keys``, or the bytes
 of Galois keys ``max_key_bytes``, or what is left of ``ctx.options["max_memory_bytes"]``
-beside the rest of the program's predicted memory.  A standalone ``rotate`` by a step
+beside the rest of the program's predicted memory (the budget counts every key at the top
+level; the reported bytes count each at the level it is used at where the backend makes keys
+per level, as Lattigo does).  A standalone ``rotate`` by a step
 without a key becomes a chain of rotations by keys (visible in the program text).
 
 What was traded goes to ``ctx.options["rotation_keys"]`` (the report prints it): keys and
@@ -71,11 +73,12 @@ class SelectRotationKeys(HEPass):
             elif ins.op == "rotate" and ins.step % S:
                 dem.add_single(ins.step, 1.0)
         before = prog.used_steps if prog.rotation_keys is None else list(prog.rotation_keys)
-        key_bytes = self._key_bytes(cost, n, top)
+        key_bytes = self._key_bytes(cost, n, top)  # one key at the top level (the budget's unit)
+        bytes_before = self._all_key_bytes(prog, cost, key_bytes)
         if not dem.trees and not dem.singles:
             prog.rotation_keys = []
             opts["rotation_keys"] = {"keys": 0, "keys_before": len(before), "key_bytes": 0, "key_bytes_before":
-                                     len(before) * key_bytes, "rotations": 0, "rotations_direct": 0, "curve": []}
+                                     bytes_before, "rotations": 0, "rotations_direct": 0, "curve": []}
             return PassResult(modified=bool(before), notes=[])
         sel = select_keys(dem)
         cap = self.max_keys or None
@@ -101,8 +104,8 @@ class SelectRotationKeys(HEPass):
         split = self._split_rotations(prog, graph)
         curve = sorted({(i + 1, sel.rotations[i]) for i in range(len(sel.order))
                         if sel.costs[i] != float("inf")})
-        trade = {"keys": len(keys), "keys_before": len(before), "key_bytes": len(keys) * key_bytes,
-                 "key_bytes_before": len(before) * key_bytes, "rotations": sel.rotations[count - 1],
+        trade = {"keys": len(keys), "keys_before": len(before), "key_bytes": self._all_key_bytes(prog, cost, key_bytes),
+                 "key_bytes_before": bytes_before, "rotations": sel.rotations[count - 1],
                  "rotations_direct": sel.direct_rotations,
                  "budget_keys": cap, "fewest_keys": fewest, "curve": curve,
                  "keys_list": [signed(k, S) for k in keys]}
@@ -123,6 +126,14 @@ class SelectRotationKeys(HEPass):
         return switching_key_bytes(n, top)
 
     @staticmethod
+    def _all_key_bytes(prog, cost, key_bytes: int) -> int:
+        """The program's Galois keys' bytes: at their levels of use where the backend makes keys per
+        level (the budget counts every key at the top: a bound, as the levels follow the choice)."""
+        if cost is not None:
+            return int(cost.galois_key_bytes(prog))
+        return len(prog.galois_steps) * key_bytes
+
+    @staticmethod
     def _key_budget(prog, opts, cost, key_bytes: int) -> float | None:
         """Bytes of Galois keys that fit the memory budget beside the rest of the program."""
         mem = opts.get("max_memory_bytes")
@@ -131,7 +142,7 @@ class SelectRotationKeys(HEPass):
         from ..costmodel import program_cost
 
         c = program_cost(prog, cost)
-        rest = c.memory_bytes - c.galois_keys * key_bytes
+        rest = c.memory_bytes - c.galois_key_bytes
         return max(0.0, mem - rest)
 
     @staticmethod

@@ -63,6 +63,7 @@ type Session struct {
 	evk      *rlwe.MemEvaluationKeySet
 	eval     *ckks.Evaluator
 	steps    []int // normalised rotation steps with a Galois key
+	levels   []int // the level each of those keys is made for (its LevelQ)
 	hasRelin bool
 
 	btpKeys *bootstrapping.EvaluationKeys
@@ -207,6 +208,7 @@ type keygenReport struct {
 	Seconds    map[string]float64 `json:"seconds"`
 	Bytes      map[string]int64   `json:"bytes"`
 	Steps      []int              `json:"steps"`
+	Levels     []int              `json:"levels"` // the level each step's key is made for
 	Elements   []uint64           `json:"galois_elements"`
 	BtpGaloisN int                `json:"bootstrap_galois_keys"`
 	// of those, keys made at SlotsToCoeffs' level (used nowhere above it), and that level
@@ -215,7 +217,28 @@ type keygenReport struct {
 	PeakHeapSys uint64 `json:"go_heap_sys"`
 }
 
-func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, btp bool) (*keygenReport, error) {
+// keyLevels: each normalised step's key level, the highest of the levels given for it (levels
+// may be nil or shorter than steps: the top level for the rest; a level outside 0..top: the top).
+func keyLevels(steps []int64, levels []int64, slots, top int) map[int]int {
+	at := map[int]int{}
+	for i, k := range steps {
+		r := int(((k % int64(slots)) + int64(slots)) % int64(slots))
+		if r == 0 {
+			continue
+		}
+		lv := top
+		if i < len(levels) && levels[i] >= 0 && levels[i] < int64(top) {
+			lv = int(levels[i])
+		}
+		if old, ok := at[r]; !ok || lv > old {
+			at[r] = lv
+		}
+	}
+	return at
+}
+
+func keygen(p *Params, clientDir, serverDir string, steps []int64, levels []int64, relin bool,
+	btp bool) (*keygenReport, error) {
 	if btp && p.btp == nil {
 		return nil, fmt.Errorf("bootstrap keys requested but the parameter set has no bootstrap literal")
 	}
@@ -270,6 +293,8 @@ func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, b
 	}
 
 	ns := normSteps(steps, p.slots())
+	top := p.ckks.MaxLevelQ()
+	at := keyLevels(steps, levels, p.slots(), top)
 	rep.Steps = ns
 	t := time.Now()
 	n, err := writeAtomic(filepath.Join(serverDir, "galois.key"), 0o644, func(w *bufio.Writer) error {
@@ -279,10 +304,19 @@ func keygen(p *Params, clientDir, serverDir string, steps []int64, relin bool, b
 		if err := writeU32(w, uint32(len(ns))); err != nil {
 			return err
 		}
-		gk := rlwe.NewGaloisKey(p.ckks) // one key buffer, reused: one key in memory at a time
+		// one key buffer per level, reused: one key in memory at a time; a key made for a lower
+		// level has fewer primes (smaller, quicker) and serves every ciphertext at or below it
+		bufs := map[int]*rlwe.GaloisKey{}
 		for _, k := range ns {
 			el := p.ckks.GaloisElement(k)
 			rep.Elements = append(rep.Elements, el)
+			lv := at[k]
+			rep.Levels = append(rep.Levels, lv)
+			gk := bufs[lv]
+			if gk == nil {
+				gk = rlwe.NewGaloisKey(p.ckks, rlwe.EvaluationKeyParameters{LevelQ: &lv})
+				bufs[lv] = gk
+			}
 			kg.GenGaloisKey(el, sk, gk)
 			if err := writeU64(w, uint64(k)); err != nil {
 				return err
@@ -612,6 +646,7 @@ func loadServer(p *Params, dir string) (*Session, error) {
 			}
 			gks = append(gks, gk)
 			s.steps = append(s.steps, int(k))
+			s.levels = append(s.levels, gk.LevelQ())
 		}
 	}
 	if path := filepath.Join(dir, "bootstrap.key"); exists(path) {
@@ -635,8 +670,8 @@ func loadServer(p *Params, dir string) (*Session, error) {
 }
 
 //export hl_keygen
-func hl_keygen(ph C.longlong, clientDir, serverDir *C.char, steps *C.longlong, nsteps C.longlong,
-	relin C.int, btp C.int, out **C.char) *C.char {
+func hl_keygen(ph C.longlong, clientDir, serverDir *C.char, steps *C.longlong, levels *C.longlong,
+	nsteps C.longlong, relin C.int, btp C.int, out **C.char) *C.char {
 	return guard("keygen", func() error {
 		p, err := lookup[*Params](ph, "parameter set")
 		if err != nil {
@@ -647,7 +682,8 @@ func hl_keygen(ph C.longlong, clientDir, serverDir *C.char, steps *C.longlong, n
 			doBtp = btp != 0
 		}
 		rep, err := keygen(p, C.GoString(clientDir), C.GoString(serverDir),
-			append([]int64(nil), int64s(steps, nsteps)...), relin != 0, doBtp)
+			append([]int64(nil), int64s(steps, nsteps)...), append([]int64(nil), int64s(levels, nsteps)...),
+			relin != 0, doBtp)
 		if err != nil {
 			return err
 		}
@@ -695,7 +731,7 @@ func hl_session_info(sh C.longlong, out **C.char) *C.char {
 			return err
 		}
 		return cJSON(map[string]any{
-			"client": s.client, "steps": s.steps, "relin": s.hasRelin,
+			"client": s.client, "steps": s.steps, "levels": s.levels, "relin": s.hasRelin,
 			"bootstrap": s.btpKeys != nil, "secret_key": s.sk != nil,
 		}, out)
 	})

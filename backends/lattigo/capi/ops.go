@@ -436,10 +436,17 @@ func (s *Session) normStep(k int64) int {
 	return int(((k % n) + n) % n)
 }
 
-func (s *Session) needGalois(k int) error {
+// needGalois: the key of step k reaches a ciphertext at level (Lattigo's gadget product with a
+// key of fewer primes than the ciphertext gives a wrong result, not an error).
+func (s *Session) needGalois(k, level int) error {
 	el := s.p.ckks.GaloisElement(k)
-	if _, err := s.evk.GetGaloisKey(el); err != nil {
+	gk, err := s.evk.GetGaloisKey(el)
+	if err != nil {
 		return fmt.Errorf("no Galois key for a left rotation by %d (element %d); the key set has steps %v", k, el, s.steps)
+	}
+	if gk.LevelQ() < level {
+		return fmt.Errorf("the Galois key of a left rotation by %d is made for level %d, the ciphertext is at level %d "+
+			"(make the keys with the program that rotates)", k, gk.LevelQ(), level)
 	}
 	return nil
 }
@@ -459,7 +466,7 @@ func hl_rotate(sh, ch C.longlong, k C.longlong, out *C.longlong) *C.char {
 			s.newCt(ct.CopyNew(), out)
 			return nil
 		}
-		if err := s.needGalois(kk); err != nil {
+		if err := s.needGalois(kk, ct.Level()); err != nil {
 			return err
 		}
 		res := s.newCiphertext(ct.Level())
@@ -489,7 +496,7 @@ func hl_rotate_hoisted(sh, ch C.longlong, ks *C.longlong, n C.longlong, outs *C.
 		for i, k := range steps {
 			norm[i] = s.normStep(k)
 			if norm[i] != 0 && !seen[norm[i]] {
-				if err := s.needGalois(norm[i]); err != nil {
+				if err := s.needGalois(norm[i], ct.Level()); err != nil {
 					return err
 				}
 				seen[norm[i]] = true
