@@ -46,7 +46,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from lark import Lark, Token, Tree, UnexpectedInput
@@ -235,23 +235,47 @@ class HEProgram:
                 steps.update(k % s for k in (lin.needs if lin.schedule else lin.steps) if k % s)
         return sorted(steps)
 
-    def galois_key_levels(self) -> dict[int, int]:
+    def galois_key_levels(self, keys: Sequence[int] | None = None,
+                          needs: Mapping[int, Sequence[int]] | None = None) -> dict[int, int]:
         """Galois key step -> the highest level the program rotates by it (a ``linear`` op rotates
-        its inputs at their level, one above its result's; a ``rotate`` at its own).  A key made
+        its inputs at their level, one above its result's; a ``rotate`` at its own; a rotation
+        composed from keys, as :func:`hecompiler.rotkeys.KeyGraph.path` composes it at run time,
+        uses every key on its path).  A key made
         with the primes of that level only serves every use (the gadget product of a ciphertext at
         a lower level takes the key's first primes): backends that can make keys per level
-        (Lattigo) make them so, smaller and quicker to make.  A key no op uses gets the top."""
+        (Lattigo) make them so, smaller and quicker to make.  A key no op uses gets the top.
+
+        ``keys`` and ``needs`` (linear op id -> the rotations its schedule composes) price a
+        key set before the program takes it (:mod:`hecompiler.hepasses.select_rotation_keys`)."""
         s = self.params.slots
-        steps = self.galois_steps
+        steps = self.galois_steps if keys is None else sorted({k % s for k in keys if k % s})
         at = dict.fromkeys(steps, -1)
+        graph = None
+
+        def use(step: int, level: int) -> None:
+            nonlocal graph
+            k = step % s
+            if k in at:
+                at[k] = max(at[k], level)
+                return
+            if graph is None:  # a rotation composed from keys uses every key on its path
+                from .rotkeys import KeyGraph
+
+                graph = KeyGraph(steps, s)
+            if graph.reaches(k):
+                for h in graph.path(k):
+                    at[h % s] = max(at[h % s], level)
+
         for i in self.instrs:
-            if i.op == "rotate" and i.step % s in at:
-                at[i.step % s] = max(at[i.step % s], i.level)
+            if i.op == "rotate" and i.step % s:
+                use(i.step, i.level)
             elif i.op == "linear":
-                lin = self.linears[i.plain.args[0]]
-                for k in (lin.needs if lin.schedule else lin.steps):
-                    if k % s in at:
-                        at[k % s] = max(at[k % s], i.level + 1)
+                lid = i.plain.args[0]
+                lin = self.linears[lid]
+                for k in (needs[lid] if needs is not None and lid in needs else
+                          lin.needs if lin.schedule else lin.steps):
+                    if k % s:
+                        use(k, i.level + 1)
         top = self.params.top_level
         return {k: (top if lv < 0 else lv) for k, lv in at.items()}
 

@@ -16,7 +16,9 @@ import pytest
 import hecompiler as hc
 from hecompiler.backends import protocol as P
 from hecompiler.cli import main
+from hecompiler.lower import LoweringOptions
 from hecompiler.planner import PlanOptions
+from hecompiler.rotkeys import KeyGraph
 
 from conftest import ROOT, ort_run
 
@@ -118,6 +120,49 @@ def test_galois_keys_are_made_at_the_level_they_are_used(tiny, tmp_path):
     want = cost.galois_key_bytes(prog) / (len(at) * cost.ksk_bytes(n, top + 1))
     assert want < 0.95 and got == pytest.approx(want, rel=0.02)
     assert res.metadata["report"]["galois_key_bytes"] == cost.galois_key_bytes(prog)
+
+
+def test_keys_of_composed_rotations_are_made_at_the_level_of_every_use(tmp_path):
+    """Under a key budget a rotation is composed from keys: each key on its path is used at
+    that rotation's level, so it is made there (a key made lower gives wrong slots in Lattigo)."""
+    spec = "share-mod-switch,hoist-rotations,select-rotation-keys{max_keys=4}"
+    res = hc.compile_model(str(TINY), hc.CompileOptions(target=TOY, plan=PlanOptions(
+        security="none", lowering=LoweringOptions(he_passes=spec))))
+    prog = res.prog
+    S = prog.params.slots
+    keys = prog.galois_steps
+    graph = KeyGraph(keys, S)
+    want = dict.fromkeys(keys, -1)
+    composed = 0
+    for ins in prog.instrs:
+        if ins.op == "linear":
+            lin = prog.linears[ins.plain.args[0]]
+            for k in lin.needs:
+                composed += k % S not in keys
+                for h in graph.path(k):
+                    want[h] = max(want[h], ins.level + 1)
+        elif ins.op == "rotate" and ins.step % S:
+            want[ins.step % S] = max(want[ins.step % S], ins.level)
+    assert composed > 0 and len(keys) == 4
+    assert prog.galois_key_levels() == {k: (prog.params.top_level if v < 0 else v) for k, v in want.items()}
+    x = np.load(ROOT / "models" / "tiny_resnet_poly.input.npy")
+    outs, _ = LS.run_encrypted(prog, {prog.inputs[0].name: x}, meta=res.metadata)
+    ref = ort_run(onnx.load(TINY), x)[0]
+    assert np.abs(outs[prog.outputs[0].name] - ref).max() <= 1e-4 * np.ptp(ref)
+
+
+def test_key_budget_counts_each_key_at_its_level():
+    """A byte budget for Galois keys admits more keys than fit at the top when some are used
+    lower, and the keys chosen, priced at their levels, stay within it."""
+    cost = hc.target.get_target(TOY).cost_model()
+    spec = "share-mod-switch,hoist-rotations,select-rotation-keys{max_key_bytes=%d}"
+    full = _compile().prog
+    kb = cost.ksk_bytes(full.params.poly_degree, full.params.top_level + 1)
+    limit = int(12.5 * kb)
+    prog = hc.compile_model(str(TINY), hc.CompileOptions(target=TOY, plan=PlanOptions(
+        security="none", lowering=LoweringOptions(he_passes=spec % limit)))).prog
+    assert 12 < len(prog.galois_steps) < len(full.galois_steps)
+    assert cost.galois_key_bytes(prog) <= limit
 
 
 def test_server_refuses_galois_keys_below_their_level_of_use(tiny, tmp_path, monkeypatch):

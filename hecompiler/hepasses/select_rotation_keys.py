@@ -7,9 +7,10 @@ same number of rotations, far fewer distinct steps), picks the key set greedily 
 rotation time each key saves (rotations counted, a hoisted one at its price relative to
 a full one from ``ctx.options["cost"]``), and cuts that order at the budget: ``max_keys``, or the bytes
 of Galois keys ``max_key_bytes``, or what is left of ``ctx.options["max_memory_bytes"]``
-beside the rest of the program's predicted memory (the budget counts every key at the top
-level; the reported bytes count each at the level it is used at where the backend makes keys
-per level, as Lattigo does).  A standalone ``rotate`` by a step
+beside the rest of the program's predicted memory.  Where the backend makes each key at
+the level it is used at (Lattigo) the budget and the report count each key so, with the
+levels the program uses it at under the key set being priced (a key on the path of a
+composed rotation is used at that rotation's level); elsewhere every key is at the top.  A standalone ``rotate`` by a step
 without a key becomes a chain of rotations by keys (visible in the program text).
 
 What was traded goes to ``ctx.options["rotation_keys"]`` (the report prints it): keys and
@@ -83,10 +84,12 @@ class SelectRotationKeys(HEPass):
         sel = select_keys(dem)
         cap = self.max_keys or None
         budget = self._key_budget(prog, opts, cost, key_bytes)
-        for limit in (self.max_key_bytes or None, budget):
-            if limit is not None:
-                k = max(0, int(limit // max(1, key_bytes)))
-                cap = k if cap is None else min(cap, k)
+        limits = [b for b in (self.max_key_bytes or None, budget) if b is not None]
+        if limits:
+            k = max(0, int(min(limits) // max(1, key_bytes)))  # every key at the top fits
+            if cost is not None and cost.keys_per_level:
+                k = self._most_keys_within(prog, cost, sel, lin_plans, min(limits), k, cap)
+            cap = k if cap is None else min(cap, k)
         fewest = sel.smallest_feasible()
         if cap is not None and cap < fewest:
             cap = fewest  # cannot do with fewer: the planner rejects the plan for memory if it must
@@ -126,9 +129,36 @@ class SelectRotationKeys(HEPass):
         return switching_key_bytes(n, top)
 
     @staticmethod
+    def _most_keys_within(prog, cost, sel, lin_plans: dict, limit: float, fits: int, cap: int | None) -> int:
+        """The longest prefix of the selection order whose keys, each at the level the program
+        would use it at with that key set, take at most ``limit`` bytes (``fits`` keys do even
+        at the top).  Bisection: more keys take more bytes (the check is exact at every probe)."""
+        S = prog.params.slots
+        hi = len(sel.order) if cap is None else min(cap, len(sel.order))
+        lo = max(fits, sel.smallest_feasible() - 1)
+        if hi <= fits:
+            return fits
+        best = fits
+
+        def key_bytes(count: int) -> int:
+            keys = sel.prefix(sel.best_within(count))
+            graph = KeyGraph(keys, S)
+            needs = {lid: linear_schedule(plan, graph, prog.linears[lid].schedule == "star").needs(S)
+                     for lid, plan in lin_plans.items()}
+            return cost.galois_key_bytes(prog, keys, needs)
+
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if key_bytes(mid) <= limit:
+                best = lo = mid
+            else:
+                hi = mid - 1
+        return max(best, fits)
+
+    @staticmethod
     def _all_key_bytes(prog, cost, key_bytes: int) -> int:
         """The program's Galois keys' bytes: at their levels of use where the backend makes keys per
-        level (the budget counts every key at the top: a bound, as the levels follow the choice)."""
+        level."""
         if cost is not None:
             return int(cost.galois_key_bytes(prog))
         return len(prog.galois_steps) * key_bytes
