@@ -22,7 +22,8 @@ File format (JSON, UTF-8; small: the digits model's is ~3 KiB against its 79 KiB
 from the client file are accepted by the server holding the ``.hec``), ``hec_digest``,
 ``backend``, ``target``, ``params``, ``primes``, ``params_fingerprint``, ``galois_steps``,
 ``galois_levels`` (per step, the highest level the program rotates by it: a backend that makes
-keys per level makes that step's key there), ``relin``, ``layouts`` (only the input and output layouts, by id), ``inputs`` / ``outputs``
+keys per level makes that step's key there), ``relin``, ``layouts`` (only the input and output
+layouts, by id), ``inputs`` / ``outputs``
 (name, shape, layout id, ciphertext value ids, output ``alpha``), ``input_limits``,
 ``fidelity`` (the compile report's error estimate), ``refresh`` (``client`` or ``bootstrap``),
 ``refreshes`` (how many refresh points the program has: a bootstrapping target's key holder makes

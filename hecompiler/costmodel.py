@@ -385,14 +385,14 @@ class CostModel:
         at (Lattigo: ``EvaluationKeyParameters.LevelQ``); SEAL makes every key at the top."""
         return self.lattigo
 
-    def galois_key_bytes(self, prog, keys=None, needs=None) -> int:
+    def galois_key_bytes(self, prog, graph=None, needs=None) -> int:
         """In-memory bytes of ``prog``'s Galois keys: each at its level of use where the backend
         makes keys per level (:meth:`hecompiler.heprog.HEProgram.galois_key_levels`, whose
-        ``keys`` and ``needs`` price another key set), else all at the top."""
+        ``graph`` and ``needs`` price another key set), else all at the top."""
         n, top = prog.params.poly_degree, prog.params.top_level + 1
         if not self.keys_per_level:
-            return len(prog.galois_steps if keys is None else keys) * self.ksk_bytes(n, top)
-        return sum(self.ksk_bytes(n, lv + 1) for lv in prog.galois_key_levels(keys, needs).values())
+            return len(prog.galois_steps if graph is None else graph.keys) * self.ksk_bytes(n, top)
+        return sum(self.ksk_bytes(n, lv + 1) for lv in prog.galois_key_levels(graph, needs).values())
 
     def _sparse(self, n: int, slots: int | None) -> dict | None:
         """A sparse packing's own bootstrap entry (its keys and bootstrapper), else None."""

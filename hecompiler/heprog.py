@@ -235,22 +235,22 @@ class HEProgram:
                 steps.update(k % s for k in (lin.needs if lin.schedule else lin.steps) if k % s)
         return sorted(steps)
 
-    def galois_key_levels(self, keys: Sequence[int] | None = None,
+    def galois_key_levels(self, graph: Any = None,
                           needs: Mapping[int, Sequence[int]] | None = None) -> dict[int, int]:
         """Galois key step -> the highest level the program rotates by it (a ``linear`` op rotates
         its inputs at their level, one above its result's; a ``rotate`` at its own; a rotation
         composed from keys, as :func:`hecompiler.rotkeys.KeyGraph.path` composes it at run time,
-        uses every key on its path).  A key made
-        with the primes of that level only serves every use (the gadget product of a ciphertext at
-        a lower level takes the key's first primes): backends that can make keys per level
-        (Lattigo) make them so, smaller and quicker to make.  A key no op uses gets the top.
+        uses every key on its path).  A key made with the primes of that level only serves
+        every use (the gadget product of a ciphertext at a lower level takes the key's first
+        primes): backends that can make keys per level (Lattigo) make them so, smaller and
+        quicker to make.  A key no op uses gets the top.
 
-        ``keys`` and ``needs`` (linear op id -> the rotations its schedule composes) price a
-        key set before the program takes it (:mod:`hecompiler.hepasses.select_rotation_keys`)."""
+        ``graph`` (a :class:`hecompiler.rotkeys.KeyGraph`) and ``needs`` (linear op id -> the
+        rotations its schedule composes) price a key set before the program takes it
+        (:mod:`hecompiler.hepasses.select_rotation_keys`)."""
         s = self.params.slots
-        steps = self.galois_steps if keys is None else sorted({k % s for k in keys if k % s})
+        steps = self.galois_steps if graph is None else list(graph.keys)
         at = dict.fromkeys(steps, -1)
-        graph = None
 
         def use(step: int, level: int) -> None:
             nonlocal graph
@@ -259,9 +259,9 @@ class HEProgram:
                 at[k] = max(at[k], level)
                 return
             if graph is None:  # a rotation composed from keys uses every key on its path
-                from .rotkeys import KeyGraph
+                from .runtime import key_graph
 
-                graph = KeyGraph(steps, s)
+                graph = key_graph(self)
             if graph.reaches(k):
                 for h in graph.path(k):
                     at[h % s] = max(at[h % s], level)

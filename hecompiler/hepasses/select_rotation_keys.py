@@ -10,8 +10,9 @@ of Galois keys ``max_key_bytes``, or what is left of ``ctx.options["max_memory_b
 beside the rest of the program's predicted memory.  Where the backend makes each key at
 the level it is used at (Lattigo) the budget and the report count each key so, with the
 levels the program uses it at under the key set being priced (a key on the path of a
-composed rotation is used at that rotation's level); elsewhere every key is at the top.  A standalone ``rotate`` by a step
-without a key becomes a chain of rotations by keys (visible in the program text).
+composed rotation is used at that rotation's level); elsewhere every key is at the top.
+A standalone ``rotate`` by a step without a key becomes a chain of rotations by keys
+(visible in the program text).
 
 What was traded goes to ``ctx.options["rotation_keys"]`` (the report prints it): keys and
 bytes before and after, extra rotations, and the trade curve (keys -> rotations).
@@ -141,11 +142,10 @@ class SelectRotationKeys(HEPass):
         best = fits
 
         def key_bytes(count: int) -> int:
-            keys = sel.prefix(sel.best_within(count))
-            graph = KeyGraph(keys, S)
+            graph = KeyGraph(sel.prefix(sel.best_within(count)), S)
             needs = {lid: linear_schedule(plan, graph, prog.linears[lid].schedule == "star").needs(S)
                      for lid, plan in lin_plans.items()}
-            return cost.galois_key_bytes(prog, keys, needs)
+            return cost.galois_key_bytes(prog, graph, needs)
 
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -153,7 +153,7 @@ class SelectRotationKeys(HEPass):
                 best = lo = mid
             else:
                 hi = mid - 1
-        return max(best, fits)
+        return best
 
     @staticmethod
     def _all_key_bytes(prog, cost, key_bytes: int) -> int:
