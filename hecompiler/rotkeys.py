@@ -53,33 +53,45 @@ class KeyGraph:
     reaches a slot."""
 
     def __init__(self, keys: Iterable[int], slots: int):
-        self.slots = int(slots)
-        ks = sorted({int(k) % self.slots for k in keys} - {0})
+        self.slots = S = int(slots)
+        ks = sorted({int(k) % S for k in keys} - {0})
         self.keys = tuple(ks)
-        S = self.slots
+        # breadth-first over the slots as the bits of one integer: a hop by every key is a few
+        # shifts of the whole frontier
         dist = np.full(S, -1, np.int32)
-        last = np.zeros(S, np.int64)  # the key of the last hop of the path to each slot
         dist[0] = 0
-        front = np.zeros(S, bool)
-        front[0] = True
-        reached = front.copy()
+        full = (1 << S) - 1
+        front = reached = 1
         d = 0
-        karr = np.asarray(ks, np.int64)
-        while front.any() and len(ks) and d < MAX_HOPS:
+        while front and ks and d < MAX_HOPS:
             d += 1
-            idx = np.flatnonzero(front)
-            new = np.zeros(S, bool)
-            for k in karr:  # ascending: the first key to reach a slot is its last hop
-                to = (idx + k) % S
-                fresh = to[~reached[to] & ~new[to]]
-                if len(fresh):
-                    new[fresh] = True
-                    last[fresh] = k
-            dist[new] = d
+            new = 0
+            for k in ks:
+                new |= (front << k) | (front >> (S - k))
+            new &= full & ~reached
+            if not new:
+                break
+            bits = np.unpackbits(np.frombuffer(new.to_bytes((S + 7) // 8, "little"), np.uint8), bitorder="little")
+            dist[np.flatnonzero(bits[:S])] = d
             reached |= new
             front = new
         self.dist = dist
-        self._last = last
+        self._last_hop: np.ndarray | None = None
+
+    @property
+    def _last(self) -> np.ndarray:
+        """The key of the last hop of the path to each slot: the first key, in ascending order,
+        from a slot one hop nearer (what a search expanding the keys in that order keeps)."""
+        if self._last_hop is None:
+            S, dist = self.slots, self.dist
+            last = np.zeros(S, np.int64)
+            left = dist > 0
+            for k in self.keys:
+                hit = left & (np.roll(dist, k) == dist - 1)  # np.roll(dist, k)[s] = dist[s - k]
+                last[hit] = k
+                left &= ~hit
+            self._last_hop = last
+        return self._last_hop
 
     def reaches(self, step: int) -> bool:
         return self.dist[int(step) % self.slots] >= 0

@@ -60,7 +60,18 @@ def test_key_graph_shortest_paths(keys):
             p = g.path(s)
             assert len(p) == want == g.hops(s)
             assert sum(p) % slots == s and all(k in g.keys for k in p)
+            if want > 0:  # the tie-break: the last hop is the smallest key from a slot one hop nearer
+                assert p[-1] == min(k for k in g.keys if g.dist[(s - k) % slots] == want - 1)
     assert KeyGraph(keys, slots).path(5 if g.reaches(5) else 0) == g.path(5 if g.reaches(5) else 0)  # deterministic
+
+
+def test_key_graph_on_a_large_ring_matches_a_plain_search():
+    slots = 4096
+    keys = [int(k) for k in np.random.default_rng(7).choice(np.arange(1, slots), 9, replace=False)] + [1]
+    g = KeyGraph(keys, slots)
+    for s in range(0, slots, 257):
+        assert g.dist[s] == _bfs(keys, slots, s)
+    assert g.dist[MAX_HOPS] >= 0 and (KeyGraph([1], slots).dist[MAX_HOPS + 1] == -1)
 
 
 def test_key_graph_unreachable_names_the_step():
