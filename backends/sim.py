@@ -33,6 +33,8 @@ default) and is recorded in ``ExecStats.modulus_use`` either way.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from hecompiler.costmodel import CostModel
@@ -98,6 +100,7 @@ class SimPrimitives:
         self.boot_max = bootstrap_max_abs
         self.refresh_peaks: dict[int, float] = {}  # refresh instruction -> largest |input slot|
         self._pending_peaks: list[float] = []
+        self._pending_rows: list = []  # per batch row, in a batch run
         self.S = prog.params.slots
         self.primes = prog.primes
         self.top = prog.params.top_level
@@ -204,7 +207,9 @@ class SimPrimitives:
         return SimCt(np.zeros(self.S), level, scale)
 
     def refresh(self, cts: list[SimCt]) -> list[SimCt]:
-        self._pending_peaks = [float(np.abs(c.vec).max()) if c.vec.size else 0.0 for c in cts]
+        rows = [np.abs(c.vec).max(axis=-1) if c.vec.size else 0.0 for c in cts]
+        self._pending_peaks = [float(np.max(r)) for r in rows]
+        self._pending_rows = rows
         return [SimCt(self._noisy(c.vec, "refresh" if self.noise and "refresh" in self.noise else "fresh",
                                   self.delta), self.top, self.delta) for c in cts]
 
@@ -212,19 +217,30 @@ class SimPrimitives:
     def observe(self, k: int, ins, results, stats: ExecStats) -> None:
         if ins.op == "refresh" and self._pending_peaks:
             inp = self._pending_peaks.pop(0)
+            inp_rows = self._pending_rows.pop(0)
             self.refresh_peaks[k] = inp
             if self.boot_max is not None:
                 use = inp / self.boot_max if np.isfinite(inp) else np.inf
                 if use > stats.bootstrap_use:
                     stats.bootstrap_use = float(use)
+                if np.ndim(inp_rows):
+                    stats.bootstrap_use_rows = _row_max(stats.bootstrap_use_rows, np.where(
+                        np.isfinite(inp_rows), inp_rows / self.boot_max, np.inf))
                 if self.strict and use > 1.0:
                     raise BootstrapRangeError(
                         f"{where(k, ins)}: a value of magnitude {inp:.4g} enters a bootstrap that accepts "
                         f"|v| <= {self.boot_max:g}: encrypted, the output would be garbage (is the input much "
                         f"larger than the program was planned for?)")
-        peak = max((float(np.abs(r.vec).max()) for r in results), default=0.0)
+        rows = [np.abs(r.vec).max(axis=-1) for r in results if r.vec.size]
+        peak = float(max((np.max(r) for r in rows), default=0.0))
         if peak == 0.0:
             return
+        if any(np.ndim(r) for r in rows):  # a batch run: each row's use too
+            row_peak = functools.reduce(np.maximum, rows)
+            with np.errstate(divide="ignore"):
+                row_use = np.where(np.isfinite(row_peak), 2.0 ** (np.log2(row_peak) + np.log2(ins.scale)
+                                                                   - self._half_q_bits[ins.level]), np.inf)
+            stats.modulus_use_rows = _row_max(stats.modulus_use_rows, row_use)
         use = (2.0 ** (np.log2(peak) + np.log2(ins.scale) - self._half_q_bits[ins.level])
                if np.isfinite(peak) else np.inf)  # inf or NaN: overflowed float64 long before
         if use > stats.modulus_use:
@@ -236,6 +252,12 @@ class SimPrimitives:
                 f"2^{np.log2(ins.scale):.1f}) exceeds half the ciphertext modulus "
                 f"2^{self._half_q_bits[ins.level] + 1:.1f}: encrypted, it would wrap around and the output would be "
                 f"garbage (is the input much larger than the program was planned for?)")
+
+
+def _row_max(old, new):
+    """The running per-row maximum of a batch run's statistic (``old`` None at first)."""
+    new = np.asarray(new, np.float64)
+    return new.copy() if old is None else np.maximum(old, new)
 
 
 class Simulator:

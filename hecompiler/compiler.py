@@ -347,11 +347,14 @@ def planned_input_limits(graph: Graph, prog: HEProgram, opts: CompileOptions, n_
     name = graph.inputs[0].name
     x, probes, planned_on = _probes(graph, opts, n_probes)
 
-    def headroom(s: float) -> float:  # the probes in one batch: the statistics are the largest of the rows
+    def headroom(factors) -> list[float]:  # every factor's probes in one batch, its rows' statistics
         st = Simulator(prog, strict=False, target=target).run_batch(
-            {name: np.stack([(p * s).astype(np.float32) for p in probes])})[1]
+            {name: np.stack([(p * s).astype(np.float32) for s in factors for p in probes])})[1]
+        shape = (len(factors), len(probes))
+        mod = np.zeros(shape) if st.modulus_use_rows is None else np.reshape(st.modulus_use_rows, shape)
+        boot = np.zeros(shape) if st.bootstrap_use_rows is None else np.reshape(st.bootstrap_use_rows, shape)
         # the bootstrap's range counts like the modulus: past it, the output is garbage
-        return max(st.modulus_use, st.bootstrap_use * 0.5)
+        return [float(u) for u in np.maximum(mod, boot * 0.5).max(axis=1)]
 
     lim = input_limits(probes, planned_on, headroom)
     lim["planned_range"] = [float(np.min(x)), float(np.max(x))]

@@ -111,6 +111,9 @@ class ExecStats:
     modulus_use_at: str = ""
     #: the simulator's check of bootstrap inputs against the target's range (largest |v| / limit)
     bootstrap_use: float = 0.0
+    #: in a simulator batch run, the two above for each row (arrays of the batch size; None otherwise)
+    modulus_use_rows: Any = None
+    bootstrap_use_rows: Any = None
 
     @property
     def predicted_seconds(self) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,27 +78,46 @@ def check_array(x: Any, what: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- planned range
 
-def input_limits(probes: list[np.ndarray], planned_on: str, headroom: Callable[[float], float],
+#: doubling factors tried in one simulator batch (most programs settle within the first group)
+DOUBLINGS_PER_BATCH = 4
+#: the search's resolution between the last doubling that fits and the first that does not
+STEPS_PER_OCTAVE = 8
+
+
+def input_limits(probes: list[np.ndarray], planned_on: str, headroom: Callable[[Sequence[float]], Sequence[float]],
                  max_factor: float = 2.0 ** 16) -> dict:
     """The ``input_limits`` entry of one input.  ``probes`` are the planning inputs with the
-    largest magnitudes; ``headroom(s)`` is the largest ratio of ``|value| * scale`` to half the
-    modulus over the program run on every probe times ``s`` (the simulator's
-    :attr:`RunStats.modulus_use`).  ``max_abs`` is the peak magnitude of the probes times the
-    largest ``s >= 1`` (found by doubling, then bisection to within 2^(1/8)) that keeps the
-    ratio under :data:`SAFETY`; ``None`` when even ``s = 1`` overflows."""
+    largest magnitudes; ``headroom(ss)`` gives, for each factor ``s`` of ``ss``, the largest
+    ratio of ``|value| * scale`` to half the modulus over the program run on every probe times
+    ``s`` (the simulator's :attr:`RunStats.modulus_use`, one batch run for all of ``ss``).
+    ``max_abs`` is the peak magnitude of the probes times the largest ``s >= 1`` that keeps the
+    ratio under :data:`SAFETY`, it and every smaller factor tried: doubling (a few factors per
+    batch), then the steps of 2^(1/8) between the last doubling that fits and the first that
+    does not, all in one batch; ``None`` when even ``s = 1`` overflows."""
     peak = max((float(np.abs(p).max()) for p in probes if p.size), default=0.0)
-    use = headroom(1.0)
+    ladder = [2.0 ** k for k in range(int(np.log2(max_factor)) + 1)]
+    lo, hi, use = None, None, None
+    for at in range(0, len(ladder), DOUBLINGS_PER_BATCH):
+        group = ladder[at:at + DOUBLINGS_PER_BATCH]
+        for s, u in zip(group, headroom(group)):
+            if use is None:
+                use = float(u)
+            if u >= SAFETY:
+                hi = s
+                break
+            lo = s
+        if hi is not None or peak == 0.0:
+            break
     entry = {"planned_on": planned_on, "max_abs": None, "modulus_use": use}
     if peak == 0.0 or use >= SAFETY:
         entry["max_abs"] = peak if use < 1.0 else None
         return entry
-    lo, hi = 1.0, 2.0  # lo fits, hi is being tried
-    while hi <= max_factor and headroom(hi) < SAFETY:
-        lo, hi = hi, hi * 2
-    if hi <= max_factor:
-        for _ in range(3):
-            mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if headroom(mid) < SAFETY else (lo, mid)
+    if hi is not None:
+        steps = [lo * 2.0 ** (k / STEPS_PER_OCTAVE) for k in range(1, STEPS_PER_OCTAVE)]
+        for s, u in zip(steps, headroom(steps)):
+            if u >= SAFETY:
+                break
+            lo = s
     entry["max_abs"] = peak * lo
     return entry
 

@@ -29,6 +29,7 @@ from hecompiler.backends.sim import ModulusOverflow, Simulator  # noqa: E402
 from hecompiler.cli import main  # noqa: E402
 from hecompiler.errors import HecError  # noqa: E402
 from hecompiler.hecfile import load_hec  # noqa: E402
+from hecompiler.inputs import input_limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,6 +267,42 @@ def test_inputs_beyond_the_chain_are_refused_and_outside_the_plan_warned(hec, tm
     assert "warning" in err and "leave the range" in err and "planned" in err
     ref = ort_run(onnx.load(hec / "tiny.onnx"), (scale * x).astype(np.float32))[0]
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-3 * np.ptp(ref)
+
+
+def test_batch_run_reports_each_rows_modulus_use(hec):
+    """run_batch keeps each row's modulus use: the input-limit search runs every factor it tries
+    in one batch and reads them apart."""
+    prog, _ = load_hec(hec / "m.hec")
+    name = prog.inputs[0].name
+    x = np.load(hec / "x.npy")
+    rows = [x, 3 * x, 0 * x]
+    st = Simulator(prog, strict=False).run_batch({name: np.stack(rows)})[1]
+    assert st.modulus_use_rows.shape == (3,)
+    for got, r in zip(st.modulus_use_rows, rows):
+        alone = Simulator(prog, strict=False).run({name: r})[1].modulus_use
+        assert got == pytest.approx(alone, rel=1e-9, abs=1e-300)
+    assert st.modulus_use == pytest.approx(st.modulus_use_rows.max(), rel=1e-12)
+    assert st.modulus_use_rows[1] > 1.5 * st.modulus_use_rows[0]  # the rows are told apart
+
+
+def test_input_limit_search_batches_the_factors_it_tries():
+    """The doubling goes a few factors per batch, then the eighth-octave steps in one batch; the
+    limit is the largest factor that fits with every smaller one tried."""
+    calls = []
+
+    def headroom(ss):  # modulus use growing as s^2: fits (< SAFETY = 0.5) up to s = sqrt(5)
+        calls.append(list(ss))
+        return [0.1 * s * s for s in ss]
+
+    probes = [np.array([2.0, -1.0])]
+    lim = input_limits(probes, "sample", headroom)
+    assert calls[0] == [1.0, 2.0, 4.0, 8.0] and len(calls) == 2 and len(calls[1]) == 7
+    assert calls[1][0] == pytest.approx(2 * 2 ** 0.125)
+    assert lim["max_abs"] == pytest.approx(2.0 * 2 ** 1.125)  # 2^1.125 < sqrt(5) < 2^1.25
+    assert lim["modulus_use"] == pytest.approx(0.1)
+    # nothing overflows: the largest factor; the sample itself overflows: no limit
+    assert input_limits(probes, "sample", lambda ss: [0.0] * len(ss))["max_abs"] == pytest.approx(2.0 * 2 ** 16)
+    assert input_limits(probes, "sample", lambda ss: [1.5] * len(ss))["max_abs"] is None
 
 
 def test_simulator_reports_modulus_overflow(hec):
