@@ -58,6 +58,8 @@ import numpy as np
 from hecompiler.backends.seal_costs import measure_plaintext_generation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from hecompiler.target import LATTIGO_SETS  # noqa: E402
+
 SCHEMA = "hecompiler.cost_lattigo/1"
 
 try:
@@ -90,7 +92,17 @@ HOIST = 8
 
 
 def literal_for(name: str, log_slots: int | None = None) -> dict[str, Any]:
-    lit = L.reference_literal(name) if name in L.REFERENCE_SETS else L.insecure_literal(name)
+    """The literal of a set: one of Lattigo's, a target set derived from one (hecompiler/target.py
+    LATTIGO_SETS with a ``base``: its residual levels and bootstrapping circuit over the base's
+    primes), or an insecure toy set."""
+    variant = LATTIGO_SETS.get(name, {})
+    if variant.get("base") in L.REFERENCE_SETS:
+        lit = L.reference_literal(variant["base"])
+        lit["name"] = name
+        lit["q"] = lit["q"][: variant["max_levels"] + 1]
+        lit["bootstrap"] = {**(lit.get("bootstrap") or {}), **variant["bootstrap"]}
+    else:
+        lit = L.reference_literal(name) if name in L.REFERENCE_SETS else L.insecure_literal(name)
     if log_slots is not None:
         lit["log_slots"] = int(log_slots)
     return lit
@@ -381,8 +393,10 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     rot0 = rows[0]["ops_s"]["rotate"]
     b = p.bootstrap
     return {
-        "set": name, "description": L.REFERENCE_SETS.get(name, "INSECURE toy set"),
-        "security": "insecure" if p.insecure else "128 (Lattigo default bootstrapping set)",
+        "set": name, "description": L.REFERENCE_SETS.get(name) or LATTIGO_SETS.get(name, {}).get("security_source")
+        or "INSECURE toy set",
+        "security": "insecure" if p.insecure else "128 (Lattigo default bootstrapping set)" if name in L.REFERENCE_SETS
+        else f"128 (Lattigo's {LATTIGO_SETS[name]['base']} with another bootstrapping circuit, Q*P within its bound)",
         "poly_degree": p.n, "slot_count": p.slots, "log_slots": p.log_slots,
         "coeff_bits": [round(v, 3) for v in p.bits()], "q": [str(q) for q in p.q], "p": [str(q) for q in p.p],
         "log_qp": p.log_qp, "chain_length": p.max_level + 1, "default_scale": p.default_scale,
@@ -509,7 +523,8 @@ def write_json_atomic(path: pathlib.Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    sets = list(L.REFERENCE_SETS) + [k for k in L.INSECURE_SETS if "nobtp" not in k]
+    derived = [k for k, v in LATTIGO_SETS.items() if v.get("base") in L.REFERENCE_SETS]
+    sets = list(L.REFERENCE_SETS) + derived + [k for k in L.INSECURE_SETS if "nobtp" not in k]
     ap.add_argument("--set", default="toy-n12", help=f"parameter set: {', '.join(sets)}")
     ap.add_argument("-o", "--out", type=pathlib.Path, default=None,
                     help="output JSON (default: hecompiler/data/cost_lattigo-<set>.json, the table bundled with the compiler)")
@@ -527,20 +542,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", help=argparse.SUPPRESS)
     ap.add_argument("--literal", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.gogc is None and args.set in L.REFERENCE_SETS:
+    secure = args.set in L.REFERENCE_SETS or args.set in derived
+    if args.gogc is None and secure:
         args.gogc = 20
     if args.gogc is not None:
         os.environ["GOGC"] = str(args.gogc)  # inherited by the keygen child
         L.set_gc_percent(args.gogc)
     if args.keygen_child:
         return keygen_child(args)
-    if args.set not in L.REFERENCE_SETS and args.set not in L.INSECURE_SETS:
-        ap.error(f"--set {args.set!r}: unknown")
+    if args.set not in sets:
+        ap.error(f"--set {args.set!r}: unknown (sets: {', '.join(sets)})")
     if args.reps < 1:
         ap.error("--reps must be >= 1")
     if args.btp_log_slots is None:
         full = L.LattigoParams(literal_for(args.set)).log_slots
-        extra = [] if args.set in L.REFERENCE_SETS else [full - 2, full - 4]
+        extra = [] if secure else [full - 2, full - 4]
     else:
         try:
             extra = [int(v) for v in args.btp_log_slots.split(",") if v.strip()]

@@ -26,7 +26,7 @@ Targets:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .costmodel import CostModel, RefreshCost, load_table
@@ -88,6 +88,10 @@ class Target:
     lattigo: dict[str, Any] | None = None
     bootstrap_range: BootstrapRange | None = None
     cost_table: str = "seal"
+    #: other targets (specs) the planner weighs against this one: ``--target lattigo`` names no set,
+    #: so the model is planned for each of :data:`LATTIGO_CHOICES` and the fastest plan within the
+    #: budgets wins
+    alternatives: tuple[str, ...] = ()
 
     @property
     def bootstraps(self) -> bool:
@@ -249,6 +253,18 @@ LATTIGO_SETS: dict[str, dict[str, Any]] = {
                            "1546 bits of Q*P with the bootstrapping circuit); its claim rests on the sparse-secret "
                            "encapsulation analysis (Bossuat et al., eprint 2022/024), not on the HE standard table",
     },
+    # the same ring, secrets and Q*P bound with SlotsToCoeffs in four levels instead of three: its
+    # matrices factor finer, so a bootstrap needs 34 Galois keys instead of 49 (at 2^14 slots), for
+    # one residual level fewer (8 x 40 bits make room for the fourth 39-bit StC prime: 1545 bits)
+    "n16-sparse-stc4": {
+        "set": "n16-sparse-stc4", "base": "n16-sparse", "log_n": 16, "q0_bits": 60, "log_default_scale": 40,
+        "max_levels": 8, "log_p": [61] * 5, "secret": {"h": 192}, "bootstrap": {"stc_log_scales": [[39]] * 4},
+        "message_ratio": 256.0, "max_log_qp": 1546,
+        "security_source": "128-bit: Lattigo's N16QP1546H192H32 (ring 2^16, sparse secret h=192, ephemeral h=32) "
+                           "with SlotsToCoeffs in 4 levels and 8 residual levels, within its 1546 bits of Q*P "
+                           "with the bootstrapping circuit; its claim rests on the sparse-secret encapsulation "
+                           "analysis (Bossuat et al., eprint 2022/024), not on the HE standard table",
+    },
     "n15-dense": {
         "set": "n15-dense", "log_n": 15, "q0_bits": 40, "log_default_scale": 31, "max_levels": 4,
         "log_p": [57, 56], "secret": {"h": 16384}, "message_ratio": 256.0, "max_log_qp": 881,
@@ -276,15 +292,23 @@ def seal_target(refresh: str = "client") -> Target:
     return Target("seal", "seal", refresh, desc)
 
 
+#: the 128-bit sets ``--target lattigo`` chooses among (each with its measured cost table): the
+#: planner lowers the model for each and keeps the fastest plan that fits the budgets
+LATTIGO_CHOICES = ("n16-sparse", "n16-sparse-stc4")
+
+
 def get_target(spec: str | None, refresh: str = "client") -> Target:
-    """``seal`` (default), ``lattigo`` (= ``lattigo:n16-sparse``) or ``lattigo:SET``."""
+    """``seal`` (default), ``lattigo`` (the planner chooses among :data:`LATTIGO_CHOICES`, the
+    first being the target returned, the others its ``alternatives``) or ``lattigo:SET``."""
     spec = (spec or "seal").strip()
     if spec == "seal":
         return seal_target(refresh)
     name, _, set_name = spec.partition(":")
     if name != "lattigo":
         raise HecError(f"--target {spec!r}: expected seal, lattigo or lattigo:SET (sets: {', '.join(LATTIGO_SETS)})")
-    set_name = set_name or "n16-sparse"
+    if not set_name:
+        first = get_target(f"lattigo:{LATTIGO_CHOICES[0]}")
+        return replace(first, alternatives=tuple(f"lattigo:{s}" for s in LATTIGO_CHOICES[1:]))
     if set_name not in LATTIGO_SETS:
         raise HecError(f"--target {spec!r}: unknown Lattigo set {set_name!r}; sets: {', '.join(LATTIGO_SETS)}")
     s = LATTIGO_SETS[set_name]

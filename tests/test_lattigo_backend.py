@@ -222,11 +222,33 @@ def test_lattigo_targets_are_data_matching_lattigo():
             assert p.bootstrap.log_qp <= s["max_log_qp"] + 0.5
 
 
+def test_the_stc4_set_is_its_base_with_a_finer_slots_to_coeffs():
+    """n16-sparse-stc4 keeps N16QP1546H192H32's ring, secrets, key-switching primes and Q*P bound;
+    SlotsToCoeffs takes four levels instead of three (one residual level fewer), for fewer
+    bootstrapping Galois keys."""
+    from hecompiler.target import LATTIGO_SETS, get_target
+
+    s, base = LATTIGO_SETS["n16-sparse-stc4"], LATTIGO_SETS["n16-sparse"]
+    for k in ("log_n", "secret", "log_p", "log_default_scale", "q0_bits", "message_ratio", "max_log_qp"):
+        assert s[k] == base[k], k
+    assert s["max_levels"] == base["max_levels"] - 1
+
+    def at_top(name):
+        t = get_target(f"lattigo:{name}")
+        params = t.candidates(None, None, t.lattigo["max_levels"], "tc128", None)[-1]  # a sparse packing
+        return L.LattigoParams(t.metadata(params, t.primes(params))["lattigo"]).bootstrap
+
+    b, b0 = at_top("n16-sparse-stc4"), at_top("n16-sparse")
+    assert (b.stc_depth, b0.stc_depth) == (4, 3) and b.cts_depth == b0.cts_depth == 4
+    assert b.ephemeral_h == b0.ephemeral_h == 32 and b.log_qp <= 1546 + 1e-9
+    assert b.galois_elements < b0.galois_elements - 10  # 34 and 49 at 2^14 slots
+
+
 def test_secure_chains_fit_their_budget():
     """Every chain the planner can pick for a 128-bit Lattigo set stays within the set's Q*P."""
     from hecompiler.target import get_target
 
-    for name in ("lattigo:n16-sparse", "lattigo:n15-dense"):
+    for name in ("lattigo:n16-sparse", "lattigo:n16-sparse-stc4", "lattigo:n15-dense"):
         t = get_target(name)
         for lv in range(1, t.lattigo["max_levels"] + 1):
             cands = t.candidates(None, None, lv, "tc128", None)  # every packing (full, measured sparse ones)
