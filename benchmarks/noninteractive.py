@@ -1,6 +1,7 @@
 """Non-interactive encrypted inference with real bootstraps (Lattigo), measured.
 
     python benchmarks/noninteractive.py                          # 128-bit n16-sparse: tiny, ResNet-8, ResNet-20
+    python benchmarks/noninteractive.py --target lattigo         # the planner picks the set per model
     python benchmarks/noninteractive.py --target lattigo:toy-n12 --models tiny_resnet_poly   # INSECURE, quick
 
 Every row is one model run through the client/server commands, each step a fresh process so
@@ -91,7 +92,7 @@ def row(name: str, target: str, extra: list[str], work: Path) -> dict:
     from hecompiler.backends.protocol import Bundle
 
     stats = Bundle.load(work / "y.b").meta.get("stats", {})
-    return {"model": name, "target": target, "params": f"N={pred['params']['ring_degree']} L={pred['params']['top_level']}",
+    return {"model": name, "target": pred["target"], "params": f"N={pred['params']['ring_degree']} L={pred['params']['top_level']}",
             "compile_s": comp["wall"], "keygen_s": kg["wall"], "keygen_cpu": kg["cpu"], "keygen_peak": kg["peak"],
             "encrypt_s": enc["wall"], "eval_s": ev["wall"], "eval_cpu": ev["cpu"], "server_peak": ev["peak"],
             "eval_exec_s": float(stats.get("eval_seconds", float("nan"))),
@@ -102,14 +103,15 @@ def row(name: str, target: str, extra: list[str], work: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<17} {'params':<10} {'keygen s':>8} {'(CPU)':>6} {'keygen GiB':>10} {'eval s':>7} {'(CPU)':>7} "
+    head = (f"{'model':<17} {'set':<15} {'params':<10} {'compile s':>9} {'keygen s':>8} {'(CPU)':>6} {'keygen GiB':>10} {'eval s':>7} {'(CPU)':>7} "
             f"{'run s':>6} "
             f"{'pred s':>7} {'server GiB':>10} {'pred GiB':>8} {'keys GiB':>8} {'boots':>5} {'rots':>5} "
             f"{'err/range':>9} {'argmax':>6}")
     lines = [head, "-" * len(head)]
     g = 2.0 ** 30
     for r in rows:
-        lines.append(f"{r['model']:<17} {r['params']:<10} {r['keygen_s']:8.1f} {r['keygen_cpu']:6.0f} "
+        lines.append(f"{r['model']:<17} {r['target'].partition(':')[2]:<15} {r['params']:<10} {r['compile_s']:9.1f} "
+                     f"{r['keygen_s']:8.1f} {r['keygen_cpu']:6.0f} "
                      f"{r['keygen_peak'] / g:10.2f} {r['eval_s']:7.1f} {r['eval_cpu']:7.1f} {r['eval_exec_s']:6.1f} "
                      f"{r['pred_s']:7.1f} "
                      f"{r['server_peak'] / g:10.2f} {r['pred_peak'] / g:8.2f} {r['server_key_bytes'] / g:8.2f} "
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
             print(f"{name} ...", file=sys.stderr, flush=True)
             rows.append(row(name, args.target, args.extra_flags, Path(tmp)))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    print(f"target {args.target}; every step a fresh process (peak RSS and CPU from wait4)")
+    print(f"target {args.target} (set: the one the program was compiled for); every step a fresh process (peak RSS "
+          f"and CPU from wait4)")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

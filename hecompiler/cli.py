@@ -162,7 +162,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="seal", metavar="seal|lattigo[:SET]",
                    help="where the program will run: seal (client-aided refresh; default) or lattigo (bootstrapping, "
                         "non-interactive: the server runs the whole network alone). Lattigo sets: n16-sparse "
-                        "(default, 128-bit), n15-dense (128-bit), toy-n12 and toy-n10 (INSECURE, tests)")
+                        "and n16-sparse-stc4 (128-bit; lattigo alone plans for both and keeps the faster plan "
+                        "within the budgets), n15-dense (128-bit), toy-n12 and toy-n10 (INSECURE, tests)")
     g.add_argument("--refresh", default="client", metavar="client|bootstrap[:SECONDS]",
                    help="what a refresh is on the target: 'client' (client-aided re-encryption, what the SEAL "
                         "backend runs; default) or 'bootstrap' (plan for a bootstrapping backend: the chain keeps "

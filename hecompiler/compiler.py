@@ -115,13 +115,15 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     approx = approximation_report(model, graph, pipeline, pm.ctx.options, opts)
     if opts.sample is None and opts.calibration is not None:  # check precision on real data
         opts = replace(opts, sample=as_batch(opts.calibration, graph.inputs[0].type.shape)[:1])
-    best, cands = plan(graph, opts.plan, cost, progress=progress, target=target)
+    best, cands, costs = plan_targets(graph, opts.plan, target, cost, progress)
     probes = _probes(graph, opts)
     fidelity = None
     tried = []  # (error, candidate, fidelity) of the plans rejected for precision
     # precision: the fastest plan whose estimated error under encryption (simulator with the CKKS
     # noise model) stays within tolerance; each rejected plan says why in the report
     for attempt, cand in enumerate(ranked(cands)):
+        target = cand.target or target
+        cost = costs.get(target.name, cost)
         realize(graph, cand, opts.plan)
         fit_refresh_ranges(graph, cand, opts.plan, target, probes)
         prog = cand.prog
@@ -148,6 +150,8 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
         if tried:  # every plan missed the tolerance: keep the most precise one, and say so
             _, best, fidelity = min(tried, key=lambda t: t[0])
             best.reason = ""
+            target = best.target or target
+            cost = costs.get(target.name, cost)
             realize(graph, best, opts.plan)
             fit_refresh_ranges(graph, best, opts.plan, target, probes)
             fidelity = dict(fidelity, note=f"no plan met the tolerance {opts.tolerance:g}: kept the most precise")
@@ -183,6 +187,41 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
     if "input_limits" in report:
         metadata["input_limits"] = report["input_limits"]
     return CompileResult(graph, prog, best, cands, pipeline, fidelity, metadata, metadata["report_text"], seconds)
+
+
+def plan_targets(graph: Graph, popts, target: Target, cost: CostModel, progress=None):
+    """:func:`~hecompiler.planner.plan` for ``target`` and for each of its
+    :attr:`~hecompiler.target.Target.alternatives` (each with its own cost table): every
+    candidate of every target (those of a choice among several carry their target and show its
+    set in their label), the fastest plan within the budgets, and the cost model of each target
+    by name."""
+    if not target.alternatives:
+        best, cands = plan(graph, popts, cost, progress=progress, target=target)
+        return best, cands, {target.name: cost}
+    from .target import get_target
+
+    cands, costs, found, refused = [], {}, [], []
+    for t in (target, *(get_target(a) for a in target.alternatives)):
+        c = cost if t is target else t.cost_model()
+        costs[t.name] = c
+        try:
+            b, cs = plan(graph, popts, c, progress=progress, target=t)
+        except HecError as e:
+            if not str(e).startswith("no parameter set fits"):
+                raise
+            refused.append(f"{t.name}: {e}")
+            continue
+        for cd in cs:
+            cd.target = t
+        cands += cs
+        found.append(b)
+    if not found:
+        raise HecError("; ".join(refused))
+    best = min(found, key=lambda c: (c.cost.seconds, c.cost.memory_bytes))
+    for b in found:
+        if b is not best:  # only the chosen plan keeps its program in memory
+            b.prog = b.lowering = None
+    return best, cands, costs
 
 
 def check_fidelity(original: Graph, graph: Graph, prog: HEProgram, sample, seed: int, model,
@@ -416,6 +455,8 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                               "unplanned": low.stats.unplanned_refreshes},
         "shared_alignments": low.stats.shared_alignments,
         "target": target.name,
+        # the targets the planner chose among (--target lattigo names no set), each with its own table
+        "target_choices": list(dict.fromkeys(cd.target.name for cd in cands if cd.target is not None)) or None,
         "layout": best.layout,
         "bootstraps": c.refreshes if target.backend != "seal" else 0,
         "refresh_scaling": ([round(float(b), 6) for b in getattr(best, "refresh_bounds", ())]
@@ -517,6 +558,9 @@ def format_report(r: dict[str, Any]) -> str:
     word = "bootstraps" if boots else "refreshes"
     lines.append(f"target: {target}" + (" (non-interactive: the server runs the whole network alone; the key holder "
                                          "only encrypts the input and decrypts the output)" if boots else ""))
+    if r.get("target_choices"):
+        lines.append(f"  chosen among {', '.join(r['target_choices'])}: the model planned for each, with its own "
+                     f"measured cost table (the candidates' set=); --target {target} fixes it")
     if r.get("layout"):
         lines.append(f"layout strategy: {r['layout']} (hecompiler/layout_strategy.py; --layout to fix it)")
     lines.append(f"candidates (predicted {target.split(':')[0]} latency with the cost table below):")

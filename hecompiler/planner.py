@@ -89,13 +89,16 @@ class Candidate:
     lowering_options: LoweringOptions | None = None
     #: its layout strategy (hecompiler.layout_strategy)
     layout: str = "multiplexed"
+    #: the target it was planned for, when the compiler chose among several (its set is in the label)
+    target: Target | None = None
 
     @property
     def label(self) -> str:
         p = self.params
         sparse = f" slots=2^{p.log_slots}" if p.log_slots is not None else ""
         lay = f" layout={self.layout}" if self.layout != "multiplexed" else ""
-        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}{sparse}{lay}"
+        where = f" set={self.target.name.partition(':')[2] or self.target.name}" if self.target is not None else ""
+        return f"N={p.poly_degree} L={p.top_level} scale=2^{p.scale_bits}{sparse}{lay}{where}"
 
 
 def make_primes(n: int, bits: tuple[int, ...]) -> tuple[int, ...]:

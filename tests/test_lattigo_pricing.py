@@ -58,3 +58,29 @@ def test_a_lattigo_program_is_priced_with_the_overlap_and_the_garbage(toy):
     assert r["predicted_garbage_bytes"] == c.garbage_bytes
     if hidden:
         assert "hidden behind the evaluation" in res.report_text and "on one core" not in res.report_text
+
+
+def test_target_lattigo_chooses_among_its_sets_by_the_prediction():
+    """--target lattigo names no set: the model is planned for each 128-bit set with its own
+    measured table (compile only, no keys) and the fastest plan within the budget wins; its set's
+    literal is what the program records.  A named set is planned alone."""
+    model = str(ROOT / "models" / "tiny_resnet_poly.onnx")
+    popts = PlanOptions(max_memory_bytes=16 * 2**30)
+    t = get_target("lattigo")
+    assert t.name == "lattigo:n16-sparse" and t.alternatives == ("lattigo:n16-sparse-stc4",)
+    res = hc.compile_model(model, hc.CompileOptions(target=t, plan=popts, check=False))
+    r = res.metadata["report"]
+    assert r["target_choices"] == ["lattigo:n16-sparse", "lattigo:n16-sparse-stc4"]
+    ok = [cd for cd in r["candidates"] if not cd["rejected"]]
+    assert {cd["params"].rsplit("set=", 1)[1] for cd in ok} == {"n16-sparse", "n16-sparse-stc4"}
+    fastest = min(ok, key=lambda cd: cd["predicted_seconds"])
+    chosen = fastest["params"].rsplit("set=", 1)[1]
+    assert r["target"] == f"lattigo:{chosen}" and res.metadata["target"]["name"] == f"lattigo:{chosen}"
+    assert r["predicted_seconds"] == pytest.approx(fastest["predicted_seconds"], abs=1e-3)
+    lit = res.metadata["target"]["lattigo"]
+    assert lit["name"] == chosen and len(res.prog.primes) - 1 <= get_target(f"lattigo:{chosen}").lattigo["max_levels"]
+    assert ("stc_log_scales" in lit["bootstrap"]) == (chosen == "n16-sparse-stc4")
+    assert "chosen among lattigo:n16-sparse, lattigo:n16-sparse-stc4" in res.report_text
+    one = hc.compile_model(model, hc.CompileOptions(target="lattigo:n16-sparse-stc4", plan=popts, check=False))
+    assert one.metadata["report"]["target_choices"] is None and "set=" not in one.report_text
+    assert one.metadata["target"]["name"] == "lattigo:n16-sparse-stc4" and one.prog.params.top_level <= 8
