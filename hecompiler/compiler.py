@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .costmodel import CostModel
-from .errors import HecError, LoweringInvariantError
+from .errors import HecError, LoweringInvariantError, NoPlanError
 from .lower import lower
 from .target import Target, get_target
 from .frontend import load_onnx
@@ -206,9 +206,7 @@ def plan_targets(graph: Graph, popts, target: Target, cost: CostModel, progress=
         costs[t.name] = c
         try:
             b, cs = plan(graph, popts, c, progress=progress, target=t)
-        except HecError as e:
-            if not str(e).startswith("no parameter set fits"):
-                raise
+        except NoPlanError as e:
             refused.append(f"{t.name}: {e}")
             continue
         for cd in cs:
@@ -216,7 +214,7 @@ def plan_targets(graph: Graph, popts, target: Target, cost: CostModel, progress=
         cands += cs
         found.append(b)
     if not found:
-        raise HecError("; ".join(refused))
+        raise NoPlanError("; ".join(refused))
     best = min(found, key=lambda c: (c.cost.seconds, c.cost.memory_bytes))
     for b in found:
         if b is not best:  # only the chosen plan keeps its program in memory

@@ -53,3 +53,7 @@ class LoweringInvariantError(LoweringError):
 
 class CompileBudgetError(HecError):
     """Compiling would exceed its time budget (``--max-compile-seconds``)."""
+
+
+class NoPlanError(HecError):
+    """No candidate parameter set of a target fits the budgets (memory, time, refreshes)."""

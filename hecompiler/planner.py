@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from .costmodel import CostModel, ProgramCost, RefreshCost, program_cost
 from .estimate import lower_bounds
-from .errors import CompileBudgetError, HecError, LoweringError, OutOfLevelsError
+from .errors import CompileBudgetError, HecError, LoweringError, NoPlanError, OutOfLevelsError
 from .heprog import HEProgram, Params
 from .ir import Graph
 from .layout_strategy import STRATEGIES
@@ -201,7 +201,7 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                     queue.append(replace(p0, coeff_bits=bits, security=opts.security))
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
-        raise HecError(f"no parameter set fits: {table}")
+        raise NoPlanError(f"no parameter set fits: {table}")
     if opts.lowering.layout is None:
         best = _search_layouts(graph, best, cands, opts, cost, lowering, final_opts, progress)
     return best, cands

@@ -84,3 +84,15 @@ def test_target_lattigo_chooses_among_its_sets_by_the_prediction():
     one = hc.compile_model(model, hc.CompileOptions(target="lattigo:n16-sparse-stc4", plan=popts, check=False))
     assert one.metadata["report"]["target_choices"] is None and "set=" not in one.report_text
     assert one.metadata["target"]["name"] == "lattigo:n16-sparse-stc4" and one.prog.params.top_level <= 8
+
+
+def test_target_lattigo_that_fits_no_set_names_each_set_and_why():
+    from hecompiler.errors import NoPlanError
+
+    with pytest.raises(NoPlanError) as e:
+        hc.compile_model(str(ROOT / "models" / "tiny_resnet_poly.onnx"),
+                         hc.CompileOptions(target=get_target("lattigo"), plan=PlanOptions(max_memory_bytes=2**30),
+                                           check=False))
+    msg = str(e.value)
+    assert "lattigo:n16-sparse: no parameter set fits" in msg and "lattigo:n16-sparse-stc4: no parameter set fits" in msg
+    assert "> budget" in msg
