@@ -525,7 +525,9 @@ class ProgramCost:
     key_bytes: int
     peak_live_ciphertexts: int
     peak_ciphertext_bytes: int
-    plaintext_bytes: int  # one linear op's diagonals (float64) plus one encoded plaintext
+    #: one linear op's diagonals (float64) plus one encoded plaintext and, where the executor encodes
+    #: ahead (Lattigo), the encoded plaintexts its prefetcher holds (hecompiler.prefetch.prefetch_window)
+    plaintext_bytes: int
     memory_bytes: int  # predicted peak: keys + ciphertexts + plaintexts + baseline
     refreshes: int
     network_seconds: float = 0.0  # part of ``seconds``: client-aided refresh transfers and round trips
@@ -690,13 +692,20 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     for q in live.values():
         by_size[q] = by_size.get(q, 0) + 1
     size_peak = dict(by_size)
+    from .prefetch import prefetch_window
+
     diag_max = 0
+    ahead = 0  # encoded plaintexts held ahead of a linear op's evaluation (hecompiler.prefetch)
+    encode_ahead = cores > 0  # the executor encodes ahead where the backend's encoder runs off its thread
     for k, ins in enumerate(prog.instrs):
         extra = 0
         if ins.op == "linear":
             lin = prog.linears[ins.plain.args[0]]
             extra = linear_temporaries(lin)
             diag_max = max(diag_max, lin.counts.get("block_diagonals", lin.counts.get("mul_plain", 0)))
+            if encode_ahead:
+                one = pt_bytes(n, ins.level + 2)  # the products are taken at the input's level
+                ahead = max(ahead, min(prefetch_window(one), lin.counts.get("mul_plain", 0)) * one)
         for o in ins.results:
             live[o] = ins.level + 1
             cur += ct_bytes(n, ins.level + 1)
@@ -715,7 +724,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     # plaintext working set: the largest block row of diagonals (float64) plus one encoded plaintext
     from .linear import DIAG_TEMP_BYTES
 
-    pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0)
+    pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0) + ahead
     n_keys = len(prog.galois_steps)
     sparse = {"slots": p.slots} if p.log_slots is not None else {}  # a sparse packing's own bootstrap
     gk_bytes = model.galois_key_bytes(prog)

@@ -35,16 +35,12 @@ from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
-from .prefetch import Prefetcher, plaintext_order
+from .prefetch import Prefetcher, plaintext_order, prefetch_window
 from .runtime import LinearPlans, run_linear
 
 
 #: an all-zero plaintext, remembered as such (the product is an encryption of zero)
 _ZERO = object()
-
-#: encoded plaintexts a linear op's prefetch may hold ahead of its evaluation (hecompiler.prefetch)
-PREFETCH_BYTES = 256 * 2**20
-
 
 class ExecutionError(HecError):
     """A program could not be executed: a bad state, a refused ciphertext, or a backend result
@@ -414,7 +410,7 @@ class Executor:
         def nbytes(level: int) -> int:
             return N * (level + 1) * 8
 
-        window = max(2, min(256, PREFETCH_BYTES // nbytes(ins.level + 1)))
+        window = prefetch_window(nbytes(ins.level + 1))
         return Prefetcher(plaintext_order(self.prog, ins, plan), self.pf.vector, self.prim.encode,
                           self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool, window,
                           self.pf.share_key)

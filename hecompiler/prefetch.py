@@ -32,6 +32,17 @@ from .linear import BsgsPlan
 from .runtime import run_linear
 
 
+#: encoded plaintexts a linear op's prefetcher may hold ahead of its evaluation, in bytes
+PREFETCH_BYTES = 256 * 2**20
+
+
+def prefetch_window(plaintext_bytes: int) -> int:
+    """How many encoded plaintexts of ``plaintext_bytes`` each a prefetcher holds ahead: what
+    :data:`PREFETCH_BYTES` holds, at least 2 and at most 256 (the executor and the cost model
+    both ask here)."""
+    return max(2, min(256, PREFETCH_BYTES // max(1, int(plaintext_bytes))))
+
+
 class _Slot:
     """A placeholder ciphertext of the replay."""
 

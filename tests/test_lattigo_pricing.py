@@ -96,3 +96,28 @@ def test_target_lattigo_that_fits_no_set_names_each_set_and_why():
     msg = str(e.value)
     assert "lattigo:n16-sparse: no parameter set fits" in msg and "lattigo:n16-sparse-stc4: no parameter set fits" in msg
     assert "> budget" in msg
+
+
+def test_the_plaintexts_encoded_ahead_are_in_the_predicted_peak(toy):
+    """The executor holds up to prefetch_window plaintexts ahead of each linear op (Lattigo encodes
+    on the other cores): the predicted peak counts the largest such window, which the executor and
+    the cost model both take from hecompiler.prefetch."""
+    from hecompiler.costmodel import pt_bytes
+    from hecompiler.prefetch import PREFETCH_BYTES, prefetch_window
+
+    res, cost = toy
+    prog = res.prog
+
+    class InLine(type(cost)):  # the same table, encoding in the evaluation's thread
+        encode_cores = 0
+
+    inline = InLine(cost.table, refresh=cost.refresh)
+    assert cost.encode_cores > 0
+    n = prog.params.poly_degree
+    want = max(min(prefetch_window(pt_bytes(n, ins.level + 2)), prog.linears[ins.plain.args[0]].counts["mul_plain"])
+               * pt_bytes(n, ins.level + 2) for ins in prog.instrs if ins.op == "linear")
+    a, b = program_cost(prog, cost), program_cost(prog, inline)
+    assert 0 < want <= max(PREFETCH_BYTES, 2 * pt_bytes(n, len(prog.primes)))
+    assert a.plaintext_bytes - b.plaintext_bytes == want
+    assert a.memory_bytes - b.memory_bytes >= want
+    assert prefetch_window(1) == 256 and prefetch_window(PREFETCH_BYTES) == 2
