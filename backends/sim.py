@@ -99,8 +99,7 @@ class SimPrimitives:
         #: a bootstrapping target accepts refresh inputs with |v| <= this (None: no limit)
         self.boot_max = bootstrap_max_abs
         self.refresh_peaks: dict[int, float] = {}  # refresh instruction -> largest |input slot|
-        self._pending_peaks: list[float] = []
-        self._pending_rows: list = []  # per batch row, in a batch run
+        self._pending_peaks: list = []  # per refreshed ciphertext its largest |input slot| (per row in a batch run)
         self.S = prog.params.slots
         self.primes = prog.primes
         self.top = prog.params.top_level
@@ -207,17 +206,15 @@ class SimPrimitives:
         return SimCt(np.zeros(self.S), level, scale)
 
     def refresh(self, cts: list[SimCt]) -> list[SimCt]:
-        rows = [np.abs(c.vec).max(axis=-1) if c.vec.size else 0.0 for c in cts]
-        self._pending_peaks = [float(np.max(r)) for r in rows]
-        self._pending_rows = rows
+        self._pending_peaks = [np.abs(c.vec).max(axis=-1) if c.vec.size else 0.0 for c in cts]
         return [SimCt(self._noisy(c.vec, "refresh" if self.noise and "refresh" in self.noise else "fresh",
                                   self.delta), self.top, self.delta) for c in cts]
 
     # ---------------------------------------------------------------- the modulus check
     def observe(self, k: int, ins, results, stats: ExecStats) -> None:
         if ins.op == "refresh" and self._pending_peaks:
-            inp = self._pending_peaks.pop(0)
-            inp_rows = self._pending_rows.pop(0)
+            inp_rows = self._pending_peaks.pop(0)
+            inp = float(np.max(inp_rows))
             self.refresh_peaks[k] = inp
             if self.boot_max is not None:
                 use = inp / self.boot_max if np.isfinite(inp) else np.inf
@@ -231,18 +228,19 @@ class SimPrimitives:
                         f"{where(k, ins)}: a value of magnitude {inp:.4g} enters a bootstrap that accepts "
                         f"|v| <= {self.boot_max:g}: encrypted, the output would be garbage (is the input much "
                         f"larger than the program was planned for?)")
-        rows = [np.abs(r.vec).max(axis=-1) for r in results if r.vec.size]
-        peak = float(max((np.max(r) for r in rows), default=0.0))
+        rows = [np.abs(r.vec).max(axis=-1) for r in results if r.vec.size]  # per batch row in a batch run
+        if not rows:
+            return
+        row_peak = functools.reduce(np.maximum, rows)
+        peak = float(np.max(row_peak))
         if peak == 0.0:
             return
-        if any(np.ndim(r) for r in rows):  # a batch run: each row's use too
-            row_peak = functools.reduce(np.maximum, rows)
-            with np.errstate(divide="ignore"):
-                row_use = np.where(np.isfinite(row_peak), 2.0 ** (np.log2(row_peak) + np.log2(ins.scale)
-                                                                   - self._half_q_bits[ins.level]), np.inf)
+        with np.errstate(divide="ignore"):  # inf or NaN: overflowed float64 long before
+            row_use = np.where(np.isfinite(row_peak), 2.0 ** (np.log2(row_peak) + np.log2(ins.scale)
+                                                               - self._half_q_bits[ins.level]), np.inf)
+        use = float(np.max(row_use))
+        if np.ndim(row_use):
             stats.modulus_use_rows = _row_max(stats.modulus_use_rows, row_use)
-        use = (2.0 ** (np.log2(peak) + np.log2(ins.scale) - self._half_q_bits[ins.level])
-               if np.isfinite(peak) else np.inf)  # inf or NaN: overflowed float64 long before
         if use > stats.modulus_use:
             stats.modulus_use = float(use)
             stats.modulus_use_at = where(k, ins)

@@ -198,8 +198,6 @@ def plan_targets(graph: Graph, popts, target: Target, cost: CostModel, progress=
     if not target.alternatives:
         best, cands = plan(graph, popts, cost, progress=progress, target=target)
         return best, cands, {target.name: cost}
-    from .target import get_target
-
     cands, costs, found, refused = [], {}, [], []
     for t in (target, *(get_target(a) for a in target.alternatives)):
         c = cost if t is target else t.cost_model()
