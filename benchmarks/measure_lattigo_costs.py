@@ -15,7 +15,11 @@ executor uses), so times include the ctypes boundary (measured separately as
 ``call_overhead_s``).  Go uses GOMAXPROCS = all cores; single ops are single-threaded.
 
 Key generation runs in a child process (``--keygen-child``) so its peak RSS is its
-own; the parent then loads the server keys (peak RSS reported too).
+own; a second child (``--baseline-child``) loads the server keys as ``hecompile eval`` does
+and gives the server's memory besides its keys (``memory.baseline_rss_bytes``, what the cost
+model adds to keys, bootstrapper, ciphertexts and plaintexts); the parent then loads the
+server keys (peak RSS reported too).  ``--add-to TABLE --baseline`` measures only that
+baseline and writes it into an existing table.
 
 Output JSON (``schema`` = "hecompiler.cost_lattigo/1"), shaped like
 ``hecompiler.cost_seal/1`` so hecompiler/costmodel.py can read either: a list of
@@ -148,6 +152,51 @@ def run_keygen(literal: dict[str, Any], keys: pathlib.Path, log: Callable[[str],
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     log(f"  keygen {rep['wall_s']:.1f}s wall, {rep['cpu_s']:.1f}s CPU, peak RSS "
         f"{rep['peak_rss_bytes'] / 2**20:.0f} MiB (child process, {time.perf_counter() - t0:.1f}s incl. start)")
+    return rep
+
+
+def baseline_child(args: argparse.Namespace) -> int:
+    """Load the server keys of ``--keys`` the way ``hecompile eval`` does (its modules imported,
+    Go at the server's GC percent) and print a JSON report: the resident set after the imports,
+    after loading, and after a collection (what stays: the keys, Go's and Python's runtimes, the
+    evaluator's buffers)."""
+    import hecompiler.backends.protocol  # noqa: F401  (what the eval command imports)
+    import hecompiler.cli  # noqa: F401
+    import hecompiler.executor  # noqa: F401
+    import hecompiler.hecfile  # noqa: F401
+    from hecompiler.target import LATTIGO_SERVER_GC_PERCENT
+
+    L.set_gc_percent(LATTIGO_SERVER_GC_PERCENT)
+    params = L.LattigoParams(json.loads(args.literal))
+    rss_imports = rss_bytes()
+    server = pathlib.Path(args.keys) / "server"
+    ev = L.Evaluator(params, server)
+    rss_loaded = rss_bytes()
+    L.free_os_memory()
+    rss_live = rss_bytes()
+    key_bytes = sum(f.stat().st_size for f in server.iterdir())
+    ev.close()
+    print(json.dumps({"rss_imports": rss_imports, "rss_loaded": rss_loaded, "rss_live": rss_live,
+                      "server_key_bytes": key_bytes, "gc_percent": LATTIGO_SERVER_GC_PERCENT}))
+    return 0
+
+
+def measure_baseline(literal: dict[str, Any], keys: pathlib.Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The server process's memory besides its keys (``baseline_rss_bytes``: resident after loading
+    the keys and a collection, minus the key files' bytes), measured in a child process that does
+    what ``hecompile eval`` does before evaluating.  The cost model adds it to keys, bootstrapper,
+    ciphertexts, plaintexts and Go's garbage (hecompiler.costmodel.program_cost)."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--baseline-child", "--keys", str(keys),
+           "--literal", json.dumps(literal)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"baseline child failed:\n{proc.stderr.strip()}")
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    rep["baseline_rss_bytes"] = max(0, rep["rss_live"] - rep["server_key_bytes"])
+    log(f"  server baseline: {rep['rss_imports'] / 2**20:.0f} MiB after imports, "
+        f"{rep['rss_loaded'] / 2**20:.0f} MiB with the keys loaded, {rep['rss_live'] / 2**20:.0f} MiB after a "
+        f"collection, {rep['server_key_bytes'] / 2**20:.0f} MiB of key files: "
+        f"{rep['baseline_rss_bytes'] / 2**20:.0f} MiB besides the keys")
     return rep
 
 
@@ -334,6 +383,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     log(p.describe())
     keys = work / "keys_full"
     kg = run_keygen(p.literal, keys, log)
+    baseline = measure_baseline(p.literal, keys, log)
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     cl, ev = L.Client(p, keys / "client"), L.Evaluator(p, keys / "server")
@@ -407,7 +457,8 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
             "q_bits": [round(math.log2(q), 2) for q in b.q], "p_bits": [round(math.log2(q), 2) for q in b.p]},
         "keygen": {"seconds": kg["seconds"], "wall_s": kg["wall_s"], "cpu_s": kg["cpu_s"],
                    "peak_rss_bytes": kg["peak_rss_bytes"], "galois_steps": kg["steps"]},
-        "server_load_s": load_s, "server_peak_rss_bytes": server_peak, "bootstrapper": bootstrapper,
+        "server_load_s": load_s, "server_peak_rss_bytes": server_peak, "server_baseline": baseline,
+        "bootstrapper": bootstrapper,
         "key_bytes": key_bytes,
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
         "levels": rows, "by_primes": by_primes, "fits": fits,
@@ -538,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-to", type=pathlib.Path, default=None, metavar="TABLE",
                     help="measure only the --btp-log-slots bootstraps (each with its own keys) and add them to the "
                          "bootstrap list of this existing table of the same set (replacing entries of those slot counts)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="with --add-to: measure only the server's memory besides its keys (keygen, then a "
+                         "child process loads the keys as `hecompile eval` does) and write it to the table")
     ap.add_argument("--keygen-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keys", help=argparse.SUPPRESS)
     ap.add_argument("--literal", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -550,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         L.set_gc_percent(args.gogc)
     if args.keygen_child:
         return keygen_child(args)
+    if args.baseline_child:
+        return baseline_child(args)
     if args.set not in sets:
         ap.error(f"--set {args.set!r}: unknown (sets: {', '.join(sets)})")
     if args.reps < 1:
@@ -568,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
+    if args.baseline and args.add_to is None:
+        ap.error("--baseline goes with --add-to TABLE (a full measurement includes it)")
     if args.add_to is not None:
         return add_bootstraps(args, extra, log, t_start)
     with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
@@ -586,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         "level_convention": "lattigo: level l keeps primes q_0..q_l (primes = level + 1)",
         "ops": OPS,
         "rings": [ring],
+        "memory": {"baseline_rss_bytes": ring["server_baseline"]["baseline_rss_bytes"]},
     }
     print_tables(ring)
     write_json_atomic(out, result)
@@ -594,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: float) -> int:
-    """``--add-to TABLE``: the sparse bootstraps measured and merged into an existing table."""
+    """``--add-to TABLE``: the sparse bootstraps (or, with ``--baseline``, the server's memory
+    besides its keys) measured and merged into an existing table."""
     try:
         data = json.loads(args.add_to.read_text())
         ring = data["rings"][0]
@@ -602,6 +663,19 @@ def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: 
         raise SystemExit(f"--add-to {args.add_to}: not a cost table ({type(e).__name__}: {e})")
     if ring.get("set") != args.set:
         raise SystemExit(f"--add-to {args.add_to}: a table of set {ring.get('set')!r}, not {args.set!r}")
+    if args.baseline:
+        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
+            work = args.workdir or pathlib.Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            lit = literal_for(args.set)
+            if ring.get("log_slots") is not None:
+                lit["log_slots"] = int(ring["log_slots"])
+            run_keygen(lit, work / "keys_full", log)
+            ring["server_baseline"] = measure_baseline(lit, work / "keys_full", log)
+        data["memory"] = {"baseline_rss_bytes": ring["server_baseline"]["baseline_rss_bytes"]}
+        _record_addition(args, data, {"memory": ["baseline_rss_bytes"]}, t_start)
+        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
+        return 0
     full = ring.get("log_slots")
     extra = [ls for ls in extra if ls != full]
     if not extra:
@@ -613,18 +687,23 @@ def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: 
         new = [measure_sparse_bootstrap(args.set, ls, work, rng, log) for ls in extra]
     keep = [b for b in ring.get("bootstrap", []) if b.get("log_slots") not in set(extra)]
     ring["bootstrap"] = sorted(keep + new, key=lambda b: -b["log_slots"])
-    cmd = " ".join(["benchmarks/measure_lattigo_costs.py"] + sys.argv[1:])
-    data.setdefault("added", []).append({
-        "command": cmd, "log_slots": extra, "wall_s": round(time.perf_counter() - t_start, 1),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "machine": machine_info()})
-    write_json_atomic(args.add_to, data)
+    _record_addition(args, data, {"log_slots": extra}, t_start)
     for b in new:
         log(f"bootstrap 2^{b['log_slots']} slots: {b['wall_s']:.2f}s wall; keys "
             f"{b['key_bytes'].get('bootstrap.key', 0) / 2**30:.2f} GiB; bootstrapper "
             f"{b['bootstrapper']['heap_bytes'] / 2**30:.2f} GiB")
     print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+def _record_addition(args, data: dict[str, Any], what: dict[str, Any], t_start: float) -> None:
+    """Note what ``--add-to`` measured (command, when, where) in the table, and write it."""
+    cmd = " ".join(["benchmarks/measure_lattigo_costs.py"] + sys.argv[1:])
+    data.setdefault("added", []).append({
+        "command": cmd, **what, "wall_s": round(time.perf_counter() - t_start, 1),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "machine": machine_info()})
+    write_json_atomic(args.add_to, data)
 
 
 if __name__ == "__main__":
