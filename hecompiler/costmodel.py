@@ -219,7 +219,8 @@ class CostModel:
 
     @property
     def baseline_bytes(self) -> int:
-        """Resident memory of a process with the compiler and SEAL loaded (measured)."""
+        """Resident memory of a server process besides what the model counts (measured: the
+        compiler and SEAL loaded; Lattigo's server with its keys loaded, less the keys)."""
         return int((self.table.get("memory") or {}).get("baseline_rss_bytes") or BASELINE_BYTES)
 
     def describe_source(self) -> str:
@@ -554,7 +555,8 @@ class ProgramCost:
 
 
 #: resident memory of the Python process with numpy, onnx, SEAL loaded, when the cost table has
-#: no measurement of it (``memory.baseline_rss_bytes``, written by ``hecompile calibrate``)
+#: no measurement of it (``memory.baseline_rss_bytes``: written by ``hecompile calibrate`` for SEAL,
+#: by benchmarks/measure_lattigo_costs.py for a Lattigo set: the server besides its keys)
 BASELINE_BYTES = 400 * 2**20
 
 
@@ -637,6 +639,43 @@ def encode_hidden(by: dict[str, float], enc: float, cores: int) -> float:
     return ev + enc - max(ev, (ev + enc) / cores)
 
 
+def encode_pipeline(prog, model: "CostModel", costs: list | None = None) -> list[float]:
+    """Seconds of each instruction's plaintext encoding hidden behind the evaluation (0 but for
+    linear ops), as the executor's prefetcher (:mod:`hecompiler.prefetch`) runs: the other cores
+    encode the linear ops' plaintexts in program order, at most a window ahead
+    (:func:`~hecompiler.prefetch.prefetch_window`), while the evaluation thread runs every
+    instruction.  Before a linear op they have had the instructions since the last one (a
+    bootstrap, a polynomial) and what they had left over in it; during the op, its own
+    evaluation (:func:`encode_hidden`).  A client-aided refresh ends the run: the next starts
+    with nothing made ahead.  ``costs``: :func:`instr_cost` of every instruction, when known."""
+    from .prefetch import prefetch_window
+
+    out = [0.0] * len(prog.instrs)
+    cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
+    if not cores:
+        return out
+    client = getattr(getattr(model, "refresh", None), "kind", "client") != "bootstrap"
+    n = prog.params.poly_degree
+    ahead = 0.0  # seconds of encoding done for the linear ops to come
+    for k, ins in enumerate(prog.instrs):
+        by, e, _ = costs[k] if costs is not None else instr_cost(ins, prog, model)
+        ev = sum(by.values())
+        if ins.op == "refresh" and client:
+            ahead = 0.0
+        elif ins.op != "linear":
+            ahead += ev * (cores - 1)
+        elif e > 0:
+            n_enc = max(1, linear_encodings(prog.linears[ins.plain.args[0]].counts))
+            cap = e * min(1.0, prefetch_window(pt_bytes(n, ins.level + 2)) / n_enc)
+            pre = min(ahead, cap)
+            rest = e - pre
+            out[k] = pre + encode_hidden(by, rest, cores)
+            ahead = max(0.0, max(ev, (ev + rest) / cores) * (cores - 1) - rest)
+        else:
+            ahead += ev * (cores - 1)
+    return out
+
+
 def linear_temporaries(lin) -> int:
     """Ciphertexts a ``linear`` macro holds besides its inputs and outputs: its baby-step
     rotations, one giant-step accumulator and one running sum (see runtime.run_linear)."""
@@ -660,16 +699,15 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     n_pt = pt_all = 0
     op_tier = 0.0  # the plaintext cache's op-local tier: the distinct plaintexts of the largest op
     cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
-    hidden = 0.0
-    for ins in prog.instrs:
-        by, e, cnt = instr_cost(ins, prog, model)
+    costs = [instr_cost(ins, prog, model) for ins in prog.instrs]
+    hidden = sum(encode_pipeline(prog, model, costs))
+    for ins, (by, e, cnt) in zip(prog.instrs, costs):
         for k, v in by.items():
             by_op[k] = by_op.get(k, 0.0) + v
         for k, v in cnt.items():
             counts[k] = counts.get(k, 0) + v
         enc += e
         if ins.op == "linear":
-            hidden += encode_hidden(by, e, cores)
             c = prog.linears[ins.plain.args[0]].counts
             nb = pt_bytes(n, ins.level + 2)
             n_enc = linear_encodings(c)
@@ -695,17 +733,28 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     from .prefetch import prefetch_window
 
     diag_max = 0
-    ahead = 0  # encoded plaintexts held ahead of a linear op's evaluation (hecompiler.prefetch)
-    encode_ahead = cores > 0  # the executor encodes ahead where the backend's encoder runs off its thread
+    ahead = 0  # encoded plaintexts held ahead of the evaluation (hecompiler.prefetch)
+    # the executor encodes ahead where the backend's encoder runs off its thread: from each linear
+    # op on, up to a window of its plaintexts or what remains of the run's (to a client-aided refresh)
+    remaining: dict[int, int] = {}
+    if cores > 0:
+        left = 0
+        for k in range(len(prog.instrs) - 1, -1, -1):
+            ins = prog.instrs[k]
+            if ins.op == "refresh" and getattr(getattr(model, "refresh", None), "kind", "client") != "bootstrap":
+                left = 0
+            elif ins.op == "linear":
+                left += prog.linears[ins.plain.args[0]].counts.get("mul_plain", 0)
+                remaining[k] = left
     for k, ins in enumerate(prog.instrs):
         extra = 0
         if ins.op == "linear":
             lin = prog.linears[ins.plain.args[0]]
             extra = linear_temporaries(lin)
             diag_max = max(diag_max, lin.counts.get("block_diagonals", lin.counts.get("mul_plain", 0)))
-            if encode_ahead:
+            if k in remaining:
                 one = pt_bytes(n, ins.level + 2)  # the products are taken at the input's level
-                ahead = max(ahead, min(prefetch_window(one), lin.counts.get("mul_plain", 0)) * one)
+                ahead = max(ahead, min(prefetch_window(one), remaining[k]) * one)
         for o in ins.results:
             live[o] = ins.level + 1
             cur += ct_bytes(n, ins.level + 1)

@@ -30,12 +30,12 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel, encode_hidden, instr_cost, linear_temporaries, peak_rss_bytes
+from .costmodel import CostModel, encode_pipeline, instr_cost, linear_temporaries, peak_rss_bytes
 from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
-from .prefetch import Prefetcher, plaintext_order, prefetch_window
+from .prefetch import Prefetcher, stream_order
 from .runtime import LinearPlans, run_linear
 
 
@@ -357,6 +357,8 @@ class Executor:
         #: when the backend's encoder runs beside its evaluator
         self.encode_threads = int(getattr(prim, "encode_threads", 0) or 0)
         self._pool = None
+        #: predicted seconds of encoding hidden per instruction (costmodel.encode_pipeline), when predicting
+        self._hidden: list[float] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _plain(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
@@ -400,20 +402,29 @@ class Executor:
         stats.encode_seconds += time.perf_counter() - t
         return made.pt
 
-    def _prefetcher(self, ins: Instr, plan) -> Prefetcher:
+    def _stream(self, state: EvalState) -> Prefetcher | None:
+        """The plaintexts of the linear ops this run will reach, made ahead on the encoding
+        threads (None when the backend encodes on the evaluation thread): every op to the end, or
+        (client-aided refresh, where the run stops at a refresh) to the next refresh."""
+        if not self.encode_threads:
+            return None
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="hec-encode")
+        instrs = self.prog.instrs
+        stop = len(instrs)
+        if self.prim.refresh_kind == "client":
+            stop = next((k for k in range(state.pc, len(instrs)) if instrs[k].op == "refresh"), stop)
         N = self.prog.params.poly_degree
 
         def nbytes(level: int) -> int:
             return N * (level + 1) * 8
 
-        window = prefetch_window(nbytes(ins.level + 1))
-        return Prefetcher(plaintext_order(self.prog, ins, plan), self.pf.vector, self.prim.encode,
-                          self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool, window,
-                          self.pf.share_key)
+        plans: dict[int, Any] = {}
+        return Prefetcher(stream_order(self.prog, state.pc, stop, self.plans.plan, plans), self.pf.vector,
+                          self.prim.encode, self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool,
+                          self.pf.share_key, plans)
 
     def close(self) -> None:
         """Stop the encoding threads, if any."""
@@ -487,19 +498,21 @@ class Executor:
                 if release is not None and ct is not None:
                     release(ct)
 
-    def _predict(self, ins: Instr, stats: ExecStats) -> None:
+    def _predict(self, k: int, ins: Instr, stats: ExecStats) -> None:
         if self.cost is None:
             return
         by, enc, _ = instr_cost(ins, self.prog, self.cost)
         for op, t in by.items():
             stats.predicted_by_op[op] = stats.predicted_by_op.get(op, 0.0) + t
-        if ins.op == "linear":  # encoded ahead on other cores: what the evaluation waits for
-            enc -= encode_hidden(by, enc, getattr(self.cost, "encode_cores", 0))
+        if self._hidden is None:  # encoded ahead on other cores: what the evaluation waits for
+            self._hidden = encode_pipeline(self.prog, self.cost)
+        enc -= self._hidden[k]
         stats.predicted_encode_seconds += enc
         stats.predicted_per_node[ins.note] = stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc
 
     # ------------------------------------------------------------------ one instruction
-    def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: ExecStats) -> list[Any]:
+    def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: ExecStats,
+              pre: Prefetcher | None = None) -> list[Any]:
         args = [live[a] for a in ins.args]
         try:  # the plan must be what the op table gives for the operands actually held
             want = instr_meta(self.prog, ins, [self.prim.meta(a) for a in args])
@@ -516,16 +529,12 @@ class Executor:
             # the macro's baby-step rotations and accumulators are alive beside the program's values
             held = len(live) + linear_temporaries(lin) + self.prog.layouts[lin.out_layout].n_ct
             stats.peak_live_ciphertexts = max(stats.peak_live_ciphertexts, held)
-            plan = self.plans.plan(ins.plain.args[0])
+            # the plan the prefetcher replayed (made on its thread), else made here
+            lid = ins.plain.args[0]
+            plan = pre.plan(k, lambda: self.plans.plan(lid)) if pre is not None else self.plans.plan(lid)
             self.ptcache.begin_op(lin.counts.get("plaintexts", 0) < lin.counts.get("mul_plain", 0))
             try:
-                if not self.encode_threads:
-                    return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats))
-                pre = self._prefetcher(ins, plan)
-                try:
-                    return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
-                finally:
-                    pre.close()
+                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
             finally:
                 self.ptcache.end_op()
         if op == "rotate":
@@ -593,47 +602,56 @@ class Executor:
                 self._apply_response(state, response, request_id, progress)
             elif response is not None:
                 raise ExecutionError("got a refresh response but the evaluation is not waiting for one")
-            instrs = prog.instrs
-            while state.pc < len(instrs):
-                k = state.pc
-                ins = instrs[k]
-                if ins.op == "refresh":
-                    if self.prim.refresh_kind == "client":
-                        self._request_batch(state)
-                        return state
-                    self._refresh_inline(state, progress)
-                    continue
-                missing = [a for a in ins.args if a not in state.live]
-                if missing:
-                    raise ExecutionError(f"{where(k, ins)}: operand %{missing[0]} is not live (bad state)")
-                t = time.perf_counter()
-                try:
-                    rs = self._exec(k, ins, state.live, stats)
-                except ExecutionError:
-                    raise
-                except HecError as e:
-                    raise ExecutionError(f"{where(k, ins)}: {e}") from None
-                self._check(k, ins, rs)
-                for o, ct in zip(ins.results, rs):
-                    state.live[o] = ct
-                if self._observe is not None:
-                    self._observe(k, ins, rs, stats)
-                self._free(k, ins, state.live)
-                dt = time.perf_counter() - t
-                if ins.op == "linear":
-                    stats.add_linear(prog.linears[ins.plain.args[0]].counts, dt)
-                else:
-                    stats.add(ins.op, dt)
-                stats.per_node[ins.note] = stats.per_node.get(ins.note, 0.0) + dt
-                self._predict(ins, stats)
-                self._note_live(state)
-                state.pc = k + 1
-                if progress is not None:
-                    progress(work_units(prog, ins))
+            pre = self._stream(state)
+            try:
+                self._loop(state, pre, progress)
+            finally:
+                if pre is not None:
+                    pre.close()
             return state
         finally:
             stats.eval_seconds += time.perf_counter() - t_run
             stats.peak_rss_bytes = max(stats.peak_rss_bytes, peak_rss_bytes())
+
+    def _loop(self, state: EvalState, pre: Prefetcher | None, progress) -> None:
+        """Run instructions from ``state.pc`` to the end or to a client-aided refresh."""
+        prog, stats, instrs = self.prog, state.stats, self.prog.instrs
+        while state.pc < len(instrs):
+            k = state.pc
+            ins = instrs[k]
+            if ins.op == "refresh":
+                if self.prim.refresh_kind == "client":
+                    self._request_batch(state)
+                    return
+                self._refresh_inline(state, progress)
+                continue
+            missing = [a for a in ins.args if a not in state.live]
+            if missing:
+                raise ExecutionError(f"{where(k, ins)}: operand %{missing[0]} is not live (bad state)")
+            t = time.perf_counter()
+            try:
+                rs = self._exec(k, ins, state.live, stats, pre)
+            except ExecutionError:
+                raise
+            except HecError as e:
+                raise ExecutionError(f"{where(k, ins)}: {e}") from None
+            self._check(k, ins, rs)
+            for o, ct in zip(ins.results, rs):
+                state.live[o] = ct
+            if self._observe is not None:
+                self._observe(k, ins, rs, stats)
+            self._free(k, ins, state.live)
+            dt = time.perf_counter() - t
+            if ins.op == "linear":
+                stats.add_linear(prog.linears[ins.plain.args[0]].counts, dt)
+            else:
+                stats.add(ins.op, dt)
+            stats.per_node[ins.note] = stats.per_node.get(ins.note, 0.0) + dt
+            self._predict(k, ins, stats)
+            self._note_live(state)
+            state.pc = k + 1
+            if progress is not None:
+                progress(work_units(prog, ins))
 
     def _batch(self, state: EvalState) -> list[int]:
         """The refresh instructions from ``state.pc`` that can go together (none reads another's result)."""
@@ -677,7 +695,7 @@ class Executor:
             if self._observe is not None:
                 self._observe(k, ins, [ct], state.stats)
             self._free(k, ins, state.live)
-            self._predict(ins, state.stats)
+            self._predict(k, ins, state.stats)
             state.stats.per_node[ins.note] = state.stats.per_node.get(ins.note, 0.0) + dt / len(batch)
             if progress is not None:
                 progress(1)
@@ -722,7 +740,7 @@ class Executor:
                                      f"level {self.top}, scale {self.delta!r}")
             self._check(k, ins, [ct])
             state.live[ins.out] = ct
-            self._predict(ins, state.stats)
+            self._predict(k, ins, state.stats)
             if progress is not None:
                 progress(1)
         n = len(state.pending)

@@ -7,11 +7,14 @@ Measured against real runs by benchmarks/noninteractive.py (ResNet-20 at 128 bit
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import hecompiler as hc
-from hecompiler.costmodel import CostModel, encode_hidden, instr_cost, program_cost
+from hecompiler.costmodel import CostModel, encode_hidden, encode_pipeline, instr_cost, program_cost
 from hecompiler.planner import PlanOptions
+from hecompiler.prefetch import prefetch_window
 from hecompiler.target import LATTIGO_SERVER_GC_PERCENT, get_target
 
 from conftest import ROOT
@@ -36,17 +39,54 @@ def test_encoding_ahead_hides_behind_the_evaluation():
     assert CostModel().encode_cores == 0 and CostModel().gc_percent == 0
 
 
+def test_encoding_runs_ahead_across_instructions(toy):
+    """The prefetcher keeps encoding the next linear op's plaintexts while the evaluation runs
+    anything else: after a long instruction (a bootstrap) the op finds a window's worth made; a
+    client-aided refresh ends the run, and nothing is made ahead of it."""
+    res, cost = toy
+    prog = res.prog
+    cores = cost.encode_cores
+    if not cores:
+        pytest.skip("the measured machine had one core: nothing is encoded ahead")
+    costs = [instr_cost(ins, prog, cost) for ins in prog.instrs]
+    base = encode_pipeline(prog, cost, costs)
+    k = next(k for k, ins in enumerate(prog.instrs)
+             if ins.op == "linear" and k > 0 and prog.instrs[k - 1].op != "linear" and costs[k][1] > 0)
+    by, enc, _ = costs[k]
+    slow = list(costs)
+    slow[k - 1] = ({"refresh": 1000.0}, 0.0, {})
+    after = encode_pipeline(prog, cost, slow)
+    n = prog.params.poly_degree
+    lin = prog.linears[prog.instrs[k].plain.args[0]]
+    from hecompiler.costmodel import linear_encodings, pt_bytes
+
+    window = prefetch_window(pt_bytes(n, prog.instrs[k].level + 2))
+    pre = enc * min(1.0, window / max(1, linear_encodings(lin.counts)))
+    assert after[k] == pytest.approx(pre + encode_hidden(by, enc - pre, cores))
+    assert after[k] >= base[k] and after[k] > encode_hidden(by, enc, cores)
+    # the same long instruction as a client-aided refresh: the run stops there
+    client = type(cost)(cost.table, refresh=replace(cost.refresh, kind="client"))
+    slow[k - 1] = ({"refresh": 1000.0}, 0.0, {})
+    prog.instrs[k - 1], saved = replace(prog.instrs[k - 1], op="refresh"), prog.instrs[k - 1]
+    try:
+        assert encode_pipeline(prog, client, slow)[k] == pytest.approx(encode_hidden(by, enc, cores))
+    finally:
+        prog.instrs[k - 1] = saved
+
+
 def test_a_lattigo_program_is_priced_with_the_overlap_and_the_garbage(toy):
     res, cost = toy
     prog = res.prog
     cores = int(cost.table["machine"]["cores"])
     assert cost.encode_cores == (cores if cores > 1 else 0)
     c = program_cost(prog, cost)
-    hidden = 0.0
-    for ins in prog.instrs:
-        if ins.op == "linear":
-            by, enc, _ = instr_cost(ins, prog, cost)
-            hidden += encode_hidden(by, enc, cost.encode_cores)
+    per_instr = encode_pipeline(prog, cost)
+    hidden = sum(per_instr)
+    for ins, h in zip(prog.instrs, per_instr):
+        by, enc, _ = instr_cost(ins, prog, cost)
+        # at least what the op's own evaluation hides, at most all of its encoding
+        lo = encode_hidden(by, enc, cost.encode_cores) if ins.op == "linear" else 0.0
+        assert lo - 1e-12 <= h <= (enc if ins.op == "linear" else 0.0) + 1e-12
     assert c.overlapped_seconds == pytest.approx(hidden) and (hidden > 0) == (cost.encode_cores > 0)
     assert c.seconds == pytest.approx(sum(c.by_op.values()) + c.encode_seconds - hidden)
     # Go lets garbage reach the server's GC percent of what it holds
@@ -114,8 +154,12 @@ def test_the_plaintexts_encoded_ahead_are_in_the_predicted_peak(toy):
     inline = InLine(cost.table, refresh=cost.refresh)
     assert cost.encode_cores > 0
     n = prog.params.poly_degree
-    want = max(min(prefetch_window(pt_bytes(n, ins.level + 2)), prog.linears[ins.plain.args[0]].counts["mul_plain"])
-               * pt_bytes(n, ins.level + 2) for ins in prog.instrs if ins.op == "linear")
+    # the prefetcher walks every linear op's plaintexts to the end of the run (no client refresh
+    # here): from each op on, a window of them or what remains
+    lins = [ins for ins in prog.instrs if ins.op == "linear"]
+    remaining = [sum(prog.linears[i.plain.args[0]].counts["mul_plain"] for i in lins[j:]) for j in range(len(lins))]
+    want = max(min(prefetch_window(pt_bytes(n, ins.level + 2)), left) * pt_bytes(n, ins.level + 2)
+               for ins, left in zip(lins, remaining))
     a, b = program_cost(prog, cost), program_cost(prog, inline)
     assert 0 < want <= max(PREFETCH_BYTES, 2 * pt_bytes(n, len(prog.primes)))
     assert a.plaintext_bytes - b.plaintext_bytes == want
