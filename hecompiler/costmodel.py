@@ -192,6 +192,8 @@ class CostModel:
     #: the percent of its live heap a collected runtime lets garbage reach (Lattigo's server sets
     #: Go's GC percent: hecompiler.target.LATTIGO_SERVER_GC_PERCENT); 0 for SEAL (C++, no collector)
     gc_percent: int = 0
+    #: the garbage it actually holds, as a multiple of gc_percent (hecompiler.target.LATTIGO_GC_OVERSHOOT)
+    gc_overshoot: float = 1.0
 
     @property
     def encode_cores(self) -> int:
@@ -823,8 +825,10 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
 
         cached += int(min(default_op_cache_bytes(), op_tier))
     # a Go heap (Lattigo) holds the keys, the bootstrapper, the ciphertexts and the encoded plaintexts, and
-    # its collector lets garbage grow to gc_percent of that before it runs (measured: ResNet-20's server)
-    garbage = int((kb + boot_mem + peak_b + cached) * getattr(model, "gc_percent", 0) / 100)
+    # its collector lets garbage grow to gc_percent of that before it runs, and past it while it marks
+    # (gc_overshoot: fitted to ResNet-8's and ResNet-20's servers)
+    garbage = int((kb + boot_mem + peak_b + cached) * getattr(model, "gc_percent", 0) / 100
+                  * getattr(model, "gc_overshoot", 1.0))
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
                        peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,

@@ -15,7 +15,7 @@ import hecompiler as hc
 from hecompiler.costmodel import CostModel, encode_hidden, encode_pipeline, instr_cost, program_cost
 from hecompiler.planner import PlanOptions
 from hecompiler.prefetch import prefetch_window
-from hecompiler.target import LATTIGO_SERVER_GC_PERCENT, get_target
+from hecompiler.target import LATTIGO_GC_OVERSHOOT, LATTIGO_SERVER_GC_PERCENT, get_target
 
 from conftest import ROOT
 
@@ -92,6 +92,11 @@ def test_a_lattigo_program_is_priced_with_the_overlap_and_the_garbage(toy):
     # Go lets garbage reach the server's GC percent of what it holds
     assert cost.gc_percent == LATTIGO_SERVER_GC_PERCENT
     assert 0 < c.garbage_bytes < c.memory_bytes
+    # ... and past that while it marks: the fitted overshoot multiplies the pacer's goal
+    paced = type(cost)(cost.table, refresh=cost.refresh)
+    paced.gc_percent, paced.gc_overshoot = cost.gc_percent, 1.0
+    assert cost.gc_overshoot == LATTIGO_GC_OVERSHOOT > 1
+    assert c.garbage_bytes == pytest.approx(program_cost(prog, paced).garbage_bytes * LATTIGO_GC_OVERSHOOT, abs=2)
     r = res.metadata["report"]
     assert r["predicted_encode_hidden_seconds"] == pytest.approx(hidden, abs=1e-3)
     assert r["predicted_cpu_seconds"] == pytest.approx(r["predicted_seconds"] + hidden, abs=2e-3)
