@@ -228,6 +228,79 @@ def test_prefetched_plaintexts_give_the_same_run(tiny, cache_bytes):
         pre.close()
 
 
+@pytest.mark.parametrize("window", [1, 200_000, 1 << 30])
+def test_any_prefetch_window_gives_the_same_run(tiny, window, monkeypatch):
+    """One stream of plaintexts per run, held within a window of bytes (at least two plaintexts,
+    whatever their size; more than all of them): the same outputs and plaintext counts as encoding
+    in line.  The program's window is capped (PREFETCH_LIMIT) and $HECOMPILER_PREFETCH overrides it."""
+    from hecompiler.prefetch import PREFETCH_BYTES, PREFETCH_LIMIT
+
+    prog = tiny.prog
+    x = tiny.xs[0]
+    y0, s0 = _sim_run(_sim_executor(prog, 0), prog, x)
+    prim = _ThreadedSim(prog, 2)
+    ex = Executor(prog, prim, None, plaintext_cache_bytes=0, prefetch_bytes=window)
+    try:
+        assert ex.prefetch_bytes == min(window, PREFETCH_LIMIT)
+        y1, s1 = _sim_run(ex, prog, x)
+        np.testing.assert_array_equal(y0, y1)
+        assert (s1.plaintexts, s1.plaintexts_reused) == (s0.plaintexts, s0.plaintexts_reused)
+        assert any(n.startswith("hec-encode") for n in prim.encoded_on)
+    finally:
+        ex.close()
+    assert Executor(prog, prim, None, prefetch_bytes=None).prefetch_bytes == PREFETCH_BYTES
+    monkeypatch.setenv("HECOMPILER_PREFETCH", "2M")
+    assert Executor(prog, prim, None, prefetch_bytes=window).prefetch_bytes == 2 * 2**20
+
+
+def test_the_prefetcher_holds_at_most_its_window():
+    """A stream of plaintexts of mixed sizes: the producer stops when the next would pass the
+    window (but always holds two), and the evaluation takes them in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hecompiler.heprog import PlainRef
+    from hecompiler.prefetch import Prefetcher, room_for
+
+    assert room_for(0, 0, 10**12, 1) and room_for(5, 1, 10**12, 1) and not room_for(5, 2, 1, 5)
+    assert room_for(90, 2, 10, 100) and not room_for(91, 2, 10, 100)
+    refs = [(PlainRef("scalar", (float(i + 1),), 1.0), i % 3) for i in range(40)]
+    sizes = {0: 30, 1: 20, 2: 10}
+    seen = []
+    gate = threading.Event()
+
+    def encode_scalar(v, scale, level):
+        gate.wait(5)
+        return ("pt", v, level)
+
+    class NoCache:
+        def peek_ref(self, ref, level):
+            return None
+
+        def peek_content(self, key):
+            return None
+
+        @staticmethod
+        def content_key(vec, level, scale):
+            return (vec.tobytes(), level, scale)
+
+    with ThreadPoolExecutor(2) as pool:
+        pre = Prefetcher(iter(refs), lambda ref: np.full(4, ref.args[0]), None, encode_scalar, NoCache(), None,
+                         lambda level: sizes[level], pool, window_bytes=65)
+        try:
+            import time
+
+            time.sleep(0.2)  # the producer fills the window and waits
+            assert len(pre.order) == 3 and pre.peak_held_bytes == 60  # 30 + 20 + 10; the next 30 would pass 65
+            gate.set()
+            for ref, level in refs:
+                seen.append(pre.take(ref, level).pt)
+            assert pre.peak_held_bytes <= 65
+        finally:
+            pre.close()
+    assert seen == [("pt", float(i + 1), i % 3) for i in range(40)]
+
+
 def test_plaintext_order_is_the_order_of_use(tiny):
     """The replay (hecompiler.prefetch.plaintext_order) lists exactly the plaintexts, with their
     levels, that evaluating each linear op asks for, in order."""
