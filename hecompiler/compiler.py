@@ -156,7 +156,6 @@ def compile_model(model, options: CompileOptions | None = None, cost: CostModel 
             fit_refresh_ranges(graph, best, opts.plan, target, probes)
             fidelity = dict(fidelity, note=f"no plan met the tolerance {opts.tolerance:g}: kept the most precise")
     prog = best.prog
-    best.prefetch_bytes, best.cost = spare_prefetch(prog, cost, opts.plan.max_memory_bytes, best.cost)
     if fidelity is not None and "skipped" not in fidelity and len(graph.inputs) == 1:
         fidelity = dict(fidelity, error_bound=report_error_bound(original, graph, prog, model, opts, cost, target))
     if opts.dump_dir and opts.dump_after:
@@ -405,31 +404,6 @@ def _onnxruntime(model, x):
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def spare_prefetch(prog: HEProgram, cost: CostModel, budget: int | None, c) -> tuple[int | None, Any]:
-    """The window of plaintexts the executor makes ahead (:mod:`hecompiler.prefetch`) that the
-    memory budget leaves room for, and the program's cost with it: on a target that encodes on
-    other cores, what the budget holds beyond the predicted peak, less a margin (2% of the
-    budget, at least 256 MiB), is added to the default window, up to
-    :data:`~hecompiler.prefetch.PREFETCH_LIMIT` and to all the run's plaintexts.  ``(None, c)`` when nothing is left (the
-    executor keeps its default)."""
-    from .costmodel import program_cost
-    from .prefetch import PREFETCH_BYTES, PREFETCH_LIMIT
-
-    if not getattr(cost, "encode_cores", 0) or not budget or c is None:
-        return None, c
-    room = budget - max(256 * 2**20, budget // 50)
-    # (no more than every plaintext of a run: the prefetcher holds nothing beyond what remains)
-    window = min(PREFETCH_LIMIT, PREFETCH_BYTES + room - c.memory_bytes, c.plaintext_bytes_all)
-    for _ in range(4):  # the held plaintexts are whole ones: the peak moves by about the window
-        if window <= PREFETCH_BYTES:
-            return None, c
-        got = program_cost(prog, cost, window)
-        if got.memory_bytes <= room:
-            return window, got
-        window -= got.memory_bytes - room
-    return None, c
-
-
 # --------------------------------------------------------------------------- report
 
 def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidate], pipeline: PipelineReport,
@@ -498,8 +472,6 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         # encoding done ahead on other cores while the evaluation runs (inside the encode seconds, not the total)
         "predicted_encode_hidden_seconds": round(c.overlapped_seconds, 3),
         "encode_cores": cost.encode_cores,
-        # the executor's window of plaintexts made ahead, when the memory budget leaves more than its default
-        "prefetch_bytes": getattr(best, "prefetch_bytes", None),
         "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,

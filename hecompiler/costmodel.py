@@ -641,8 +641,7 @@ def encode_hidden(by: dict[str, float], enc: float, cores: int) -> float:
     return ev + enc - max(ev, (ev + enc) / cores)
 
 
-def encode_pipeline(prog, model: "CostModel", costs: list | None = None,
-                    prefetch_bytes: int | None = None) -> list[float]:
+def encode_pipeline(prog, model: "CostModel", costs: list | None = None) -> list[float]:
     """Seconds of each instruction's plaintext encoding hidden behind the evaluation (0 but for
     linear ops), as the executor's prefetcher (:mod:`hecompiler.prefetch`) runs: the other cores
     encode the linear ops' plaintexts in program order, at most a window ahead
@@ -650,8 +649,7 @@ def encode_pipeline(prog, model: "CostModel", costs: list | None = None,
     instruction.  Before a linear op they have had the instructions since the last one (a
     bootstrap, a polynomial) and what they had left over in it; during the op, its own
     evaluation (:func:`encode_hidden`).  A client-aided refresh ends the run: the next starts
-    with nothing made ahead.  ``costs``: :func:`instr_cost` of every instruction, when known;
-    ``prefetch_bytes``: the window (default :data:`hecompiler.prefetch.PREFETCH_BYTES`)."""
+    with nothing made ahead.  ``costs``: :func:`instr_cost` of every instruction, when known."""
     from .prefetch import prefetch_window
 
     out = [0.0] * len(prog.instrs)
@@ -670,7 +668,7 @@ def encode_pipeline(prog, model: "CostModel", costs: list | None = None,
             ahead += ev * (cores - 1)
         elif e > 0:
             n_enc = max(1, linear_encodings(prog.linears[ins.plain.args[0]].counts))
-            cap = e * min(1.0, prefetch_window(pt_bytes(n, ins.level + 2), prefetch_bytes) / n_enc)
+            cap = e * min(1.0, prefetch_window(pt_bytes(n, ins.level + 2)) / n_enc)
             pre = min(ahead, cap)
             rest = e - pre
             out[k] = pre + encode_hidden(by, rest, cores)
@@ -691,9 +689,8 @@ def linear_temporaries(lin) -> int:
     return baby + 2
 
 
-def program_cost(prog, model: CostModel | None = None, prefetch_bytes: int | None = None) -> ProgramCost:
-    """Static prediction for ``prog`` (an HEProgram): no execution needed.  ``prefetch_bytes``:
-    the executor's window of plaintexts made ahead (default :data:`hecompiler.prefetch.PREFETCH_BYTES`)."""
+def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
+    """Static prediction for ``prog`` (an HEProgram): no execution needed."""
     model = model or CostModel()
     p = prog.params
     n = p.poly_degree
@@ -705,7 +702,7 @@ def program_cost(prog, model: CostModel | None = None, prefetch_bytes: int | Non
     op_tier = 0.0  # the plaintext cache's op-local tier: the distinct plaintexts of the largest op
     cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
     costs = [instr_cost(ins, prog, model) for ins in prog.instrs]
-    hidden = sum(encode_pipeline(prog, model, costs, prefetch_bytes))
+    hidden = sum(encode_pipeline(prog, model, costs))
     for ins, (by, e, cnt) in zip(prog.instrs, costs):
         for k, v in by.items():
             by_op[k] = by_op.get(k, 0.0) + v
@@ -759,7 +756,7 @@ def program_cost(prog, model: CostModel | None = None, prefetch_bytes: int | Non
             diag_max = max(diag_max, lin.counts.get("block_diagonals", lin.counts.get("mul_plain", 0)))
             if k in remaining:
                 one = pt_bytes(n, ins.level + 2)  # the products are taken at the input's level
-                ahead = max(ahead, min(prefetch_window(one, prefetch_bytes), remaining[k]) * one)
+                ahead = max(ahead, min(prefetch_window(one), remaining[k]) * one)
         for o in ins.results:
             live[o] = ins.level + 1
             cur += ct_bytes(n, ins.level + 1)

@@ -35,8 +35,7 @@ from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
-from .prefetch import PREFETCH_LIMIT, Prefetcher, stream_order
-from .prefetch import prefetch_bytes as _prefetch_bytes
+from .prefetch import Prefetcher, stream_order
 from .runtime import LinearPlans, run_linear
 
 
@@ -342,7 +341,7 @@ class Executor:
     """Runs ``prog`` on backend primitives ``prim`` (see the module doc)."""
 
     def __init__(self, prog: HEProgram, prim: Primitives, cost: CostModel | None = None,
-                 plaintext_cache_bytes: int | None = None, prefetch_bytes: int | None = None):
+                 plaintext_cache_bytes: int | None = None):
         self.prog = prog
         self.prim = prim
         self.cost = cost
@@ -358,9 +357,6 @@ class Executor:
         #: when the backend's encoder runs beside its evaluator
         self.encode_threads = int(getattr(prim, "encode_threads", 0) or 0)
         self._pool = None
-        #: the window of plaintexts made ahead, in bytes: the program's (what its memory budget left,
-        #: at most PREFETCH_LIMIT) unless $HECOMPILER_PREFETCH says otherwise (hecompiler.prefetch)
-        self.prefetch_bytes = _prefetch_bytes(min(int(prefetch_bytes), PREFETCH_LIMIT) if prefetch_bytes else None)
         #: predicted seconds of encoding hidden per instruction (costmodel.encode_pipeline), when predicting
         self._hidden: list[float] | None = None
 
@@ -428,7 +424,7 @@ class Executor:
         plans: dict[int, Any] = {}
         return Prefetcher(stream_order(self.prog, state.pc, stop, self.plans.plan, plans), self.pf.vector,
                           self.prim.encode, self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool,
-                          self.pf.share_key, plans, self.prefetch_bytes)
+                          self.pf.share_key, plans)
 
     def close(self) -> None:
         """Stop the encoding threads, if any."""
@@ -509,7 +505,7 @@ class Executor:
         for op, t in by.items():
             stats.predicted_by_op[op] = stats.predicted_by_op.get(op, 0.0) + t
         if self._hidden is None:  # encoded ahead on other cores: what the evaluation waits for
-            self._hidden = encode_pipeline(self.prog, self.cost, prefetch_bytes=self.prefetch_bytes)
+            self._hidden = encode_pipeline(self.prog, self.cost)
         enc -= self._hidden[k]
         stats.predicted_encode_seconds += enc
         stats.predicted_per_node[ins.note] = stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc

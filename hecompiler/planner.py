@@ -91,9 +91,6 @@ class Candidate:
     layout: str = "multiplexed"
     #: the target it was planned for, when the compiler chose among several (its set is in the label)
     target: Target | None = None
-    #: the executor's window of plaintexts made ahead, when the memory budget leaves more than the
-    #: default (hecompiler.compiler.spare_prefetch; ``cost`` includes it)
-    prefetch_bytes: int | None = None
 
     @property
     def label(self) -> str:

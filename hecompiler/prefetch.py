@@ -11,9 +11,8 @@ encoder of its own per call) gets the plaintexts of its linear ops made ahead:
 * a :class:`Prefetcher` walks the plaintexts of every linear op still to run, one op after the
   other (:func:`stream_order`), on a producer thread (slot vector, all-zero and constant checks,
   the cache by reference and by content, duplicates not yet taken) and hands the encodings to a
-  pool of ``encode_threads`` threads, at most a window of encoded plaintexts ahead of the
-  evaluation (:data:`PREFETCH_BYTES`, or what the program's memory budget leaves:
-  :func:`prefetch_bytes`; at least 2 plaintexts): the other cores keep encoding while the
+  pool of ``encode_threads`` threads, at most :data:`PREFETCH_BYTES` of encoded plaintexts ahead
+  of the evaluation (at least 2, at most 256 plaintexts): the other cores keep encoding while the
   evaluation thread runs a bootstrap, a polynomial or the rest of the previous op;
 * the evaluation takes them in the same order (:meth:`Prefetcher.take`); what it waits is the
   encoding the other cores did not hide, which the executor reports as encode time.
@@ -35,48 +34,25 @@ from .linear import BsgsPlan
 from .runtime import run_linear
 
 
-#: encoded plaintexts the prefetcher may hold ahead of the evaluation, in bytes, unless the program
-#: says more (what its memory budget leaves: ``prefetch_bytes`` in the compile report, chosen by
-#: :func:`hecompiler.compiler.spare_prefetch`) or ``$HECOMPILER_PREFETCH`` (e.g. ``2G``) does
+#: encoded plaintexts a linear op's prefetcher may hold ahead of its evaluation, in bytes
 PREFETCH_BYTES = 256 * 2**20
 
-#: ... and at most this many per PREFETCH_BYTES, whatever their size
+
+#: ... and at most this many, whatever their size
 PREFETCH_MAX = 256
 
-#: the most a program's memory budget gives the prefetcher
-PREFETCH_LIMIT = 4 * 2**30
+
+def prefetch_window(plaintext_bytes: int) -> int:
+    """How many encoded plaintexts of ``plaintext_bytes`` each a prefetcher holds ahead: what
+    :data:`PREFETCH_BYTES` holds, at least 2 and at most :data:`PREFETCH_MAX` (the executor and
+    the cost model both ask here)."""
+    return max(2, min(PREFETCH_MAX, PREFETCH_BYTES // max(1, int(plaintext_bytes))))
 
 
-def prefetch_bytes(planned: int | None = None) -> int:
-    """The window in bytes: ``$HECOMPILER_PREFETCH`` when set, else ``planned`` (the program's),
-    else :data:`PREFETCH_BYTES`."""
-    import os
-
-    env = os.environ.get("HECOMPILER_PREFETCH", "").strip()
-    if env:
-        from .plaintexts import parse_bytes
-
-        return max(0, parse_bytes(env))
-    return int(planned) if planned else PREFETCH_BYTES
-
-
-def _max_count(window_bytes: int) -> int:
-    return PREFETCH_MAX * max(1, window_bytes // PREFETCH_BYTES)
-
-
-def prefetch_window(plaintext_bytes: int, window_bytes: int | None = None) -> int:
-    """How many encoded plaintexts of ``plaintext_bytes`` each the prefetcher holds ahead: what
-    ``window_bytes`` (default :data:`PREFETCH_BYTES`) holds, at least 2 and at most
-    :data:`PREFETCH_MAX` per :data:`PREFETCH_BYTES` (the executor and the cost model both ask here)."""
-    w = PREFETCH_BYTES if window_bytes is None else int(window_bytes)
-    return max(2, min(_max_count(w), w // max(1, int(plaintext_bytes))))
-
-
-def room_for(held_bytes: int, held: int, nbytes: int, window_bytes: int | None = None) -> bool:
+def room_for(held_bytes: int, held: int, nbytes: int) -> bool:
     """Whether a prefetcher holding ``held`` plaintexts of ``held_bytes`` in all may make one more
     of ``nbytes``: the rule of :func:`prefetch_window`, for plaintexts of mixed sizes."""
-    w = PREFETCH_BYTES if window_bytes is None else int(window_bytes)
-    return held < 2 or (held < _max_count(w) and held_bytes + nbytes <= w)
+    return held < 2 or (held < PREFETCH_MAX and held_bytes + nbytes <= PREFETCH_BYTES)
 
 
 class _Slot:
@@ -163,15 +139,14 @@ class Prefetcher:
     :class:`~hecompiler.plaintexts.PlaintextCache`, ``zero`` its all-zero marker, ``nbytes(level)``
     the size of one encoded plaintext, and ``share_key(ref, level)`` the cache key of a plaintext
     found without its vector, or None (:meth:`hecompiler.plaintexts.PlaintextFactory.share_key`).
-    At most what :func:`room_for` allows in ``window_bytes`` is held ahead of the evaluation."""
+    At most what :func:`room_for` allows is held ahead of the evaluation."""
 
     def __init__(self, order: Iterable[tuple[PlainRef, int]], vector: Callable[[PlainRef], np.ndarray],
                  encode: Callable, encode_scalar: Callable, cache, zero: Any, nbytes: Callable[[int], int],
                  pool: ThreadPoolExecutor,
                  share_key: Callable[[PlainRef, int], tuple | None] = lambda ref, level: None,
-                 plans: dict[int, BsgsPlan] | None = None, window_bytes: int | None = None):
+                 plans: dict[int, BsgsPlan] | None = None):
         self._source = iter(order)
-        self._window = PREFETCH_BYTES if window_bytes is None else int(window_bytes)
         #: the linear ops' plans the producer made (instruction index -> plan: :func:`stream_order`)
         self._plans = plans if plans is not None else {}
         #: what the producer has listed so far (position k: the k-th plaintext asked for)
@@ -208,7 +183,7 @@ class Prefetcher:
             for k, (ref, level) in enumerate(self._source):
                 nb = self._nbytes(level)
                 with self._ready:
-                    while not self._stop and not room_for(self._held_bytes, k - self._next, nb, self._window):
+                    while not self._stop and not room_for(self._held_bytes, k - self._next, nb):
                         self._ready.wait()
                     if self._stop:
                         return

@@ -125,8 +125,4 @@ def key_trade_lines(r: Mapping[str, Any]) -> list[str]:
                      f"({pt['encode_seconds']:.2f} s predicted, {_mib(pt['bytes_all'])} if all are kept); a server keeps "
                      f"them across inferences up to HECOMPILER_PLAINTEXT_CACHE (default 256 MiB, counted in the predicted peak)"
                      + (f"; the memory budget leaves {_mib(head)} for them" if head is not None else ""))
-        if r.get("prefetch_bytes"):
-            lines.append(f"plaintexts made ahead of the evaluation: up to {_mib(r['prefetch_bytes'])} (what the "
-                         f"memory budget leaves; default 256 MiB, HECOMPILER_PREFETCH overrides), in the predicted "
-                         f"time and peak")
     return lines

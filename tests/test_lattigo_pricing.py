@@ -170,29 +170,3 @@ def test_the_plaintexts_encoded_ahead_are_in_the_predicted_peak(toy):
     assert a.plaintext_bytes - b.plaintext_bytes == want
     assert a.memory_bytes - b.memory_bytes >= want
     assert prefetch_window(1) == 256 and prefetch_window(PREFETCH_BYTES) == 2
-
-
-def test_the_memory_budget_left_is_a_larger_prefetch_window(toy, monkeypatch):
-    """What the budget holds beyond the predicted peak (less a margin) widens the executor's
-    window of plaintexts made ahead: the program's cost with it stays within the budget, hides at
-    least as much encoding, and the report records the window; with nothing left, no window."""
-    import hecompiler.prefetch as pf
-    from hecompiler.compiler import spare_prefetch
-
-    res, cost = toy
-    prog = res.prog
-    monkeypatch.setattr(pf, "PREFETCH_BYTES", 2**20)  # the toy ring's plaintexts are KBs
-    base = program_cost(prog, cost)
-    assert base.plaintext_bytes_all > 4 * 2**20
-    margin = 256 * 2**20
-    budget = base.memory_bytes + margin + 3 * 2**20
-    window, got = spare_prefetch(prog, cost, budget, base)
-    assert window is not None and 2**20 < window <= 4 * 2**20
-    assert got.memory_bytes <= budget - margin and got.memory_bytes > base.memory_bytes
-    assert got.overlapped_seconds >= base.overlapped_seconds
-    assert got.memory_bytes == program_cost(prog, cost, window).memory_bytes
-    assert spare_prefetch(prog, cost, base.memory_bytes + margin, base) == (None, base)
-    # a target that encodes in line (SEAL) has no window
-    seal = CostModel()
-    assert spare_prefetch(prog, seal, 1 << 40, base) == (None, base)
-    assert res.metadata["report"].get("prefetch_bytes") is None  # the toy's plaintexts fit the default

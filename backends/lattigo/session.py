@@ -293,8 +293,7 @@ def server_gc_policy() -> None:
 class LattigoServer:
     """Evaluates with the evaluation keys of ``keys_dir`` (never secret.key), on the shared executor."""
 
-    def __init__(self, prog: HEProgram, params: LattigoParams, keys_dir: str | os.PathLike, cost=None,
-                 prefetch_bytes: int | None = None):
+    def __init__(self, prog: HEProgram, params: LattigoParams, keys_dir: str | os.PathLike, cost=None):
         d = Path(keys_dir)
         meta = read_keys_json(prog, d, "lattigo", secret=False, evaluation=True)
         _check_files(d, meta, SERVER_FILES)
@@ -331,7 +330,7 @@ class LattigoServer:
                 raise LattigoBackendError(f"preparing the bootstrap: {e}") from None
         self.load_seconds = time.perf_counter() - t
         self.prim = LattigoPrimitives(params, self.ev, getattr(self, "workers", 1))
-        self.ex = Executor(prog, self.prim, cost, prefetch_bytes=prefetch_bytes)
+        self.ex = Executor(prog, self.prim, cost)
         sizes = {fn: (d / fn).stat().st_size for fn in SERVER_FILES if (d / fn).exists()}
         self._key_stats = {"galois_keys": len(self.ev.steps), "galois_key_bytes": sizes.get("galois.key", 0),
                            "relin_key_bytes": sizes.get("relin.key", 0)}
@@ -425,10 +424,7 @@ def open_client(prog: HEProgram, keys_dir: str | os.PathLike, meta=None) -> Latt
 
 
 def open_server(prog: HEProgram, keys_dir: str | os.PathLike, meta=None, cost=None) -> LattigoServer:
-    # the window of plaintexts made ahead that the program's memory budget left (compile report)
-    window = ((meta or {}).get("report") or {}).get("prefetch_bytes")
-    return LattigoServer(prog, params_for(prog, meta), keys_dir, cost,
-                         prefetch_bytes=int(window) if isinstance(window, int) and window > 0 else None)
+    return LattigoServer(prog, params_for(prog, meta), keys_dir, cost)
 
 
 def client_encrypt(prog: HEProgram, keys_dir, inputs, meta=None) -> Bundle:
