@@ -197,10 +197,13 @@ class CostModel:
 
     @property
     def encode_cores(self) -> int:
-        """Cores a linear op's plaintexts are encoded on while the evaluation runs (Lattigo's
-        executor encodes ahead on every core of the measured machine: hecompiler.prefetch; its
-        encoder releases the interpreter lock), 0 when encoding waits in the evaluation thread
-        (SEAL)."""
+        """Cores the evaluation and the plaintexts encoded ahead share (Lattigo's executor encodes
+        on every core of the measured machine but the evaluation's: hecompiler.prefetch and
+        backends/lattigo/session.encode_threads; its encoder releases the interpreter lock), 0
+        when encoding waits in the evaluation thread (SEAL).  :func:`encode_hidden` spreads an
+        op's work over them; with one encoder on two cores ResNet-20 measured 170-172 s where this
+        predicts 189 s (the table's encodings, timed at the set's full slot count, cost more than
+        a sparse packing's)."""
         if not self.lattigo:
             return 0
         cores = int((self.table.get("machine") or {}).get("cores") or 1)

@@ -176,3 +176,22 @@ def test_the_plaintexts_encoded_ahead_are_in_the_predicted_peak(toy):
     assert a.plaintext_bytes - b.plaintext_bytes == want
     assert a.memory_bytes - b.memory_bytes >= want
     assert prefetch_window(1) == 256 and prefetch_window(PREFETCH_BYTES) == 2
+
+
+def test_the_encoders_leave_the_evaluation_a_core(monkeypatch):
+    """Plaintexts are encoded ahead on every core but the evaluation's (each encoding holds one of
+    Go's GOMAXPROCS processors, which the evaluation would wait for); one core encodes in line;
+    $HECOMPILER_ENCODE_THREADS overrides, and a bad value is named."""
+    import os
+
+    from hecompiler.backends.lattigo import session
+
+    monkeypatch.delenv("HECOMPILER_ENCODE_THREADS", raising=False)
+    for cores, want in ((set(range(8)), 7), ({0, 1}, 1), ({0}, 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: c, raising=False)
+        assert session.encode_threads() == want
+    monkeypatch.setenv("HECOMPILER_ENCODE_THREADS", "3")
+    assert session.encode_threads() == 3
+    monkeypatch.setenv("HECOMPILER_ENCODE_THREADS", "many")
+    with pytest.raises(session.LattigoBackendError, match="HECOMPILER_ENCODE_THREADS='many'"):
+        session.encode_threads()
