@@ -228,6 +228,52 @@ def test_prefetched_plaintexts_give_the_same_run(tiny, cache_bytes):
         pre.close()
 
 
+def test_the_prefetcher_holds_at_most_its_window(monkeypatch):
+    """A stream of plaintexts of mixed sizes: the producer stops when the next would pass the
+    window's bytes (but always holds two), and the evaluation takes them in order."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import hecompiler.prefetch as pf
+    from hecompiler.heprog import PlainRef
+
+    monkeypatch.setattr(pf, "PREFETCH_BYTES", 65)
+    assert pf.room_for(0, 0, 10**12) and pf.room_for(5, 1, 10**12) and not pf.room_for(60, 2, 10)
+    assert pf.room_for(55, 2, 10) and not pf.room_for(0, pf.PREFETCH_MAX, 1)
+    refs = [(PlainRef("scalar", (float(i + 1),), 1.0), i % 3) for i in range(40)]
+    sizes = {0: 30, 1: 20, 2: 10}
+    gate = threading.Event()
+
+    def encode_scalar(v, scale, level):
+        gate.wait(5)
+        return ("pt", v, level)
+
+    class NoCache:
+        def peek_ref(self, ref, level):
+            return None
+
+        def peek_content(self, key):
+            return None
+
+    seen = []
+    with ThreadPoolExecutor(2) as pool:
+        pre = pf.Prefetcher(iter(refs), lambda ref: np.full(4, ref.args[0]), None, encode_scalar, NoCache(), None,
+                            lambda level: sizes[level], pool)
+        try:
+            time.sleep(0.2)  # the producer fills the window and waits: 30 + 20 + 10, the next 30 would pass 65
+            assert len(pre.order) == 3 and pre.peak_held_bytes == 60
+            gate.set()
+            for ref, level in refs:
+                seen.append(pre.take(ref, level).pt)
+            assert pre.peak_held_bytes <= 65
+            with pytest.raises(RuntimeError, match="beyond the recorded order"):
+                pre.take(*refs[0])
+        finally:
+            pre.close()
+    assert seen == [("pt", float(i + 1), i % 3) for i in range(40)]
+
+
 def test_plaintext_order_is_the_order_of_use(tiny):
     """The replay (hecompiler.prefetch.plaintext_order) lists exactly the plaintexts, with their
     levels, that evaluating each linear op asks for, in order."""
