@@ -662,7 +662,7 @@ def encode_pipeline(prog, model: "CostModel", costs: list | None = None) -> list
     cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
     if not cores:
         return out
-    client = getattr(getattr(model, "refresh", None), "kind", "client") != "bootstrap"
+    client = _runs_end_at_refreshes(model)
     n = prog.params.poly_degree
     ahead = 0.0  # seconds of encoding done for the linear ops to come
     for k, ins in enumerate(prog.instrs):
@@ -671,18 +671,22 @@ def encode_pipeline(prog, model: "CostModel", costs: list | None = None) -> list
         if ins.op == "refresh":
             if client:
                 ahead = 0.0
-        elif ins.op != "linear":
+        elif ins.op != "linear" or e <= 0:
             ahead += ev * (cores - 1)
-        elif e > 0:
+        else:
             n_enc = max(1, linear_encodings(prog.linears[ins.plain.args[0]].counts))
             cap = e * min(1.0, prefetch_window(pt_bytes(n, ins.level + 2)) / n_enc)
             pre = min(ahead, cap)
             rest = e - pre
             out[k] = pre + encode_hidden(by, rest, cores)
             ahead = max(0.0, max(ev, (ev + rest) / cores) * (cores - 1) - rest)
-        else:
-            ahead += ev * (cores - 1)
     return out
+
+
+def _runs_end_at_refreshes(model) -> bool:
+    """Whether an evaluation stops at each refresh (client-aided), so the executor's prefetcher
+    (one per run) starts over after it."""
+    return getattr(getattr(model, "refresh", None), "kind", "client") != "bootstrap"
 
 
 def linear_temporaries(lin) -> int:
@@ -748,9 +752,10 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     remaining: dict[int, int] = {}
     if cores > 0:
         left = 0
+        client = _runs_end_at_refreshes(model)
         for k in range(len(prog.instrs) - 1, -1, -1):
             ins = prog.instrs[k]
-            if ins.op == "refresh" and getattr(getattr(model, "refresh", None), "kind", "client") != "bootstrap":
+            if ins.op == "refresh" and client:
                 left = 0
             elif ins.op == "linear":
                 left += prog.linears[ins.plain.args[0]].counts.get("mul_plain", 0)

@@ -167,8 +167,7 @@ class Prefetcher:
         self._exhausted = False
         self._error: BaseException | None = None
         self._next = 0
-        #: most plaintexts and bytes held ahead at once (what the cost model bounds)
-        self.peak_held = 0
+        #: most bytes of plaintexts held ahead at once (what the cost model bounds)
         self.peak_held_bytes = 0
         self._thread = threading.Thread(target=self._produce, name="hec-plaintexts", daemon=True)
         self._thread.start()
@@ -189,7 +188,6 @@ class Prefetcher:
                         return
                     self._held_bytes += nb
                     self._sizes[k] = nb
-                    self.peak_held = max(self.peak_held, k - self._next + 1)
                     self.peak_held_bytes = max(self.peak_held_bytes, self._held_bytes)
                     self.order.append((ref, level))
                 if len(inflight) > 16:
