@@ -36,7 +36,7 @@ matrix with few non-zero blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -66,6 +66,10 @@ class Layout:
     #: polyphase factor k (see the module docstring): ``pos`` has C*k*k entries, one per virtual
     #: channel (c, p, q) in that (c-major) order, and ``hs``/``ws`` step the virtual grid
     phase: int = 1
+    #: replicated packing (see :attr:`cyc`): 0, or a power of two below ``slots`` with every
+    #: position under it (one ciphertext); the ciphertext then holds its first ``period`` slots
+    #: again and again, ``slots / period`` times
+    period: int = 0
 
     # ------------------------------------------------------------------ builders
     @staticmethod
@@ -166,7 +170,24 @@ class Layout:
         lay.check()
         return lay
 
+    def replicated(self) -> "Layout":
+        """This layout with the least period its positions allow (a power of two), when that is
+        below the slots: a one-ciphertext tensor in 1/2, 1/4... of the slots, held that many times
+        over.  Rotations then act modulo the period, so a linear op between two such layouts has
+        its diagonals modulo the period (fewer, whose rotations are shorter: ``hecompiler.linear``),
+        and the copies cost nothing to keep (element-wise ops apply to them alike)."""
+        if self.n_ct != 1 or self.phase > 1 or self.batch > 1:
+            return self
+        p = pow2_ceil(int(self.positions.max()) + 1)
+        return replace(self, period=p if p < self.slots else 0)
+
     # ------------------------------------------------------------------ derived
+    @property
+    def cyc(self) -> int:
+        """The cyclic length of the slot vector: ``period`` when replicated, else ``slots``.  A
+        rotation by k moves slot i to slot (i - k) mod ``cyc`` as far as the data can tell."""
+        return self.period or self.slots
+
     @property
     def size(self) -> int:
         c, h, w = self.shape
@@ -194,7 +215,13 @@ class Layout:
         return (pos[v] + ((hi // k) * self.hs)[None, :, None] + ((wi // k) * self.ws)[None, None, :]).reshape(-1)
 
     def check(self) -> None:
+        if self.period and (self.period & (self.period - 1) or not 1 <= self.period < self.slots
+                            or self.slots % self.period or self.n_ct != 1):
+            raise LoweringError(f"layout {self.describe()}: period {self.period} must be a power of two below "
+                                f"{self.slots} slots, in one ciphertext")
         p = self.positions
+        if self.period and p.max() >= self.period:
+            raise LoweringError(f"layout {self.describe()}: positions reach past its period {self.period}")
         if len(distinct(p)) != len(p):
             raise LoweringError(f"layout {self.describe()}: two elements share a slot")
         if p.min() < 0 or p.max() >= self.n_ct * self.slots:
@@ -217,6 +244,9 @@ class Layout:
         g = f" gap {self.gap}" if self.gap > 1 else ""
         b = f" ({self.batch} images channel-major)" if self.batch > 1 else ""
         g += f" k={self.phase}" if self.phase > 1 else ""
+        if self.period:
+            return (f"{self.kind}{g} {c}x{h}x{w}{b} in {self.n_ct} ct, {self.slots // self.period}x replicated "
+                    f"({100 * self.size / self.period:.0f}% of its period {self.period})")
         return f"{self.kind}{g} {c}x{h}x{w}{b} in {self.n_ct} ct ({100 * self.density:.0f}% full)"
 
     # ------------------------------------------------------------------ packing
@@ -228,6 +258,8 @@ class Layout:
             raise LoweringError(f"layout {self.describe()}: cannot pack {flat.size} values")
         out = np.zeros(self.n_ct * self.slots)
         out[self.positions] = flat
+        if self.period:
+            out = np.tile(out[: self.period], self.slots // self.period)
         return out.reshape(self.n_ct, self.slots)
 
     def unpack(self, cts: np.ndarray) -> np.ndarray:
@@ -243,6 +275,8 @@ class Layout:
             d["batch"] = self.batch
         if self.phase > 1:
             d["phase"] = self.phase
+        if self.period:
+            d["period"] = self.period
         return d
 
     @staticmethod
@@ -250,7 +284,7 @@ class Layout:
         lay = Layout(tuple(int(x) for x in d["shape"]), int(d["slots"]), int(d["n_ct"]),
                      tuple(int(x) for x in d["pos"]), int(d["hs"]), int(d["ws"]), str(d["kind"]), int(d["gap"]),
                      tuple(int(x) for x in d["grid"]), int(d["per_fp"]), int(d.get("batch", 1)),
-                     int(d.get("phase", 1)))
+                     int(d.get("phase", 1)), int(d.get("period", 0)))
         c, h, w = lay.shape
         k = lay.phase
         if k < 1 or h % k or w % k or len(lay.pos) != c * k * k:

@@ -29,7 +29,13 @@ parameters and keeps the cheapest):
   k/s.  Every tensor is then as dense as a compact one at its own resolution, with no gaps: the
   re-gridding after strided layers costs nothing, because the client did it when it packed the
   input.  Where a stride does not divide the phase (or the shape), the layer writes phase 1 and
-  the rule of ``aligned`` takes over.
+  the rule of ``aligned`` takes over;
+* ``replicated``: as ``multiplexed``, and a one-ciphertext tensor that fills half the slots or
+  less is held several times over (:meth:`Layout.replicated`: period p, the least power of two
+  holding it).  After ResNet-20's strided layers, 64x8x8 in 2^14 slots repeats every 4096: its
+  convolutions' diagonals are taken mod 4096 (900 instead of 1575 for layer 3's; baby and giant
+  steps within +-2048), and a layer that makes a more replicated result pays one rotation and
+  one addition per halving (no level).
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ class LayoutStrategy:
     multiplex: bool = True  # fill the gaps of strided layouts with channels
     pow2_grid: bool = False  # round the grid's sides up to powers of two
     polyphase: bool = False  # pack inputs in phases of their decimation (Layout.polyphase)
+    replicate: bool = False  # hold small one-ciphertext tensors several times (Layout.replicated)
+
+    def _rep(self, lay: Layout) -> Layout:
+        return lay.replicated() if self.replicate else lay
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
         if not self.pow2_grid:
@@ -88,7 +98,7 @@ class LayoutStrategy:
             if k > 1:
                 return Layout.polyphase(shape, slots, k, self.pow2_grid)
         g = self.grid(h, w)
-        return Layout.from_grid(shape, slots, g, 1, 1, "compact" if g == (h, w) else "padded", batch)
+        return self._rep(Layout.from_grid(shape, slots, g, 1, 1, "compact" if g == (h, w) else "padded", batch))
 
     def output_layout(self, lin_in: Layout, out_shape, stride: int, partner: Layout | None = None) -> Layout:
         if partner is not None and partner.shape == out_shape:
@@ -101,7 +111,7 @@ class LayoutStrategy:
             if h % k or w % k:
                 k = 1
             return Layout.polyphase(out_shape, lin_in.slots, k, self.pow2_grid)
-        return lin_in.strided(out_shape, stride, self.multiplex)
+        return self._rep(lin_in.strided(out_shape, stride, self.multiplex))
 
 
 STRATEGIES: dict[str, LayoutStrategy] = {
@@ -109,6 +119,7 @@ STRATEGIES: dict[str, LayoutStrategy] = {
     "gapped": LayoutStrategy("gapped", multiplex=False),
     "aligned": LayoutStrategy("aligned", pow2_grid=True),
     "polyphase": LayoutStrategy("polyphase", pow2_grid=True, polyphase=True),
+    "replicated": LayoutStrategy("replicated", replicate=True),
 }
 
 

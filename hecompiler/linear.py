@@ -184,6 +184,29 @@ def bias_vector(lin: LinearOp, weights: dict[str, np.ndarray]) -> np.ndarray | N
 
 # --------------------------------------------------------------------------- diagonals
 
+def cyclic_length(lin_in: Layout, lout: Layout) -> int:
+    """The length C the op's diagonals are cyclic in: the output's period when replicated
+    (:meth:`Layout.replicated`), else the slots.  An input whose period is C or divides it reads
+    the same values at ``x[(k + d) mod C]`` as at ``x[k + d]``, so diagonals are taken mod C: a
+    diagonal d mod C is the rotation by its signed representative (in (-C/2, C/2], as a step mod
+    slots, so rotations of replicated and full tensors share Galois keys), and its slot vector is
+    C-periodic.  An output more replicated than its input is not one linear op (the lowering
+    applies the op into the input's period, then copies: ``hecompiler.lower``)."""
+    C = lout.cyc
+    if lin_in.cyc > C:
+        raise LoweringError(f"linear op from {lin_in.describe()} to {lout.describe()}: the output repeats "
+                            f"every {C} slots, the input every {lin_in.cyc}")
+    return C
+
+
+def _lift(d, C: int, S: int):
+    """Diagonal offsets ``d`` taken mod C, as rotation steps mod S (signed representative)."""
+    d = np.asarray(d, np.int64) % C
+    if C == S:
+        return d
+    return np.where(d > C // 2, d - C, d) % S
+
+
 def _structured_ok(lin: LinearOp, lin_in: Layout, lout: Layout) -> bool:
     """Whether a conv/pool/affine op's diagonals are independent of (h, w): the output's
     virtual grid must be the input's times the virtual stride (the stride, times the output's
@@ -275,6 +298,7 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     enumerating spatial positions except rows that cross a ciphertext
     boundary (only when a channel footprint spans ciphertexts)."""
     S = lin_in.slots
+    C = cyclic_length(lin_in, lout)
     straddle = lin_in.channel_straddles or lout.channel_straddles
     _, OH, OW = lout.vshape
     hs_o = lout.hs if OH > 1 else 0
@@ -288,7 +312,7 @@ def _structured_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> di
     for t in _structured_terms(lin, weights, lin_in, lout):
         po, delta = t.po, t.delta
         if not straddle:
-            found.append(enc(po // S, t.pin // S, delta % S))
+            found.append(enc(po // S, t.pin // S, _lift(delta, C, S)))
             continue
         oh_lo, oh_hi, ow_lo, ow_hi = t.rect
         rows = np.arange(oh_lo, oh_hi + 1)
@@ -365,10 +389,11 @@ def diag_signatures(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dic
     if not _structured_ok(lin, lin_in, lout) or lin_in.channel_straddles or lout.channel_straddles:
         return None
     S = lin_in.slots
+    C = cyclic_length(lin_in, lout)
     NI = lin_in.n_ct + 1
     keys, hashes, hashes2 = [], [], []
     for t in _structured_terms(lin, weights, lin_in, lout):
-        keys.append((t.po // S * NI + t.pin // S) * S + t.delta % S)
+        keys.append((t.po // S * NI + t.pin // S) * S + _lift(t.delta, C, S))
         rect = hash((t.rect, (t.P, t.Q) if lin.kind == "pool" else None)) & 0xFFFFFFFFFFFFFFFF
         base = (t.po % S).astype(np.uint64) ^ np.uint64(rect)
         wbits = np.ascontiguousarray(t.w, np.float64).view(np.uint64)
@@ -455,7 +480,7 @@ def _slot_entries(lin: LinearOp, weights, lin_in: Layout, lout: Layout, out_ct: 
     S = lin_in.slots
     po = lout.positions[m.row]
     pi = lin_in.positions[m.col]
-    return po // S, pi // S, (pi - po) % S, po % S, m.data
+    return po // S, pi // S, _lift(pi - po, cyclic_length(lin_in, lout), S), po % S, m.data
 
 
 def cheap_keys(lin: LinearOp, weights, lin_in: Layout, lout: Layout) -> dict | None:
@@ -505,6 +530,7 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
     temporaries stay a few tens of MB however large the op (the diagonals themselves are what
     a backend must hold: ``block_diagonals * slots`` floats)."""
     S = lin_in.slots
+    C = cyclic_length(lin_in, lout)
     NI = lin_in.n_ct + 1
     rows = np.arange(len(lout.positions)) if out_ct is None else np.flatnonzero(lout.positions // S == out_ct)
     if not len(rows):
@@ -532,7 +558,7 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
         m = tensor_matrix(lin, weights, rows[lo:lo + step]).tocoo()
         po = lout.positions[m.row]  # tensor_matrix keeps the rows numbered as in the whole op
         pi = lin_in.positions[m.col]
-        local = (pi // S) * S + (pi - po) % S
+        local = (pi // S) * S + _lift(pi - po, C, S)
         if lut is not None:
             at = lut[local]
             new = at < 0
@@ -552,6 +578,8 @@ def diagonals(lin: LinearOp, weights, lin_in: Layout, lout: Layout,
         # input ciphertext name one input position, and the matrix sums repeated entries
         # (tensor_matrix is a CSR matrix), so a plain scatter is exact
         dense.reshape(-1)[at * S + po % S] = m.data
+    if C < S:  # a replicated output: every diagonal repeats its first C slots
+        dense[:, C:] = np.tile(dense[:, :C], (1, S // C - 1))
     out = {}
     for k, r in index.items():
         blk, dd = divmod(k, S)

@@ -190,8 +190,8 @@ class Lowering(ProgramBuilder, PendingScalars):
         src = self.layout(t)
         if src.size != lay.size:
             raise LoweringInvariantError(f"{self._where()}: converting {src.describe()} to {lay.describe()}")
-        if src.n_ct == lay.n_ct and np.array_equal(src.positions, lay.positions):
-            return replace(t, layout=self.layout_id(lay))
+        if src.n_ct == lay.n_ct and np.array_equal(src.positions, lay.positions) and lay.cyc >= src.cyc:
+            return replace(t, layout=self.layout_id(lay))  # (copies a layout does not count are harmless)
         lin = LinearOp("identity", t.layout, self.layout_id(lay), src.shape, lay.shape, {},
                        note=self._note())
         self.tell("on_conversion")
@@ -203,7 +203,10 @@ class Lowering(ProgramBuilder, PendingScalars):
         ciphertexts, which has fewer diagonals to apply)."""
         la, lb = self.layout(ta), self.layout(tb)
         if np.array_equal(la.positions, lb.positions) and la.n_ct == lb.n_ct:
-            return ta, replace(tb, layout=ta.layout), False, False
+            # the same positions: the layout that promises fewer copies holds for both
+            if la.cyc >= lb.cyc:
+                return ta, replace(tb, layout=ta.layout), False, False
+            return replace(ta, layout=tb.layout), tb, False, False
         if (ta.level, -len(ta.cts)) >= (tb.level, -len(tb.cts)):
             return self.convert(ta, lb), tb, True, False
         return ta, self.convert(tb, la), False, True
@@ -235,6 +238,12 @@ class Lowering(ProgramBuilder, PendingScalars):
         lin_in = self.layout(x)
         lin.in_layout = x.layout
         lout = self.prog.layouts[lin.out_layout]
+        final = lin.out_layout
+        if lout.cyc < lin_in.cyc:
+            # a result more replicated than the input: the op writes one copy, in the input's
+            # period (zeros in the rest of it), and rotations by halves of it copy that copy
+            lout = replace(lout, period=lin_in.period)
+            lin.out_layout = self.layout_id(lout)
         self.prog.linears.append(lin)
         lid = len(self.prog.linears) - 1
         # the plan depends only on the op's structure and the two layouts: candidates of the planner
@@ -294,10 +303,16 @@ class Lowering(ProgramBuilder, PendingScalars):
                                       level=level - 1, scale=target, note=note, outs=tuple(outs)))
         for o in outs:
             self.meta[o] = (level - 1, target)
+        cts, cur, want = outs, lout.cyc, self.prog.layouts[final].cyc
+        while cur > want:
+            cur //= 2
+            cts = [self.add(c, self.rotate(c, cur)) for c in cts]
+        copies = len(self.prog.instrs) - start - 1
         self.tell("on_linear", LayerStat.of(self._note(), self.node.op if self.node else "", lin_in.describe(),
-                                            lout.describe(), plan.rotations, plan.n_diagonals, level))
-        em = Emission(lid, start, level, x.scale)
-        return Tensor(outs, lin.out_layout, level - 1, target, 1.0, em)
+                                            self.prog.layouts[final].describe(), plan.rotations + copies // 2,
+                                            plan.n_diagonals, level))
+        em = Emission(lid, start, level, x.scale, tuple(range(start + 1, len(self.prog.instrs))))
+        return Tensor(cts, final, level - 1, target, 1.0, em)
 
     # ================================================================== polynomials
     def poly(self, x_val: Value, coeffs) -> Tensor:

@@ -53,6 +53,9 @@ class Emission:
     instr: int  # index of the ``linear`` instruction
     level_in: int
     scale_in: float
+    #: instructions after it that keep its scale (the rotations and additions that copy a result
+    #: into a replicated layout: hecompiler.lower.Lowering.linear_on), re-planned with it
+    follow: tuple[int, ...] = ()
 
 
 @dataclass
@@ -85,6 +88,10 @@ class PendingScalars:
         ins.scale = new_scale
         for o in ins.results:
             self.meta[o] = (ins.level, new_scale)
+        for k in em.follow:
+            f = self.prog.instrs[k]
+            f.scale = new_scale
+            self.meta[f.out] = (f.level, new_scale)
 
     def _normalize_output(self, v: Value, t: Tensor) -> Tensor:
         """Scale up the weights of a graph output's linear op when they are small, leaving the

@@ -231,7 +231,7 @@ def _check_budgets(c: Candidate, opts: PlanOptions) -> None:
 
 #: layout strategies the planner tries beside the default at the chosen parameters ("gapped" is
 #: searchable with --layout but not tried: it holds the same diagonals in emptier ciphertexts)
-SEARCHED_LAYOUTS = ("aligned", "polyphase")
+SEARCHED_LAYOUTS = ("aligned", "polyphase", "replicated")
 
 
 def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts: PlanOptions, cost: CostModel,
@@ -263,9 +263,13 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
 
 def _strategy_differs(graph: Graph, strat, other, slots: int) -> bool:
     """Whether ``strat`` lays out the graph's inputs otherwise than ``other`` (from there on the
-    two derive the same layouts alike)."""
+    two derive the same layouts alike, unless one replicates small tensors and the other not:
+    which tensors are small is known only when lowered)."""
     from .layout import chw
     from .layout_strategy import decimation
+
+    if strat.replicate != other.replicate:
+        return True
 
     dec = decimation(graph)
     for v in graph.inputs:

@@ -65,7 +65,7 @@ def test_aligned_grids_are_powers_of_two_that_tile_the_ciphertexts():
     big = s.input_layout((3, 224, 224), 4096)
     assert all(p % 4096 == 0 for p in big.pos) and 4096 % big.hs == 0
     assert s.input_layout((4, 8, 8), 4096) == STRATEGIES["multiplexed"].input_layout((4, 8, 8), 4096)
-    with pytest.raises(HecError, match="--layout 'tiles': expected one of multiplexed, gapped, aligned, polyphase"):
+    with pytest.raises(HecError, match="--layout 'tiles': expected one of multiplexed, gapped, aligned, polyphase, replicated"):
         get_strategy("tiles")
 
 
@@ -91,19 +91,19 @@ def test_the_planner_searches_the_strategies():
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,)))
     assert best.layout == "aligned"
     layouts = {c.layout for c in cands}
-    assert layouts == {"multiplexed", "aligned", "polyphase"}
+    assert layouts == {"multiplexed", "aligned", "polyphase", "replicated"}
     assert any("layout=aligned" in c.label for c in cands)
     # fixed by the user: no search
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,), lowering=LoweringOptions(layout="multiplexed")))
     assert best.layout == "multiplexed" and {c.layout for c in cands} == {"multiplexed"}
     # a graph whose images are powers of two: aligned would lay it out alike, so it is not lowered
     best, cands = plan(_net(16), PlanOptions(ring_degrees=(8192,)))
-    assert {c.layout for c in cands} == {"multiplexed", "polyphase"}
+    assert {c.layout for c in cands} == {"multiplexed", "polyphase", "replicated"}
     # nor is polyphase where no strided layer follows an input
     flat = _net(16, chans=(3, 4))
     assert decimation(flat)["x"] == 1
     best, cands = plan(flat, PlanOptions(ring_degrees=(8192,)))
-    assert {c.layout for c in cands} == {"multiplexed"}
+    assert {c.layout for c in cands} == {"multiplexed", "replicated"}
 
 
 @pytest.mark.parametrize("layout", ["aligned", "polyphase"])
@@ -180,3 +180,50 @@ def test_polyphase_wins_when_channels_span_ciphertexts_and_the_planner_picks_it(
     want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
     got = np.asarray(out[best.prog.outputs[0].name], np.float64).reshape(-1)
     assert np.abs(got - want).max() <= 1e-6 * np.ptp(want)
+
+
+def _residual_net():
+    """x -> (3x3 stride-2 conv, 1x1 stride-2 conv) -> Add -> square-ish activation -> 3x3 conv: the
+    strided convs' results fill an eighth of the slots, replicated 8 times, and the Add re-plans
+    one of them (with the rotations that copied it)."""
+    rng = np.random.default_rng(5)
+    w = {"wa": rng.uniform(-0.3, 0.3, (8, 4, 3, 3)), "wb": rng.uniform(-0.3, 0.3, (8, 4, 1, 1)),
+         "wc": rng.uniform(-0.3, 0.3, (8, 8, 3, 3)), "k": np.float32(0.25)}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"], strides=[2, 2]),
+             helper.make_node("Add", ["a", "b"], ["s"]),
+             helper.make_node("Mul", ["s", "s"], ["q"]),
+             helper.make_node("Mul", ["q", "k"], ["m"]),
+             helper.make_node("Add", ["m", "s"], ["r"]),
+             helper.make_node("Conv", ["r", "wc"], ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in w.items()])
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    graph = hc.load_onnx(m)
+    hc.run_pipeline(graph)
+    return graph
+
+
+def test_replicated_layouts_run_under_seal_and_copy_with_rotations():
+    from hecompiler.backends import seal as SB
+
+    g = _residual_net()
+    x = np.random.default_rng(6).uniform(-1, 1, (1, 4, 16, 16)).astype(np.float32)
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    progs = {name: lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout=name))[0]
+             for name in ("multiplexed", "replicated")}
+    prog = progs["replicated"]
+    assert prog.layouts[prog.inputs[0].layout].period == 1024  # 4x16x16 in 4096 slots
+    assert prog.layouts[prog.outputs[0].layout].period == 512  # 8x8x8 on the 16x16 grid, gap 2
+    # each strided conv writes one copy in the input's period; rotating by 512 and adding copies it
+    assert [i.step for i in prog.instrs if i.op == "rotate" and i.step == 512] == [512, 512]
+    for name, p in progs.items():
+        out, _ = Simulator(p).run({"x": x})
+        got = np.asarray(out[p.outputs[0].name], np.float64).reshape(-1)
+        assert np.abs(got - want).max() <= 1e-6 * np.ptp(want), name
+    mux, rep = progs["multiplexed"].op_counts(), prog.op_counts()
+    assert rep["mul_plain"] < mux["mul_plain"] and rep["rotate"] < mux["rotate"], (mux, rep)
+    outs, _ = SB.run_encrypted(prog, {"x": x})
+    got = np.asarray(outs[prog.outputs[0].name], np.float64).reshape(-1)
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)

@@ -3,10 +3,13 @@ values and the BSGS schedule reproduce the tensor-space matrix exactly."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from hecompiler import linear as L
+from hecompiler.errors import HecError
 from hecompiler.heprog import LinearOp
 from hecompiler.layout import Layout
 from hecompiler.plaintexts import rot
@@ -238,3 +241,70 @@ def test_distinct_is_np_unique():
               np.array([7]), rng.integers(0, 9, (30, 4)), rng.normal(size=100).round(1)):
         got = distinct(a)
         assert got.dtype == np.unique(a).dtype and np.array_equal(got, np.unique(a))
+
+
+def _replicated_conv(rng):
+    """A random conv between replicated layouts (:meth:`Layout.replicated`): the input and the
+    output each in one ciphertext, repeated every power of two that holds it, the output's period
+    at least the input's (a more replicated output is a copy after the op: hecompiler.lower)."""
+    while True:
+        lin, ws, lin_in, lout = _random_conv(rng, small_slots=False)
+        ri, ro = lin_in.replicated(), lout.replicated()
+        if ri.period and ro.n_ct == 1 and ro.cyc >= ri.cyc:
+            return lin, ws, ri, ro
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replicated_layouts_take_diagonals_mod_their_period(seed):
+    """Every slot of the result, the copies included, is the tensor packed in the output layout;
+    the diagonals are those of the period (structured == enumerated), their steps signed within
+    half the period, and never more than without replication."""
+    rng = np.random.default_rng(300 + seed)
+    for _ in range(12):
+        lin, ws, ri, ro = _replicated_conv(rng)
+        keys = L.diag_keys(lin, ws, ri, ro)
+        if L._structured_ok(lin, ri, ro):
+            got = {k: set(v.tolist()) for k, v in keys.items()}
+            assert got == _enumerated_keys(lin, ws, ri, ro)
+        S, C = ri.slots, ro.cyc
+        signed = [d - S if d > S // 2 else d for ds in keys.values() for d in ds.tolist()]
+        assert all(-C // 2 < d <= C // 2 for d in signed), (C, signed)
+        plain = L.diag_keys(lin, ws, replace(ri, period=0), replace(ro, period=0))
+        assert sum(map(len, keys.values())) <= sum(map(len, plain.values()))
+        x = rng.standard_normal(lin.in_shape)
+        diags = L.diagonals(lin, ws, ri, ro)
+        assert set(diags) == {(j, i, int(d)) for (j, i), ds in keys.items() for d in ds}
+        y = _apply_plan(L.plan_bsgs(keys, S), diags, ri.pack(x), ro.n_ct, S)
+        ref = (L.tensor_matrix(lin, ws) @ x.reshape(-1)).reshape(lin.out_shape)
+        np.testing.assert_allclose(y, ro.pack(ref), atol=1e-9)
+
+
+def test_a_full_period_folds_the_channel_offsets():
+    """4 channels of 8x8 fill a period of 256 in 1024 slots: a 3x3 conv's channel offsets -3..3
+    fold to 4 residues mod 256, so 4 x 9 diagonals instead of 7 x 9, and the BSGS plan rotates less."""
+    lay = Layout.compact((4, 8, 8), 1024)
+    rep = lay.replicated()
+    assert rep.period == 256
+    lin = LinearOp("conv", 0, 1, (4, 8, 8), (4, 8, 8), {"weight": "w", "strides": [1, 1], "pads": [1] * 4})
+    ws = {"w": np.random.default_rng(7).standard_normal((4, 4, 3, 3))}
+    full, folded = L.diag_keys(lin, ws, lay, lay), L.diag_keys(lin, ws, rep, rep)
+    assert (sum(map(len, full.values())), sum(map(len, folded.values()))) == (63, 36)
+    assert L.plan_bsgs(folded, 1024).rotations < L.plan_bsgs(full, 1024).rotations
+
+
+def test_replicated_layout_packs_copies_and_refuses_a_bad_period():
+    lay = Layout.compact((3, 5, 5), 256).replicated()
+    assert (lay.period, lay.cyc) == (128, 128) and "2x replicated" in lay.describe()
+    x = np.arange(75, dtype=np.float64).reshape(3, 5, 5) + 1
+    v = lay.pack(x)[0]
+    np.testing.assert_array_equal(v[:128], v[128:])
+    np.testing.assert_array_equal(lay.unpack(lay.pack(x)), x)
+    assert Layout.from_dict(lay.to_dict()) == lay
+    assert Layout.compact((4, 8, 8), 256).replicated().period == 0  # fills its ciphertext
+    assert Layout.compact((4, 8, 8), 128).replicated().period == 0  # two ciphertexts
+    for period, msg in ((96, "must be a power of two"), (64, "reach past its period 64")):
+        with pytest.raises(HecError, match=msg):
+            replace(lay, period=period).check()
+    with pytest.raises(HecError, match="the output repeats every 128 slots, the input every 256"):
+        lin = LinearOp("conv", 0, 1, (3, 5, 5), (3, 5, 5), {"weight": "w", "strides": [1, 1], "pads": [1] * 4})
+        L.diag_keys(lin, {"w": np.ones((3, 3, 3, 3))}, replace(lay, period=0), lay)
