@@ -419,6 +419,10 @@ def _check_linear(prog: HEProgram, k: int, lin: LinearOp) -> None:
         if prog.layouts[lid].size != int(np.prod(shape)):
             raise ProgramError(f"{who}: {side} shape {list(shape)} does not match layout #{lid} "
                                f"({prog.layouts[lid].describe()})")
+    lin_in, lout = prog.layouts[lin.in_layout], prog.layouts[lin.out_layout]
+    if lin_in.cyc > lout.cyc:
+        raise ProgramError(f"{who}: its output repeats every {lout.cyc} slots and its input every {lin_in.cyc}; "
+                           f"a linear op cannot make copies (rotations after it do)")
     if not _finite(lin.mult) or not _finite(lin.bias_mult):
         raise ProgramError(f"{who}: multipliers must be finite numbers")
     p = lin.params

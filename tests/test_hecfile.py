@@ -547,3 +547,20 @@ def test_save_rejects_invalid_program(prog, tmp_path):
     with pytest.raises(HecFileError, match="float or int"):
         save_hec(tmp_path / "bad.hec", bad, {})
     _no_stray_files(tmp_path)
+
+
+def test_a_linear_op_cannot_make_copies(prog, tmp_path):
+    """A linear op whose output layout repeats more often than its input (replicated layouts,
+    Layout.replicated): the lowering never emits one (rotations make the copies), and a file
+    that has one is refused, naming the op, with no file left behind."""
+    import copy
+
+    p = copy.deepcopy(prog)
+    lin = next(lin for lin in p.linears
+               if p.layouts[lin.out_layout].replicated().period and not p.layouts[lin.in_layout].period)
+    p.layouts[lin.out_layout] = p.layouts[lin.out_layout].replicated()
+    path = tmp_path / "copies.hec"
+    with pytest.raises(HecFileError, match=r"linear #\d+ \(.*\): its output repeats every \d+ slots and its input "
+                                           r"every 8192; a linear op cannot make copies"):
+        save_hec(path, p, {})
+    assert not path.exists()
