@@ -245,12 +245,15 @@ LATTIGO_SERVER_GC_PERCENT = 5
 
 #: Go's garbage on a Lattigo server as a multiple of its GC percent of the live heap: the heap
 #: keeps growing while a collection marks (ciphertexts of MBs are allocated at a high rate), so it
-#: overshoots the pacer's goal.  Fitted, not measured by a table: `python
+#: overshoots the pacer's goal.  Fitted, not measured by a table, to the largest of these runs
+#: (the budget is a bound, so the fit is to the worst seen, not the mean): `python
 #: benchmarks/lattigo_memory.py` at 2026-12-06 on ResNet-20 (n16-sparse, --max-memory 16G; peak
 #: 13.42 GiB) and ResNet-8 (12G; 12.28 GiB) left 8.0% and 7.7% of keys + bootstrapper +
-#: ciphertexts + plaintext cache above those, the plaintexts in use and the measured baseline:
-#: 1.6 x the 5% the pacer aims at.
-LATTIGO_GC_OVERSHOOT = 1.6
+#: ciphertexts + plaintext cache above those, the plaintexts in use and the measured baseline;
+#: at 2026-12-07 (one encoder thread, replicated layouts) ResNet-8 under 12G peaked at 12.05 GiB
+#: (lattigo_memory.py) and 12.10 GiB (benchmarks/noninteractive.py) where 1.6x predicted 11.98:
+#: 8.7% and 9.1%, 1.83 x the 5% the pacer aims at.
+LATTIGO_GC_OVERSHOOT = 1.85
 
 
 #: Lattigo's default bootstrapping sets (circuits/ckks/bootstrapping), as data; the
