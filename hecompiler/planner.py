@@ -199,18 +199,26 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                 if (p0.poly_degree, p0.scale_bits, lv, p0.log_slots) not in tried:
                     bits = (p0.coeff_bits[0],) + (p0.scale_bits,) * lv + (p0.coeff_bits[-1],)
                     queue.append(replace(p0, coeff_bits=bits, security=opts.security))
+    if best is None and opts.lowering.layout is None and cands:
+        # nothing fits with the default layouts: a leaner strategy may, at the parameters that came
+        # closest (the least memory; a replicated layout needs fewer keys and plaintexts)
+        seed = min(cands, key=lambda c: (c.cost.memory_bytes, c.cost.seconds))
+        best = _search_layouts(graph, seed, cands, opts, cost, lowering, final_opts, progress)
+        if best.reason:
+            best = None
+    elif best is not None and opts.lowering.layout is None:
+        best = _search_layouts(graph, best, cands, opts, cost, lowering, final_opts, progress)
     if best is None:
         table = "; ".join(f"{c.label}: {c.reason}" for c in cands)
         raise NoPlanError(f"no parameter set fits: {table}")
-    if opts.lowering.layout is None:
-        best = _search_layouts(graph, best, cands, opts, cost, lowering, final_opts, progress)
     return best, cands
 
 
 def _keep_cheaper(best: Candidate | None, c: Candidate) -> Candidate | None:
-    """The faster (then smaller) of ``best`` and ``c`` when ``c`` fits its budgets; only that
-    one keeps its program in memory (large networks have large programs)."""
-    if not c.reason and (best is None or (c.cost.seconds, c.cost.memory_bytes) <
+    """The faster (then smaller) of ``best`` and ``c`` when ``c`` fits its budgets (any ``c`` that
+    fits, when ``best`` does not); only that one keeps its program in memory (large networks have
+    large programs)."""
+    if not c.reason and (best is None or best.reason or (c.cost.seconds, c.cost.memory_bytes) <
                          (best.cost.seconds, best.cost.memory_bytes)):
         if best is not None:
             best.prog = best.lowering = None
