@@ -63,6 +63,30 @@ class BootstrapRangeError(ModulusOverflow):
     """A value too large for the target's bootstrap: encrypted, it would come out as garbage."""
 
 
+#: how close two copies of a replicated slot vector must be, relative to its largest value, to
+#: count as copies (they differ by the noise of the ops that made them: about 1e-7 of the range)
+COPY_TOLERANCE = 1e-4
+
+
+def copies(vec: np.ndarray, slots: int) -> np.ndarray | int:
+    """How many times over a slot vector repeats (``slots`` over its least power-of-two period;
+    per row of a batch, as a column): a replicated layout (``hecompiler.layout.Layout.replicated``)
+    puts the message's polynomial on every r-th coefficient, each sqrt(r) times larger than the
+    same values spread over all slots, and a bootstrap's error grows with the coefficients
+    (:meth:`SimPrimitives._bootstrap_std`).  A vector of zeros counts once."""
+    v = np.asarray(vec, np.float64).reshape(-1, slots)
+    out = np.ones((len(v), 1))
+    for row, x in enumerate(v):
+        top = float(np.abs(x).max())
+        if not top > 0 or not np.isfinite(top):
+            continue
+        p = slots
+        while p > 1 and p % 2 == 0 and np.abs(x.reshape(-1, p // 2) - x[: p // 2]).max() <= COPY_TOLERANCE * top:
+            p //= 2
+        out[row, 0] = slots // p
+    return out if np.ndim(vec) > 1 else int(out[0, 0])
+
+
 class SimCt:
     """A simulated ciphertext: slot values (real units) with the level and scale encryption gives."""
 
@@ -207,8 +231,31 @@ class SimPrimitives:
 
     def refresh(self, cts: list[SimCt]) -> list[SimCt]:
         self._pending_peaks = [np.abs(c.vec).max(axis=-1) if c.vec.size else 0.0 for c in cts]
-        return [SimCt(self._noisy(c.vec, "refresh" if self.noise and "refresh" in self.noise else "fresh",
-                                  self.delta), self.top, self.delta) for c in cts]
+        if not (self.noise and "refresh" in self.noise):  # client-aided: a fresh encryption
+            return [SimCt(self._noisy(c.vec, "fresh", self.delta), self.top, self.delta) for c in cts]
+        return [SimCt(c.vec + self.rng.normal(0.0, 1.0, c.vec.shape) * (self._bootstrap_std(c.vec) / self.delta),
+                      self.top, self.delta) for c in cts]
+
+    def _bootstrap_std(self, vec: np.ndarray):
+        """A bootstrap's error (std times the scale) on input slots ``vec`` (per row of a batch): the
+        measured floor, plus the growth of its sine approximation with the cube of the message
+        polynomial's coefficients.  The constant coefficient is the slots' mean; the others, for a
+        zero-mean vector of standard deviation s repeated r times (a replicated layout: every r-th
+        coefficient, sqrt(r) times larger), grow as (s sqrt(r))^3.  Both rates are measured on the
+        target (``refresh_dc_cubic`` on a constant vector, ``refresh_ac_cubic`` on a uniform one,
+        ``benchmarks/measure_lattigo_costs.py --refresh-growth``); a table without them has the floor
+        only.  toy-n12 at the bootstrap's range 16: a constant vector errs by 1.6e-3, a uniform one
+        on [-16, 16] by 8.9e-7, the floor is 1e-7; zero padding divides the mean (so a replicated
+        tensor, which has none, errs more than the same tensor padded with zeros)."""
+        base = self._std("refresh")
+        dc, ac = self.noise.get("refresh_dc_cubic"), self.noise.get("refresh_ac_cubic")
+        if not dc and not ac:
+            return base
+        v = np.asarray(vec, np.float64).reshape(-1, self.S)
+        mean = v.mean(axis=1, keepdims=True)
+        spread = np.sqrt(np.maximum((v * v).mean(axis=1, keepdims=True) - mean * mean, 0.0) * copies(v, self.S))
+        std = np.sqrt(np.square(base) + np.square((dc or 0.0) * np.abs(mean) ** 3) + np.square((ac or 0.0) * spread ** 3))
+        return std if np.ndim(vec) > 1 else std.reshape(())
 
     # ---------------------------------------------------------------- the modulus check
     def observe(self, k: int, ins, results, stats: ExecStats) -> None:

@@ -19,7 +19,10 @@ own; a second child (``--baseline-child``) loads the server keys as ``hecompile 
 and gives the server's memory besides its keys (``memory.baseline_rss_bytes``, what the cost
 model adds to keys, bootstrapper, ciphertexts and plaintexts); the parent then loads the
 server keys (peak RSS reported too).  ``--add-to TABLE --baseline`` measures only that
-baseline and writes it into an existing table.
+baseline and writes it into an existing table.  A ciphertext of fewer slots (sparse packing,
+``--btp-log-slots``) is also encoded at every level (``by_slots``: a smaller DFT before the same
+NTTs; at N=2^16, 2^14 slots took about 0.57x of 2^15), timed interleaved with the full packing;
+``--add-to TABLE --encode --btp-log-slots 14`` measures only that.
 
 Output JSON (``schema`` = "hecompiler.cost_lattigo/1"), shaped like
 ``hecompiler.cost_seal/1`` so hecompiler/costmodel.py can read either: a list of
@@ -306,6 +309,28 @@ def measure_noise(p: Any, cl: Any, ev: Any, rng: np.random.Generator, samples: i
     return out
 
 
+def measure_refresh_growth(p: Any, cl: Any, ev: Any, rng: np.random.Generator, base: float,
+                           samples: int = 2) -> dict[str, float]:
+    """How a bootstrap's error grows with its input (the simulator's model, backends/sim.py): its
+    sine approximation errs by about the cube of each coefficient of the message polynomial, so
+    the error beyond ``base`` (the ``refresh`` std times the scale, on |x| <= 1) is measured on a
+    constant vector (all of it in the constant coefficient, the slots' mean) and on a zero-mean
+    uniform one of half the bootstrap's range: ``refresh_dc_cubic`` and ``refresh_ac_cubic``, the
+    extra std times the scale per cubed mean / cubed standard deviation of the slots."""
+    a = p.bootstrap.max_abs_value / 2
+    d = p.default_scale
+    lv = min(1, p.max_level)
+    dc, ac = [], []
+    for _ in range(samples):
+        for x, out, m in ((np.full(p.slots, a), dc, a), (rng.uniform(-a, a, p.slots), ac, a / math.sqrt(3))):
+            b = cl.encrypt(x, level=lv, secret=False)
+            e = cl.decrypt(ev.bootstrap(b)) - x
+            extra = max(float(np.mean(np.square(e - e.mean() if out is ac else e))) - (base / d) ** 2, 0.0)
+            out.append(math.sqrt(extra) * d / m ** 3)
+    return {"refresh_dc_cubic": float(np.mean(dc)), "refresh_ac_cubic": float(np.mean(ac)),
+            "refresh_growth_at": a, "refresh_growth_samples": samples}
+
+
 def measure_bootstrap(p: Any, cl: Any, ev: Any, rng: np.random.Generator, reps: int,
                       log: Callable[[str], None]) -> dict[str, Any]:
     b = p.bootstrap
@@ -424,6 +449,8 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
     errors = measure_errors(p, cl, ev, rng)
     log("  errors (max abs, |x|<=1): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     noise = measure_noise(p, cl, ev, rng)
+    if p.bootstrap is not None and ev.has_bootstrap:
+        noise.update(measure_refresh_growth(p, cl, ev, rng, noise["refresh"]))
     log("  noise (std x scale): " + ", ".join(f"{k} {v:.3g}" for k, v in noise.items() if isinstance(v, float)))
 
     boots = []
@@ -440,6 +467,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
         for ls in sparse:
             boots.append(measure_sparse_bootstrap(name, ls, work, rng, log))
 
+    by_slots = measure_encode_slots(name, sparse, reps, work, log) if sparse else {}
     rot0 = rows[0]["ops_s"]["rotate"]
     b = p.bootstrap
     return {
@@ -461,7 +489,7 @@ def measure_set(name: str, reps: int, btp_log_slots: list[int | None], work: pat
         "bootstrapper": bootstrapper,
         "key_bytes": key_bytes,
         "call_overhead_s": {"noop": noop_s, "rotate_level0": rot0},
-        "levels": rows, "by_primes": by_primes, "fits": fits,
+        "levels": rows, "by_primes": by_primes, "fits": fits, "by_slots": by_slots,
         "errors": errors, "noise": noise, "bootstrap": boots,
         **dict(zip(("plaintext_generation_s", "plaintext_lookup_s"), measure_plaintext_generation(p.n, log))),
         "go_memory": go_mem,
@@ -508,6 +536,43 @@ def measure_sparse_bootstrap(name: str, log_slots: int, work: pathlib.Path, rng:
     res["bootstrapper"] = bootstrapper
     res["keygen_seconds"] = kg["seconds"]
     return res
+
+
+def measure_encode_slots(name: str, log_slots: list[int], reps: int, work: pathlib.Path,
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    """Encoding a slot vector at every level when ciphertexts use ``2^ls`` slots (sparse
+    packing: a DFT half or a quarter the size before the same NTTs), timed interleaved with the
+    set's full-slot encoding (``full_same_run``, for comparison with the table's): {slots: entry}.
+    Only a public key is made (encoding needs no other)."""
+    sessions = {}
+    try:
+        for ls in [None, *log_slots]:
+            p = L.LattigoParams(literal_for(name, ls))
+            d = work / f"enc_{p.log_slots}"
+            L.keygen(p, d / "client", d / "server", relin=False, bootstrap=False)
+            sessions[p.log_slots] = (p, L.Evaluator(p, d / "server"))
+        rng = np.random.default_rng(2)
+        cases = {}
+        for ls, (p, ev) in sessions.items():
+            x = rng.uniform(-1, 1, p.slots)
+            for lv in range(p.max_level + 1):
+                cases[(ls, lv)] = {"encode": (lambda ev=ev, x=x, lv=lv, s=p.default_scale:
+                                              ev.encode(x, level=lv, scale=s))}
+        med, _ = time_interleaved(cases, reps)
+    finally:
+        for _, ev in sessions.values():
+            ev.close()
+    full = max(sessions)  # the set's own slot count
+    same_run = [[lv + 1, med[(full, lv)]["encode"]] for lv in range(sessions[full][0].max_level + 1)]
+    out = {}
+    for ls in log_slots:
+        p = sessions[ls][0]
+        pts = [[lv + 1, med[(ls, lv)]["encode"]] for lv in range(p.max_level + 1)]
+        out[str(p.slots)] = {"log_slots": ls, "by_primes": {"encode": pts}, "full_same_run": {"encode": same_run}}
+        ratio = statistics.median(a[1] / b[1] for a, b in zip(pts, same_run))
+        log(f"  encode at 2^{ls} slots: {pts[-1][1] * 1e3:.2f} ms at the top level, {ratio:.2f}x the full "
+            f"packing's ({same_run[-1][1] * 1e3:.2f} ms), timed interleaved")
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -592,6 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true",
                     help="with --add-to: measure only the server's memory besides its keys (keygen, then a "
                          "child process loads the keys as `hecompile eval` does) and write it to the table")
+    ap.add_argument("--refresh-growth", action="store_true",
+                    help="with --add-to: measure only how the bootstrap's error grows with its input's mean and "
+                         "spread (keygen with the bootstrapping keys, a few bootstraps) and add it to the noise")
+    ap.add_argument("--encode", action="store_true",
+                    help="with --add-to: measure only the encoding at the --btp-log-slots slot counts (sparse "
+                         "packing) at every level, and write it to the table's by_slots")
     ap.add_argument("--keygen-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keys", help=argparse.SUPPRESS)
@@ -625,8 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    if args.baseline and args.add_to is None:
-        ap.error("--baseline goes with --add-to TABLE (a full measurement includes it)")
+    if (args.baseline or args.encode or args.refresh_growth) and args.add_to is None:
+        ap.error("--baseline, --encode and --refresh-growth go with --add-to TABLE (a full measurement "
+                 "includes them)")
     if args.add_to is not None:
         return add_bootstraps(args, extra, log, t_start)
     with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
@@ -676,10 +748,38 @@ def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: 
         _record_addition(args, data, {"memory": ["baseline_rss_bytes"]}, t_start)
         print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
         return 0
+    if args.refresh_growth:
+        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
+            work = args.workdir or pathlib.Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            lit = literal_for(args.set)
+            if ring.get("log_slots") is not None:
+                lit["log_slots"] = int(ring["log_slots"])
+            p = L.LattigoParams(lit)
+            run_keygen(p.literal, work / "keys_full", log)
+            cl, ev = L.Client(p, work / "keys_full" / "client"), L.Evaluator(p, work / "keys_full" / "server")
+            try:
+                got = measure_refresh_growth(p, cl, ev, np.random.default_rng(3), float(ring["noise"]["refresh"]))
+            finally:
+                cl.close()
+                ev.close()
+        ring["noise"].update(got)
+        log("  refresh growth (std x scale per cubed unit): " + ", ".join(f"{k} {v:.3g}" for k, v in got.items()))
+        _record_addition(args, data, {"noise": sorted(got)}, t_start)
+        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
+        return 0
     full = ring.get("log_slots")
     extra = [ls for ls in extra if ls != full]
     if not extra:
         raise SystemExit("--add-to needs --btp-log-slots with slot counts below the set's own")
+    if args.encode:
+        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
+            work = args.workdir or pathlib.Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            ring.setdefault("by_slots", {}).update(measure_encode_slots(args.set, extra, args.reps, work, log))
+        _record_addition(args, data, {"by_slots": sorted(str(1 << ls) for ls in extra)}, t_start)
+        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
+        return 0
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
         work = args.workdir or pathlib.Path(tmp)

@@ -213,11 +213,13 @@ class CostModel:
         """Measured CKKS error per op at ring degree ``n``: standard deviation times the scale
         (``fresh``, ``rescale``, ``keyswitch``, ``encode``, and ``keyswitch_head``: key
         switching's level in each of the first slots, where it is far larger; see
-        backends/seal_costs.py)."""
+        backends/seal_costs.py); a bootstrapping table adds ``refresh`` and how it grows with the
+        input (``refresh_dc_cubic``, ``refresh_ac_cubic``: backends/sim.py)."""
         nz = self._ring(n).get("noise")
         if not nz:
             raise HecError(f"cost table ({self.source}): no noise measurement at N={n}; run hecompile calibrate")
-        out: dict = {k: float(v) for k, v in nz.items() if k in ("fresh", "rescale", "keyswitch", "encode", "refresh")}
+        out: dict = {k: float(v) for k, v in nz.items()
+                     if k in ("fresh", "rescale", "keyswitch", "encode", "refresh", "refresh_dc_cubic", "refresh_ac_cubic")}
         if nz.get("keyswitch_head"):
             out["keyswitch_head"] = [float(v) for v in nz["keyswitch_head"]]
         return out
@@ -247,23 +249,30 @@ class CostModel:
             return False
         return any(t is not None for _, t in ring.get("by_primes", {}).get(_OP_ALIAS.get(op, op), []))
 
-    def op_seconds(self, op: str, n: int, primes: int) -> float:
+    def op_seconds(self, op: str, n: int, primes: int, slots: int | None = None) -> float:
         """Latency of one ``op`` at ring degree ``n`` on a ciphertext with
-        ``primes`` primes left (level + 1)."""
+        ``primes`` primes left (level + 1).  ``slots``: the program's slot count, when it packs
+        fewer than ``n/2`` (sparse packing): an op the table measured at that count (``by_slots``:
+        encoding, whose DFT is that size) is priced from that measurement."""
         if op == "refresh":
             return self.refresh_seconds(n, primes)
         name = _OP_ALIAS.get(op, op)
         ring = self._ring(n)
-        pts = [(p, t) for p, t in ring["by_primes"].get(name, []) if t is not None]
+        by = ring["by_primes"]
+        fits = ring.get("fits", {}).get(name, {})
+        if slots is not None and slots < n // 2:
+            sparse = ring.get("by_slots", {}).get(str(slots), {}).get("by_primes", {})
+            if sparse.get(name):
+                by, fits = sparse, {}
+        pts = [(p, t) for p, t in by.get(name, []) if t is not None]
         if not pts and name == "encode_constant":  # a table without it: a full-vector encode bounds it
-            pts = [(p, t) for p, t in ring["by_primes"].get("encode", []) if t is not None]
+            pts = [(p, t) for p, t in by.get("encode", []) if t is not None]
         if not pts:
             raise HecError(f"cost model: no measurement of {name} at N={n}")
         xs = np.array([p for p, _ in pts], float)
         ys = np.array([t for _, t in pts], float)
         if xs.min() <= primes <= xs.max():
             return float(np.interp(primes, xs, ys))
-        fits = ring.get("fits", {}).get(name, {})
         if "quadratic" in fits and len(xs) >= 3:
             f = fits["quadratic"]
             return float(max(ys.min(), f[0] + f[1] * primes + f[2] * primes * primes))
@@ -330,8 +339,8 @@ class CostModel:
         return sum(count * self.op_seconds(op, n, start - below)
                    for op, count, below in c.op_counts(n // 2) if count)
 
-    def encode_seconds(self, n: int, primes: int) -> float:
-        return self.op_seconds("encode", n, primes)
+    def encode_seconds(self, n: int, primes: int, slots: int | None = None) -> float:
+        return self.op_seconds("encode", n, primes, slots)
 
     def generation_seconds(self, n: int) -> float:
         """Making plaintext diagonals from compact weights (numpy), per full diagonal's worth of
@@ -601,8 +610,8 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
         encodings = linear_encodings(c)
         looked_up = encodings if signed else c.get("mul_plain", 0)
         enc = (full * model.generation_seconds(n) + (looked_up * lookup(n) if lookup else 0.0)
-               + encodings * model.op_seconds("encode", n, pin)
-               + c.get("add_plain", 0) * model.op_seconds("encode", n, pin - 1))
+               + encodings * _encode_seconds(model, prog, pin)
+               + c.get("add_plain", 0) * _encode_seconds(model, prog, pin - 1))
         return {k: v for k, v in by.items() if v}, enc, {k: v for k, v in c.items() if v and k in _PRIMITIVES}
     # primes of the operand: a rescale or mod-switch drops at least one
     primes = ins.level + 1 if ins.op not in ("rescale", "mod_switch") else ins.level + 2
@@ -612,8 +621,16 @@ def instr_cost(ins, prog, model: "CostModel") -> tuple[dict[str, float], float, 
         t = model.op_seconds(ins.op, n, top_primes if ins.op == "refresh" else primes)
     enc = 0.0
     if ins.plain is not None and ins.op != "refresh":  # a refresh's factor is a relabel, not a plaintext
-        enc = model.op_seconds("encode_constant" if ins.plain.kind == "scalar" else "encode", n, primes)
+        enc = model.op_seconds("encode_constant", n, primes) if ins.plain.kind == "scalar" else \
+            _encode_seconds(model, prog, primes)
     return {ins.op: t}, enc, {ins.op: 1}
+
+
+def _encode_seconds(model, prog, primes: int) -> float:
+    """One slot vector encoded for ``prog`` at ``primes`` primes: at the program's slot count
+    when it packs sparsely and the table measured that count."""
+    sparse = prog.params.slots if prog.params.log_slots is not None else None
+    return model.op_seconds("encode", prog.params.poly_degree, primes, sparse)
 
 
 def plaintexts_held() -> bool:

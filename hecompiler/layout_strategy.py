@@ -35,7 +35,8 @@ parameters and keeps the cheapest):
   holding it).  After ResNet-20's strided layers, 64x8x8 in 2^14 slots repeats every 4096: its
   convolutions' diagonals are taken mod 4096 (900 instead of 1575 for layer 3's; baby and giant
   steps within +-2048), and a layer that makes a more replicated result pays one rotation and
-  one addition per halving (no level).
+  one addition per halving (no level).  A bootstrap errs more on copies than on zero padding (the
+  slots' mean is no longer divided by the padding; backends/sim.py models it).
 """
 
 from __future__ import annotations

@@ -617,7 +617,8 @@ def matrix_prices(low: "Lowering", level: int) -> tuple[float, float]:
     cost = low.opts.cost if low.opts.cost is not None else CostModel()
     n, primes = low.prog.params.poly_degree, level + 1
     try:
-        return (cost.op_seconds("mul_plain_acc", n, primes) + cost.encode_seconds(n, primes),
+        slots = low.prog.params.slots if low.prog.params.log_slots is not None else None
+        return (cost.op_seconds("mul_plain_acc", n, primes) + cost.encode_seconds(n, primes, slots),
                 cost.op_seconds("rotate", n, primes))
     except HecError:  # a ring the table has not measured: a rotation about twice a product with
         return (1.0, 2.0)  # its encoding, as in the bundled SEAL table at N=8192

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 import hecompiler as hc
@@ -50,10 +51,13 @@ def test_encoding_runs_ahead_across_instructions(toy):
     if not cores:
         pytest.skip("the measured machine had one core: nothing is encoded ahead")
     costs = [instr_cost(ins, prog, cost) for ins in prog.instrs]
-    base = encode_pipeline(prog, cost, costs)
     k = next(k for k, ins in enumerate(prog.instrs)
              if ins.op == "linear" and k > 0 and prog.instrs[k - 1].op != "linear" and costs[k][1] > 0)
-    by, enc, _ = costs[k]
+    by, enc, counts = costs[k]
+    # an op whose encoding outlasts its evaluation on the other cores (else all of it hides anyway)
+    enc = max(enc, 3 * sum(by.values()))
+    costs[k] = (by, enc, counts)
+    base = encode_pipeline(prog, cost, costs)
     slow = list(costs)
     slow[k - 1] = ({"mul": 1000.0}, 0.0, {})
     after = encode_pipeline(prog, cost, slow)
@@ -195,3 +199,52 @@ def test_the_encoders_leave_the_evaluation_a_core(monkeypatch):
     monkeypatch.setenv("HECOMPILER_ENCODE_THREADS", "many")
     with pytest.raises(session.LattigoBackendError, match="HECOMPILER_ENCODE_THREADS='many'"):
         session.encode_threads()
+
+
+def test_a_sparse_packing_encodes_at_its_own_slot_count(toy):
+    """A program packing fewer slots than N/2 has its plaintexts priced at that slot count when the
+    table measured it (``by_slots``: the DFT is that size), and at the full count otherwise."""
+    res, cost = toy
+    n = res.prog.params.poly_degree
+    ring = cost._ring(n)
+    sparse = ring["by_slots"]["512"]["by_primes"]["encode"]
+    top = sparse[-1][0]
+    assert cost.op_seconds("encode", n, top, 512) == pytest.approx(sparse[-1][1])
+    assert cost.op_seconds("encode", n, top, 512) < cost.op_seconds("encode", n, top)
+    assert cost.op_seconds("encode", n, top, n // 2) == cost.op_seconds("encode", n, top)
+    assert cost.op_seconds("encode", n, top, 256) == cost.op_seconds("encode", n, top)  # not measured
+    assert cost.op_seconds("rotate", n, top, 512) == cost.op_seconds("rotate", n, top)
+    # the same program at 2^9 slots: its linear ops' plaintexts cost what the table says for 2^9
+    prog = res.prog
+    sp = replace(prog, params=replace(prog.params, log_slots=9))
+    full, part = program_cost(prog, cost), program_cost(sp, cost)
+    assert part.encode_seconds < full.encode_seconds
+
+
+def test_the_simulated_bootstrap_errs_more_with_the_inputs_mean_and_copies(toy):
+    """The simulator's bootstrap error (backends/sim.py): the measured floor, plus the cube of the
+    slots' mean (the constant coefficient) and of their spread times sqrt(copies), at the rates
+    toy-n12's table measured; copies() finds how often a slot vector repeats."""
+    from hecompiler.backends.sim import SimPrimitives, copies
+
+    res, cost = toy
+    noise = cost.noise(res.prog.params.poly_degree)
+    assert noise["refresh_dc_cubic"] > 0 and noise["refresh_ac_cubic"] > 0
+    prim = SimPrimitives(res.prog, noise, np.random.default_rng(0), strict=False)
+    S = prim.S
+    rng = np.random.default_rng(1)
+    v = rng.uniform(-1, 1, S // 8)
+    assert copies(np.tile(v, 8), S) == 8 and copies(np.concatenate([v, np.zeros(S - S // 8)]), S) == 1
+    assert copies(np.zeros(S), S) == 1 and copies(np.full(S, 3.0), S) == S
+    batch = np.stack([np.tile(v, 8), rng.uniform(-1, 1, S)])
+    assert copies(batch, S).ravel().tolist() == [8, 1]
+    floor = noise["refresh"]
+    assert float(prim._bootstrap_std(np.zeros(S))) == pytest.approx(floor)
+    const = float(prim._bootstrap_std(np.full(S, 4.0)))
+    assert const == pytest.approx(np.hypot(floor, noise["refresh_dc_cubic"] * 64), rel=1e-9)
+    # the same values zero-padded (mean and spread diluted) against replicated 8 times
+    x = rng.uniform(0, 8, S // 8)
+    padded = np.concatenate([x, np.zeros(S - S // 8)])
+    assert float(prim._bootstrap_std(np.tile(x, 8))) > 10 * float(prim._bootstrap_std(padded))
+    got = prim._bootstrap_std(np.stack([np.tile(x, 8), padded]))
+    assert got.shape == (2, 1) and got[0, 0] > got[1, 0]
