@@ -199,10 +199,11 @@ def plan(graph: Graph, opts: PlanOptions | None = None, cost: CostModel | None =
                 if (p0.poly_degree, p0.scale_bits, lv, p0.log_slots) not in tried:
                     bits = (p0.coeff_bits[0],) + (p0.scale_bits,) * lv + (p0.coeff_bits[-1],)
                     queue.append(replace(p0, coeff_bits=bits, security=opts.security))
-    if best is None and opts.lowering.layout is None and cands:
+    lowered = [c for c in cands if c.cost is not None]  # (not those refused from their shapes alone)
+    if best is None and opts.lowering.layout is None and lowered:
         # nothing fits with the default layouts: a leaner strategy may, at the parameters that came
         # closest (the least memory; a replicated layout needs fewer keys and plaintexts)
-        seed = min(cands, key=lambda c: (c.cost.memory_bytes, c.cost.seconds))
+        seed = min(lowered, key=lambda c: (c.cost.memory_bytes, c.cost.seconds))
         best = _search_layouts(graph, seed, cands, opts, cost, lowering, final_opts, progress)
         if best.reason:
             best = None
