@@ -47,6 +47,7 @@ encrypt (public key, incl. encoding), decrypt (incl. decoding).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -725,9 +726,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _workdir(args):
+    """Where ``--add-to`` puts its keys: ``--workdir``, else a temporary directory, removed after."""
+    with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
+        work = args.workdir or pathlib.Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+
+
+def _table_literal(args, ring: dict[str, Any]) -> dict[str, Any]:
+    """The parameter literal of the table's own packing (its slot count)."""
+    lit = literal_for(args.set)
+    if ring.get("log_slots") is not None:
+        lit["log_slots"] = int(ring["log_slots"])
+    return lit
+
+
 def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: float) -> int:
-    """``--add-to TABLE``: the sparse bootstraps (or, with ``--baseline``, the server's memory
-    besides its keys) measured and merged into an existing table."""
+    """``--add-to TABLE``: the sparse bootstraps measured and merged into an existing table, or
+    only the server's memory besides its keys (``--baseline``), the bootstrap's error growth
+    (``--refresh-growth``) or the encoding at the sparse slot counts (``--encode``)."""
     try:
         data = json.loads(args.add_to.read_text())
         ring = data["rings"][0]
@@ -736,26 +755,16 @@ def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: 
     if ring.get("set") != args.set:
         raise SystemExit(f"--add-to {args.add_to}: a table of set {ring.get('set')!r}, not {args.set!r}")
     if args.baseline:
-        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
-            work = args.workdir or pathlib.Path(tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            lit = literal_for(args.set)
-            if ring.get("log_slots") is not None:
-                lit["log_slots"] = int(ring["log_slots"])
+        lit = _table_literal(args, ring)
+        with _workdir(args) as work:
             run_keygen(lit, work / "keys_full", log)
             ring["server_baseline"] = measure_baseline(lit, work / "keys_full", log)
         data["memory"] = {"baseline_rss_bytes": ring["server_baseline"]["baseline_rss_bytes"]}
         _record_addition(args, data, {"memory": ["baseline_rss_bytes"]}, t_start)
-        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
         return 0
     if args.refresh_growth:
-        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
-            work = args.workdir or pathlib.Path(tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            lit = literal_for(args.set)
-            if ring.get("log_slots") is not None:
-                lit["log_slots"] = int(ring["log_slots"])
-            p = L.LattigoParams(lit)
+        p = L.LattigoParams(_table_literal(args, ring))
+        with _workdir(args) as work:
             run_keygen(p.literal, work / "keys_full", log)
             cl, ev = L.Client(p, work / "keys_full" / "client"), L.Evaluator(p, work / "keys_full" / "server")
             try:
@@ -766,33 +775,26 @@ def add_bootstraps(args, extra: list[int], log: Callable[[str], None], t_start: 
         ring["noise"].update(got)
         log("  refresh growth (std x scale per cubed unit): " + ", ".join(f"{k} {v:.3g}" for k, v in got.items()))
         _record_addition(args, data, {"noise": sorted(got)}, t_start)
-        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
         return 0
     full = ring.get("log_slots")
     extra = [ls for ls in extra if ls != full]
     if not extra:
         raise SystemExit("--add-to needs --btp-log-slots with slot counts below the set's own")
     if args.encode:
-        with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
-            work = args.workdir or pathlib.Path(tmp)
-            work.mkdir(parents=True, exist_ok=True)
+        with _workdir(args) as work:
             ring.setdefault("by_slots", {}).update(measure_encode_slots(args.set, extra, args.reps, work, log))
         _record_addition(args, data, {"by_slots": sorted(str(1 << ls) for ls in extra)}, t_start)
-        print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
         return 0
     rng = np.random.default_rng(1)
-    with tempfile.TemporaryDirectory(prefix="lattigo_costs_") as tmp:
-        work = args.workdir or pathlib.Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with _workdir(args) as work:
         new = [measure_sparse_bootstrap(args.set, ls, work, rng, log) for ls in extra]
     keep = [b for b in ring.get("bootstrap", []) if b.get("log_slots") not in set(extra)]
     ring["bootstrap"] = sorted(keep + new, key=lambda b: -b["log_slots"])
-    _record_addition(args, data, {"log_slots": extra}, t_start)
     for b in new:
         log(f"bootstrap 2^{b['log_slots']} slots: {b['wall_s']:.2f}s wall; keys "
             f"{b['key_bytes'].get('bootstrap.key', 0) / 2**30:.2f} GiB; bootstrapper "
             f"{b['bootstrapper']['heap_bytes'] / 2**30:.2f} GiB")
-    print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
+    _record_addition(args, data, {"log_slots": extra}, t_start)
     return 0
 
 
@@ -804,6 +806,7 @@ def _record_addition(args, data: dict[str, Any], what: dict[str, Any], t_start: 
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "machine": machine_info()})
     write_json_atomic(args.add_to, data)
+    print(f"added to {args.add_to} ({time.perf_counter() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":
