@@ -64,6 +64,16 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _layout_arg(text: str) -> str:
+    """A layout strategy's name, checked here so a bad one fails before any work."""
+    from .layout_strategy import get_strategy
+
+    try:
+        return get_strategy(text).name
+    except HecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--input-shape wants NAME=D0,D1,..., got {text!r}")
@@ -146,9 +156,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--slots", type=int, default=None, metavar="S",
                    help="slots per ciphertext: N/2, or (bootstrapping targets) a sparse packing whose cheaper "
                         "bootstrap the target measured (default: the planner weighs them)")
-    g.add_argument("--layout", default=None, choices=list(STRATEGIES),
+    g.add_argument("--layout", default=None, type=_layout_arg, metavar="{" + ",".join(STRATEGIES) + ",polyphase:K}",
                    help="layout strategy (hecompiler/layout_strategy.py; default: the planner tries each at the "
-                        "chosen parameters and keeps the cheapest)")
+                        "chosen parameters and keeps the cheapest; polyphase:K is polyphase with at most K x K "
+                        "phases)")
     g.add_argument("--max-memory", default="8G", metavar="SIZE",
                    help="memory budget for running the program, e.g. 4G or 512M (default: %(default)s)")
     g.add_argument("--max-seconds", type=float, default=None, metavar="S",

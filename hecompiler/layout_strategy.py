@@ -30,6 +30,15 @@ parameters and keeps the cheapest):
   re-gridding after strided layers costs nothing, because the client did it when it packed the
   input.  Where a stride does not divide the phase (or the shape), the layer writes phase 1 and
   the rule of ``aligned`` takes over;
+* ``polyphase:K`` (K a power of two below an input's decimation; the planner tries each, see
+  :func:`phase_bounds`): as ``polyphase`` with at most K x K phases.  After the strided layers that
+  use the phases up, tensors are compact (one phase) and the rule of ``aligned`` takes over.
+  Fewer phases hold more of a channel per ciphertext, so a convolution's blocks have fewer
+  diagonals and need fewer rotations; but a phase-major ciphertext's diagonals repeat across the
+  phases (one plaintext serves every ciphertext pair with the same channel offset), and fewer
+  phases encode more distinct plaintexts.  ResNet-18 at 224x224 in 4096 slots (client-aided SEAL,
+  predicted): K=32 (``polyphase``) 14,437 rotations and 297,588 encodings, 460 s; K=8 7,942 and
+  about 2x the encodings, 800 s, with every convolution within 1.2x of 2*sqrt(#diagonals);
 * ``replicated``: as ``multiplexed``, and a one-ciphertext tensor that fills half the slots or
   less is held several times over (:meth:`Layout.replicated`: period p, the least power of two
   holding it).  After ResNet-20's strided layers, 64x8x8 in 2^14 slots repeats every 4096: its
@@ -76,6 +85,14 @@ def decimation(graph) -> dict[str, int]:
     return need
 
 
+def phase_bounds(graph) -> list[int]:
+    """The phase bounds K worth trying as ``polyphase:K`` for ``graph``: the powers of two from 2
+    below the largest decimation of a graph input (``polyphase`` itself takes all of it)."""
+    dec = decimation(graph)
+    top = max((dec.get(v.name, 1) for v in graph.inputs), default=1)
+    return [1 << e for e in range(1, max(top.bit_length() - 1, 1)) if (1 << e) < top]
+
+
 @dataclass(frozen=True)
 class LayoutStrategy:
     name: str = "multiplexed"
@@ -83,6 +100,7 @@ class LayoutStrategy:
     pow2_grid: bool = False  # round the grid's sides up to powers of two
     polyphase: bool = False  # pack inputs in phases of their decimation (Layout.polyphase)
     replicate: bool = False  # hold small one-ciphertext tensors several times (Layout.replicated)
+    max_phase: int = 0  # with polyphase: at most this many phases per side (0: the decimation's)
 
     def _rep(self, lay: Layout) -> Layout:
         return lay.replicated() if self.replicate else lay
@@ -96,6 +114,8 @@ class LayoutStrategy:
         c, h, w = shape
         if self.polyphase and batch == 1:
             k = gcd(decimation, gcd(h, w))
+            if self.max_phase:
+                k = gcd(k, self.max_phase)
             if k > 1:
                 return Layout.polyphase(shape, slots, k, self.pow2_grid)
         g = self.grid(h, w)
@@ -125,11 +145,22 @@ STRATEGIES: dict[str, LayoutStrategy] = {
 
 
 def get_strategy(name: str | LayoutStrategy | None) -> LayoutStrategy:
+    """The strategy called ``name``: one of :data:`STRATEGIES`, or ``polyphase:K`` (at most K x K
+    phases, K a power of two >= 2)."""
     if isinstance(name, LayoutStrategy):
         return name
     if name is None:
         return STRATEGIES["multiplexed"]
-    try:
+    if name in STRATEGIES:
         return STRATEGIES[name]
-    except KeyError:
-        raise HecError(f"--layout {name!r}: expected one of {', '.join(STRATEGIES)}") from None
+    base, sep, arg = name.partition(":")
+    if base == "polyphase" and sep:
+        try:
+            k = int(arg)
+        except ValueError:
+            k = 0
+        if k < 2 or k & (k - 1):
+            raise HecError(f"--layout {name!r}: the phase bound K of polyphase:K must be a power of two >= 2")
+        return LayoutStrategy(f"polyphase:{k}", pow2_grid=True, polyphase=True, max_phase=k)
+    raise HecError(f"--layout {name!r}: expected one of {', '.join(STRATEGIES)}, or polyphase:K "
+                   f"(K a power of two)") from None

@@ -26,7 +26,7 @@ from .estimate import lower_bounds
 from .errors import CompileBudgetError, HecError, LoweringError, NoPlanError, OutOfLevelsError
 from .heprog import HEProgram, Params
 from .ir import Graph
-from .layout_strategy import STRATEGIES
+from .layout_strategy import get_strategy, phase_bounds
 from .lower import Lowering, LoweringOptions, lower
 from .refresh import RefreshPlan, plan_refreshes
 from .primes import chain_primes
@@ -239,7 +239,8 @@ def _check_budgets(c: Candidate, opts: PlanOptions) -> None:
 
 
 #: layout strategies the planner tries beside the default at the chosen parameters ("gapped" is
-#: searchable with --layout but not tried: it holds the same diagonals in emptier ciphertexts)
+#: searchable with --layout but not tried: it holds the same diagonals in emptier ciphertexts);
+#: and ``polyphase:K`` for every bound K below a graph input's decimation (``phase_bounds``)
 SEARCHED_LAYOUTS = ("aligned", "polyphase", "replicated")
 
 
@@ -248,9 +249,9 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
     """The chosen parameters lowered with each other layout strategy (refreshes placed again for
     each); the cheapest that fits the budgets wins.  A strategy that lays out this graph exactly
     as the chosen one is skipped."""
-    for name in SEARCHED_LAYOUTS:
-        strat = STRATEGIES[name]
-        if name == best.layout or not _strategy_differs(graph, strat, STRATEGIES[best.layout], best.params.slots):
+    for name in SEARCHED_LAYOUTS + tuple(f"polyphase:{k}" for k in phase_bounds(graph)):
+        strat = get_strategy(name)
+        if name == best.layout or not _strategy_differs(graph, strat, get_strategy(best.layout), best.params.slots):
             continue
         lo = replace(lowering, layout=name)
         try:

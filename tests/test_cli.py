@@ -98,6 +98,14 @@ def test_errors_exit_nonzero_with_one_line_and_no_file(tiny, tmp_path, capsys, a
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
+def test_a_bad_layout_strategy_is_refused_before_any_work(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny), "-o", str(tmp_path / "x.hec"), "--layout", "polyphase:3"])
+    assert e.value.code == 2
+    assert "the phase bound K of polyphase:K must be a power of two >= 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_failed_run_keeps_the_old_output(tiny, tmp_path, capsys):
     out = tmp_path / "keep.ir"
     out.write_text("old")

@@ -17,7 +17,7 @@ from hecompiler.backends.sim import Simulator
 from hecompiler.errors import HecError
 from hecompiler.heprog import Params
 from hecompiler.layout import Layout
-from hecompiler.layout_strategy import STRATEGIES, decimation, get_strategy
+from hecompiler.layout_strategy import STRATEGIES, decimation, get_strategy, phase_bounds
 from hecompiler.lower import LoweringOptions, lower
 from hecompiler.planner import PlanOptions, plan
 
@@ -91,14 +91,14 @@ def test_the_planner_searches_the_strategies():
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,)))
     assert best.layout == "aligned"
     layouts = {c.layout for c in cands}
-    assert layouts == {"multiplexed", "aligned", "polyphase", "replicated"}
+    assert layouts == {"multiplexed", "aligned", "polyphase", "replicated", "polyphase:2"}
     assert any("layout=aligned" in c.label for c in cands)
     # fixed by the user: no search
     best, cands = plan(g, PlanOptions(ring_degrees=(8192,), lowering=LoweringOptions(layout="multiplexed")))
     assert best.layout == "multiplexed" and {c.layout for c in cands} == {"multiplexed"}
     # a graph whose images are powers of two: aligned would lay it out alike, so it is not lowered
     best, cands = plan(_net(16), PlanOptions(ring_degrees=(8192,)))
-    assert {c.layout for c in cands} == {"multiplexed", "polyphase", "replicated"}
+    assert {c.layout for c in cands} == {"multiplexed", "polyphase", "replicated", "polyphase:2"}
     # nor is polyphase where no strided layer follows an input
     flat = _net(16, chans=(3, 4))
     assert decimation(flat)["x"] == 1
@@ -161,6 +161,39 @@ def test_polyphase_is_the_decimation_and_strided_layers_halve_it():
     assert s.input_layout((6, 28, 28), 4096, 2, 4) == STRATEGIES["aligned"].input_layout((6, 28, 28), 4096, 2)
     assert s.input_layout((3, 27, 27), 4096, 1, 4) == STRATEGIES["aligned"].input_layout((3, 27, 27), 4096)
     assert s.input_layout((3, 30, 30), 4096, 1, 4).phase == 2
+
+
+def test_polyphase_bounded_phases():
+    """polyphase:K packs at most K x K phases: on a 96x96 image decimated 4 times, K=2 leaves the
+    last strided layer's output compact (phase 1) and needs fewer rotations and products than 4 x 4
+    phases; but its diagonals repeat across fewer phase pairs, so it encodes more plaintexts and
+    the planner, which tries it, keeps polyphase."""
+    g = _net(96, chans=(3, 8, 8, 8))
+    assert phase_bounds(g) == [2] and phase_bounds(_net(16, chans=(3, 4))) == []
+    s = get_strategy("polyphase:2")
+    assert s.name == "polyphase:2" and s.input_layout((3, 96, 96), 4096, 1, 4).phase == 2
+    assert s.input_layout((3, 96, 96), 4096, 1, 1).phase == 1  # nothing strided downstream
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 96, 96)).astype(np.float32)
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    counts = {}
+    for name in ("polyphase", "polyphase:2"):
+        prog, low = lower(g, Params(N, BITS, 40, "none"), _primes(), LoweringOptions(layout=name))
+        assert low.strategy.name == name
+        counts[name] = (prog.op_counts()["rotate"], prog.op_counts()["mul_plain"],
+                        sorted({lay.phase for lay in prog.layouts}))
+        out, _ = Simulator(prog).run({"x": x})
+        got = np.asarray(out[prog.outputs[0].name], np.float64).reshape(-1)
+        assert np.abs(got - want).max() <= 1e-6 * np.ptp(want), name
+    assert counts["polyphase"][2] == [1, 2, 4] and counts["polyphase:2"][2] == [1, 2], counts
+    assert counts["polyphase:2"][0] < counts["polyphase"][0] and counts["polyphase:2"][1] < counts["polyphase"][1]
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,), security="none"))
+    mine = {c.layout: c for c in cands if c.params == best.params}
+    assert best.layout == "polyphase"
+    assert mine["polyphase:2"].cost.plaintexts > mine["polyphase"].cost.plaintexts
+    assert mine["polyphase:2"].cost.seconds > mine["polyphase"].cost.seconds
+    for bad in ("polyphase:3", "polyphase:1", "polyphase:x", "aligned:2"):
+        with pytest.raises(HecError, match=f"--layout '{bad}'"):
+            get_strategy(bad)
 
 
 def test_polyphase_wins_when_channels_span_ciphertexts_and_the_planner_picks_it():
