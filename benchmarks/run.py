@@ -4,6 +4,7 @@ depth, predicted and measured SEAL latency, memory, and error against onnxruntim
     python benchmarks/run.py                 # tiny ResNet, ResNet-20 (poly); SEAL runs where they fit
     python benchmarks/run.py --big           # also the 224x224 ResNet-50-shaped model (compile only)
     python benchmarks/run.py --models resnet20_poly --no-seal
+    python benchmarks/run.py --models resnet18_poly_224 --no-seal --layout polyphase polyphase:8   # a row per strategy
     python benchmarks/run.py --digits        # trained digits models: plaintext / simulator / SEAL accuracy
     python benchmarks/run.py --relu224       # torchvision-style ResNet-18 (ReLU, MaxPool, BN): compile + simulator
 
@@ -46,15 +47,18 @@ def _ensure_model(name: str) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- child steps
 
-def step_compile(name: str, check: bool) -> dict:
+def step_compile(name: str, check: bool, layout: str | None = None) -> dict:
     import numpy as np
 
     from hecompiler.compiler import CompileOptions, compile_model
     from hecompiler.hecfile import save_hec
+    from hecompiler.lower import LoweringOptions
+    from hecompiler.planner import PlanOptions
 
     onnx_path, x_path = _ensure_model(name)
     t0 = time.perf_counter()
-    res = compile_model(str(onnx_path), CompileOptions(check=check, sample=np.load(x_path) if check else None))
+    res = compile_model(str(onnx_path), CompileOptions(check=check, sample=np.load(x_path) if check else None,
+                                                       plan=PlanOptions(lowering=LoweringOptions(layout=layout))))
     secs = time.perf_counter() - t0
     save_hec(CACHE / f"{name}.hec", res.prog, res.metadata)
     r = res.metadata["report"]
@@ -62,7 +66,7 @@ def step_compile(name: str, check: bool) -> dict:
     worst = max((L["rotations"] / max(L["bsgs_bound"], 1e-9) for L in convs if L["diagonals"]), default=0.0)
     c = res.chosen.cost
     return {"model": name, "compile_s": secs, "compile_peak": _vmhwm(), "params": res.chosen.label,
-            "ops": r["ops"], "keys": r["galois_keys"], "key_bytes": r["key_bytes"], "depth": r["levels_used"],
+            "ops": r["ops"], "encoded": r["plaintexts"]["encoded"], "keys": r["galois_keys"], "key_bytes": r["key_bytes"], "depth": r["levels_used"],
             "refreshes": r["refreshes"], "pred_s": r["predicted_seconds"], "pred_mem": c.memory_bytes,
             "fidelity": r["fidelity"], "worst_rot_ratio": worst, "layers": r["layers"]}
 
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--no-seal", action="store_true", help="skip the real encrypted runs")
     ap.add_argument("--layers", action="store_true", help="also print per-layer rotations vs the BSGS bound")
+    ap.add_argument("--layout", nargs="+", default=[None], metavar="STRATEGY",
+                    help="compile with these layout strategies (a row each; default: the planner's choice)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results")
     ap.add_argument("--digits", action="store_true",
                     help="accuracy rows of the trained digits models: plaintext, simulator, SEAL subset")
@@ -292,7 +298,8 @@ def main(argv=None) -> int:
         elif kind == "relu224":
             out = step_relu224(name, 4)
         else:
-            out = step_compile(name, check=name not in BIG) if kind == "compile" else step_seal(name)
+            lay = None if args.layout == [None] else args.layout[0]
+            out = step_compile(name, check=name not in BIG, layout=lay) if kind == "compile" else step_seal(name)
         print(json.dumps(out))
         return 0
     extra_only = (args.digits or args.relu224) and not args.models and not args.big
@@ -312,14 +319,15 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for name in models:
-        print(f"[{name}] compiling...", file=sys.stderr, flush=True)
-        row = _child(["--_step", "compile", name])
-        if "error" not in row and not args.no_seal and name in SEAL_OK:
-            print(f"[{name}] running under SEAL...", file=sys.stderr, flush=True)
-            row.update(_child(["--_step", "seal", name]))
-        row.setdefault("model", name)
-        rows.append(row)
-    hdr = (f"{'model':<18} {'compile':>8} {'c.mem':>6} {'params':<24} {'rot':>6} {'ct-pt':>7} {'ct-ct':>5} "
+        for lay in args.layout:
+            print(f"[{name}] compiling{'' if lay is None else ' with --layout ' + lay}...", file=sys.stderr, flush=True)
+            row = _child(["--_step", "compile", name] + ([] if lay is None else ["--layout", lay]))
+            if "error" not in row and not args.no_seal and name in SEAL_OK:
+                print(f"[{name}] running under SEAL...", file=sys.stderr, flush=True)
+                row.update(_child(["--_step", "seal", name]))
+            row.setdefault("model", name)
+            rows.append(row)
+    hdr = (f"{'model':<18} {'compile':>8} {'c.mem':>6} {'params':<24} {'rot':>6} {'ct-pt':>7} {'enc':>7} {'ct-ct':>5} "
            f"{'resc':>5} {'refr':>5} {'keys':>10} {'depth':>5} {'pred':>8} {'SEAL':>8} {'s.mem':>6} "
            f"{'err/range':>9} {'argmax':>6} {'rot/bnd':>7}")
     print(hdr)
@@ -334,7 +342,7 @@ def main(argv=None) -> int:
         arg = r.get("argmax", fid.get("argmax_agrees"))
         seal = f"{r['seal_s']:.1f}s" if "seal_s" in r else "-"
         print(f"{r['model']:<18} {r['compile_s']:>7.1f}s {_mb(r['compile_peak']):>6} {r['params']:<24} "
-              f"{o.get('rotate', 0):>6} {o.get('mul_plain', 0):>7} {o.get('mul', 0):>5} {o.get('rescale', 0):>5} "
+              f"{o.get('rotate', 0):>6} {o.get('mul_plain', 0):>7} {r.get('encoded', 0):>7} {o.get('mul', 0):>5} {o.get('rescale', 0):>5} "
               f"{r['refreshes']:>5} {str(r['keys']) + '/' + _mb(r['key_bytes']):>10} {r['depth']:>5} "
               f"{r['pred_s']:>7.1f}s {seal:>8} {_mb(r.get('seal_peak')):>6} "
               f"{'-' if err is None else f'{err:.1e}':>9} {'-' if arg is None else ('yes' if arg else 'NO'):>6} "
@@ -342,7 +350,7 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"{'':<18} SEAL run failed: {r['error']}")
     print("\ncompile/SEAL: wall time; c.mem/s.mem: peak resident memory of that step; pred: SEAL latency "
-          "predicted from the measured cost table;\nerr/range: max abs logit error over the logit range vs "
+          "predicted from the measured cost table; enc: plaintexts encoded per inference;\nerr/range: max abs logit error over the logit range vs "
           "onnxruntime (SEAL run if done, else the simulator); rot/bnd: worst conv rotations / 2*sqrt(#diagonals)")
     if args.layers:
         for r in rows:
