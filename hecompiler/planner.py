@@ -248,8 +248,11 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
                     lowering: LoweringOptions, final_opts: LoweringOptions, progress=None) -> Candidate:
     """The chosen parameters lowered with each other layout strategy (refreshes placed again for
     each); the cheapest that fits the budgets wins.  A strategy that lays out this graph exactly
-    as the chosen one is skipped."""
-    for name in SEARCHED_LAYOUTS + tuple(f"polyphase:{k}" for k in phase_bounds(graph)):
+    as the chosen one is skipped.  The phase bounds are tried from the largest down, and no
+    further once one is slower than the larger bound before it and that one fit (fewer phases
+    encode more plaintexts: ResNet-18's predicted time grows at every halving)."""
+    phased = None  # the last polyphase candidate lowered
+    for name in SEARCHED_LAYOUTS + tuple(f"polyphase:{k}" for k in reversed(phase_bounds(graph))):
         strat = get_strategy(name)
         if name == best.layout or not _strategy_differs(graph, strat, get_strategy(best.layout), best.params.slots):
             continue
@@ -268,6 +271,11 @@ def _search_layouts(graph: Graph, best: Candidate, cands: list[Candidate], opts:
         best = _keep_cheaper(best, c)
         if progress is not None:
             progress(c)
+        if name.startswith("polyphase"):
+            if name != "polyphase" and phased is not None and not phased.reason \
+                    and c.cost.seconds > phased.cost.seconds:
+                break
+            phased = c
     return best
 
 

@@ -196,6 +196,45 @@ def test_polyphase_bounded_phases():
             get_strategy(bad)
 
 
+def test_the_planner_picks_a_phase_bound_and_stops_halving_when_it_gets_slower():
+    """Five 8-channel convs on 96x96 (decimation 16): 16 x 16 phases of 6x6 leave 8-channel
+    ciphertexts mostly empty; the planner tries K = 8, 4, 2 and keeps K=4 (about 3x faster than
+    polyphase); K=2, slower than K=4, ends the halving."""
+    g = _net(96, chans=(3, 8, 8, 8, 8, 8))
+    assert phase_bounds(g) == [2, 4, 8]
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,), security="none"))
+    mine = {c.layout: c.cost.seconds for c in cands if c.params == best.params}
+    assert best.layout == "polyphase:4", mine
+    assert mine["polyphase:4"] < 0.5 * mine["polyphase"] and mine["polyphase:2"] > mine["polyphase:4"], mine
+    assert [c.layout for c in cands if c.layout.startswith("polyphase:")] == ["polyphase:8", "polyphase:4", "polyphase:2"]
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 3, 96, 96)).astype(np.float32)
+    out, _ = Simulator(best.prog).run({"x": x})
+    want = np.asarray(hc.run_graph(g, x)[0], np.float64).reshape(-1)
+    got = np.asarray(out[best.prog.outputs[0].name], np.float64).reshape(-1)
+    assert np.abs(got - want).max() <= 1e-6 * np.ptp(want)
+
+
+def test_the_phase_search_stops_at_the_first_bound_slower_than_a_fitting_larger_one(monkeypatch):
+    """The halving stops once a bound is slower than the larger one before it (which fit): with
+    every layout priced slower the fewer phases it has, polyphase:8 (slower than polyphase, which
+    fit) is the last one lowered."""
+    import hecompiler.planner as P
+
+    real = P.program_cost
+
+    def priced(prog, cost):
+        c = real(prog, cost)
+        k = max((lay.phase for lay in prog.layouts), default=1)
+        c.seconds = 100.0 / k  # fewer phases: slower
+        return c
+
+    monkeypatch.setattr(P, "program_cost", priced)
+    g = _net(96, chans=(3, 8, 8, 8, 8, 8))
+    best, cands = plan(g, PlanOptions(ring_degrees=(8192,), security="none"))
+    assert best.layout == "polyphase"
+    assert [c.layout for c in cands if c.layout.startswith("polyphase:")] == ["polyphase:8"]
+
+
 def test_polyphase_wins_when_channels_span_ciphertexts_and_the_planner_picks_it():
     """A 96x96 image spans 2.25 ciphertexts per channel (like a 224x224 one): after each strided
     layer the multiplexed layouts' taps reach into neighbouring ciphertexts, while the polyphase
