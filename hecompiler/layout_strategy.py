@@ -38,7 +38,8 @@ parameters and keeps the cheapest):
   phases (one plaintext serves every ciphertext pair with the same channel offset), and fewer
   phases encode more distinct plaintexts.  ResNet-18 at 224x224 in 4096 slots (client-aided SEAL,
   predicted): K=32 (``polyphase``) 14,437 rotations and 297,588 encodings, 460 s; K=8 7,942 and
-  about 2x the encodings, 800 s, with every convolution within 1.2x of 2*sqrt(#diagonals);
+  about 2x the encodings, 800 s, with every convolution within 1.2x of 2*sqrt(#diagonals).
+  ResNet-20 (32x32, decimation 4) is faster with K=2 than with either 4 x 4 phases or none;
 * ``replicated``: as ``multiplexed``, and a one-ciphertext tensor that fills half the slots or
   less is held several times over (:meth:`Layout.replicated`: period p, the least power of two
   holding it).  After ResNet-20's strided layers, 64x8x8 in 2^14 slots repeats every 4096: its
