@@ -3,6 +3,7 @@
     python benchmarks/serve.py                       # tiny ResNet and digits, K = 1, 2, 4
     python benchmarks/serve.py --models digits --clients 1,2 --queries 4 --workers 2
     python benchmarks/serve.py --models tiny --target lattigo:toy-n12   # non-interactive (bootstraps)
+    python benchmarks/serve.py --models resnet20 --clients 1 --queries 4 --workers 1 --serve-flags=--plaintext-cache=256M
 
 For each model: compile it (``--ring 8192``, or ``--target T``; toy targets with ``--security none``,
 INSECURE, for speed; cached in benchmarks/.cache/serve), export its client
@@ -34,12 +35,24 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "serve"
-MODELS = {"tiny": "tiny_resnet_poly", "digits": "digits_poly"}
+MODELS = {"tiny": "tiny_resnet_poly", "digits": "digits_poly", "resnet20": "resnet20_poly"}
+
+
+def onnx_path(name: str) -> Path:
+    """A bundled model (models/), or one models/build_models.py builds into benchmarks/.cache."""
+    bundled = ROOT / "models" / f"{name}.onnx"
+    if bundled.exists():
+        return bundled
+    built = ROOT / "benchmarks" / ".cache" / f"{name}.onnx"
+    if not built.exists():
+        subprocess.run([sys.executable, str(ROOT / "models" / "build_models.py"), "--out", str(built.parent), name],
+                       check=True, stdout=subprocess.DEVNULL)
+    return built
 
 
 def compile_model(name: str, target: str | None = None) -> tuple[Path, Path]:
     CACHE.mkdir(parents=True, exist_ok=True)
-    onnx = ROOT / "models" / f"{name}.onnx"
+    onnx = onnx_path(name)
     tag = f"{name}.{target.replace(':', '-')}" if target else name
     hec, cf = CACHE / f"{tag}.hec", CACHE / f"{tag}.client"
     flags = ["--ring", "8192"] if not target else ["--target", target] + (
@@ -56,14 +69,18 @@ def inputs(name: str, n: int) -> list[np.ndarray]:
     if name == "digits_poly":
         x = np.load(ROOT / "models" / "digits_test_x.npy")
         return [x[i % len(x): i % len(x) + 1] for i in range(n)]
+    import onnxruntime as ort
+
+    shape = [d if isinstance(d, int) else 1 for d in
+             ort.InferenceSession(str(onnx_path(name)), providers=["CPUExecutionProvider"]).get_inputs()[0].shape]
     rng = np.random.default_rng(0)
-    return [rng.uniform(-1, 1, (1, 1, 8, 8)).astype(np.float32) for _ in range(n)]
+    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(n)]
 
 
 def reference(name: str, xs) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    s = ort.InferenceSession(str(ROOT / "models" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(str(onnx_path(name)), providers=["CPUExecutionProvider"])
     iname = s.get_inputs()[0].name
     return [s.run(None, {iname: np.asarray(x, np.float32)})[0] for x in xs]
 
@@ -105,10 +122,11 @@ class Sampler(threading.Thread):
             time.sleep(0.05)
 
 
-def start_server(hec: Path, store: Path, workers: int, log: Path):
+def start_server(hec: Path, store: Path, workers: int, log: Path, flags: list[str] = ()):
     err = open(log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "hecompiler.cli", "serve", str(hec), "--port", "0", "--store",
-                             str(store), "--workers", str(workers), "--queue", "64"], stdout=subprocess.PIPE, stderr=err)
+                             str(store), "--workers", str(workers), "--queue", "64", *flags],
+                            stdout=subprocess.PIPE, stderr=err)
     line = proc.stdout.readline().decode().strip()
     if not line.startswith("listening on "):
         proc.kill()
@@ -148,7 +166,7 @@ def run_round(clients, xs_per_client, max_seconds: float):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny,digits", help="tiny,digits (default: both)")
+    ap.add_argument("--models", default="tiny,digits", help="tiny,digits,resnet20 (default: tiny,digits)")
     ap.add_argument("--clients", default="1,2,4", help="values of K (default: %(default)s)")
     ap.add_argument("--queries", type=int, default=6, help="queries per client per round (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="server worker processes (default: %(default)s)")
@@ -156,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default=None, metavar="T",
                     help="compile for this target (e.g. lattigo:toy-n12: bootstrapping, no client round trip; toy "
                          "targets are compiled with --security none, INSECURE); default: SEAL, --ring 8192")
+    ap.add_argument("--serve-flags", default="", metavar="FLAGS",
+                    help="more flags for hecompile serve, e.g. --serve-flags=--plaintext-cache=256M")
     ap.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     from hecompiler.client import Client
@@ -165,13 +185,14 @@ def main(argv=None) -> int:
     head = (f"{'model':<17} {'K':>2} {'queries':>7} {'wall':>7} {'q/s':>6} {'p50':>7} {'p99':>7} {'server peak':>11} "
             f"{'key sets':>8} {'!=ort':>5} {'err/bound':>9}")
     print(f"hecompile serve load benchmark: {args.workers} worker process(es), {os.cpu_count()} cores, loopback; "
-          f"{args.queries} queries per client per round; target {args.target or 'seal (--ring 8192)'}")
+          f"{args.queries} queries per client per round; target {args.target or 'seal (--ring 8192)'}"
+          + (f"; serve {args.serve_flags}" if args.serve_flags else ""))
     print(head)
     for short in args.models.split(","):
         name = MODELS.get(short, short)
         hec, cf = compile_model(name, args.target)
         work = Path(tempfile.mkdtemp(prefix=f"hec-serve-bench-{name}-"))
-        proc, url = start_server(hec, work / "store", args.workers, work / "serve.log")
+        proc, url = start_server(hec, work / "store", args.workers, work / "serve.log", args.serve_flags.split())
         try:
             clients = [Client(cf, url, work / f"keys{i}") for i in range(max(ks))]
             for c in clients:

@@ -914,6 +914,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
                    help="memory budget of each worker process, e.g. 2G; a worker above it is stopped and the request "
                         "gets 503 (default: 1.5x what one key set needs, the compile report's prediction or its "
                         "plaintexts and keys if more, + 512M)")
+    p.add_argument("--plaintext-cache", default=None, metavar="SIZE",
+                   help="encoded plaintexts each worker keeps across requests, e.g. 2G; 0 keeps none (default: "
+                        "$HECOMPILER_PLAINTEXT_CACHE, else all of an inference's if 80%% of what the memory budget "
+                        "leaves holds them, else that 80%%: --worker-memory, or the compile's --max-memory)")
     p.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                    help="largest ciphertext body (default: twice what the program's inputs or refreshes need)")
     p.add_argument("--max-key-bytes", default=None, metavar="SIZE",
@@ -963,6 +967,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     cfg = ServeConfig(program=args.program, host=args.host, port=args.port, store=store,
                       workers=args.workers or (0 if args.scheduler else 1), queue=args.queue, timeout=args.timeout,
                       worker_memory=size("--worker-memory", args.worker_memory),
+                      plaintext_cache=size("--plaintext-cache", args.plaintext_cache),
                       max_request_bytes=size("--max-request-bytes", args.max_request_bytes),
                       max_key_bytes=size("--max-key-bytes", args.max_key_bytes), session_ttl=args.session_ttl,
                       max_sessions=args.max_sessions, max_key_sets=args.max_key_sets,

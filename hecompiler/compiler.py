@@ -486,7 +486,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "client_round_trips": c.round_trips,
         "rotation_keys": (getattr(low, "he_notes", None) or {}).get("rotation_keys"),
         "plaintexts": {"encoded": c.plaintexts, "bytes_all": c.plaintext_bytes_all,
-                       "encode_seconds": round(c.encode_seconds, 3),
+                       "encode_seconds": round(c.encode_seconds, 3), "cache_bytes": c.plaintext_cache_bytes,
                        "cache_headroom_bytes": max(0, best.lowering_options.max_memory_bytes - c.memory_bytes)
                        if getattr(best, "lowering_options", None) and best.lowering_options.max_memory_bytes else None},
         "layers": layers,

@@ -146,6 +146,41 @@ def default_cache_bytes() -> int:
     return parse_bytes(env) if env else DEFAULT_CACHE_BYTES
 
 
+#: the share of the memory a serving worker has left that its plaintext cache may fill (the rest
+#: is margin for the prediction's error: the pool stops a worker above its budget)
+SERVING_CACHE_SHARE = 0.8
+
+
+def serving_cache_bytes(report: dict, worker_memory: int | None = None) -> int:
+    """The plaintext cache of a serving worker (``hecompile serve``), which answers many queries
+    with one program: ``$HECOMPILER_PLAINTEXT_CACHE`` when set, else every plaintext of an
+    inference (the report's ``bytes_all``) if :data:`SERVING_CACHE_SHARE` of the memory left for
+    them holds them, else that share.  The memory left is ``worker_memory`` less the predicted peak
+    without its cache, or (no worker budget) what the compile's ``--max-memory`` leaves: the
+    predicted cache plus the report's ``cache_headroom_bytes``.  A collected runtime (Lattigo's Go
+    heap) holds garbage in proportion to what lives: the share is divided by the report's ratio of
+    garbage to the rest of its peak.  A one-shot ``eval`` keeps :data:`DEFAULT_CACHE_BYTES` (its
+    plaintexts are used once)."""
+    import os
+
+    env = os.environ.get("HECOMPILER_PLAINTEXT_CACHE")
+    if env:
+        return parse_bytes(env)
+    pt = report.get("plaintexts") or {}
+    want = int(pt.get("bytes_all") or 0)
+    cached = int(pt.get("cache_bytes") or 0)
+    if worker_memory is not None:
+        room = int(worker_memory) - (int(report.get("predicted_memory_bytes") or 0) - cached)
+    elif pt.get("cache_headroom_bytes") is not None:
+        room = cached + int(pt["cache_headroom_bytes"])
+    else:
+        return min(want, DEFAULT_CACHE_BYTES) if want else DEFAULT_CACHE_BYTES
+    peak = int(report.get("predicted_memory_bytes") or 0)
+    garbage = int(report.get("predicted_garbage_bytes") or 0)
+    per_byte = 1.0 + (garbage / (peak - garbage) if peak > garbage > 0 else 0.0)
+    return max(0, min(want, int(SERVING_CACHE_SHARE * room / per_byte)))
+
+
 class PlaintextCache:
     """Encoded plaintexts kept for reuse, within ``budget_bytes``.
 

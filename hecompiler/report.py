@@ -122,7 +122,8 @@ def key_trade_lines(r: Mapping[str, Any]) -> list[str]:
     if pt and pt.get("encoded"):
         head = pt.get("cache_headroom_bytes")
         lines.append(f"plaintexts: {pt['encoded']} encoded per inference, each at the level it is used "
-                     f"({pt['encode_seconds']:.2f} s predicted, {_mib(pt['bytes_all'])} if all are kept); a server keeps "
-                     f"them across inferences up to HECOMPILER_PLAINTEXT_CACHE (default 256 MiB, counted in the predicted peak)"
-                     + (f"; the memory budget leaves {_mib(head)} for them" if head is not None else ""))
+                     f"({pt['encode_seconds']:.2f} s predicted, {_mib(pt['bytes_all'])} if all are kept); an eval keeps "
+                     f"up to HECOMPILER_PLAINTEXT_CACHE (default 256 MiB, counted in the predicted peak), and "
+                     f"'hecompile serve' keeps them across inferences in what the memory budget leaves"
+                     + (f" ({_mib(head)} more)" if head is not None else ""))
     return lines

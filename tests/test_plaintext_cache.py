@@ -15,7 +15,7 @@ from hecompiler.backends.sim import SimPrimitives
 from hecompiler.executor import Executor
 from hecompiler.heprog import Params
 from hecompiler.lower import LoweringOptions, lower
-from hecompiler.plaintexts import PlaintextCache, parse_bytes
+from hecompiler.plaintexts import SERVING_CACHE_SHARE, PlaintextCache, parse_bytes, serving_cache_bytes
 from hecompiler.runtime import pack_inputs
 
 from conftest import ort_run
@@ -107,6 +107,31 @@ def _pool_model():
     g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_server_keeps_what_the_memory_budget_leaves(monkeypatch):
+    """hecompile serve sizes its workers' plaintext cache from the compile report: every plaintext
+    of an inference when 80% of the memory left holds them (ResNet-20 under SEAL: 1.32 GiB of
+    plaintexts, 7.5 GiB left under the default 8G), else that 80%; garbage of a collected heap
+    grows with it; the operator's $HECOMPILER_PLAINTEXT_CACHE wins."""
+    monkeypatch.delenv("HECOMPILER_PLAINTEXT_CACHE", raising=False)
+    G, M = 2**30, 2**20
+    seal = {"predicted_memory_bytes": 476 * M,
+            "plaintexts": {"bytes_all": 1416 * M, "cache_bytes": 256 * M, "cache_headroom_bytes": 7716 * M}}
+    assert serving_cache_bytes(seal) == 1416 * M  # all of them
+    # a worker budget: what it leaves beside the peak without the predicted cache
+    assert serving_cache_bytes(seal, worker_memory=1 * G) == int(SERVING_CACHE_SHARE * (1 * G - 220 * M))
+    assert serving_cache_bytes(seal, worker_memory=100 * M) == 0
+    # a compile budget nearly used up: 80% of the predicted cache plus what is left
+    tight = {**seal, "plaintexts": {**seal["plaintexts"], "cache_headroom_bytes": 44 * M}}
+    assert serving_cache_bytes(tight) == int(SERVING_CACHE_SHARE * 300 * M)
+    # Lattigo: a garbage of 25% of the rest of the peak costs every cached byte 1.25
+    gc = {**tight, "predicted_memory_bytes": 1000 * M, "predicted_garbage_bytes": 200 * M}
+    assert serving_cache_bytes(gc) == int(SERVING_CACHE_SHARE * 300 * M / 1.25)
+    # no budget in the report (an old program): the default, or all of them if fewer
+    assert serving_cache_bytes({"plaintexts": {"bytes_all": 10 * M}}) == 10 * M
+    monkeypatch.setenv("HECOMPILER_PLAINTEXT_CACHE", "64M")
+    assert serving_cache_bytes(seal) == 64 * M
 
 
 def test_identical_diagonals_are_encoded_once():

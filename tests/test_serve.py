@@ -26,6 +26,7 @@ from hecompiler.backends import protocol as P  # noqa: E402
 from hecompiler.cli import main  # noqa: E402
 from hecompiler.client import Client, ConnectionLost, ServerError  # noqa: E402
 from hecompiler.clientfile import load_client_file  # noqa: E402
+from hecompiler.hecfile import load_hec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,9 @@ def test_concurrent_clients_on_the_tiny_resnet_with_bad_requests_beside(programs
         h = json.loads(request(url, "GET", "/health")[2])
         assert h["status"] == "ok" and h["program_sha256"] == cp.program_digest and h["refresh"] == "client"
         assert h["capacity"] == 2 and h["key_sets"] == 0
+        # every plaintext of an inference stays cached across requests (the budget leaves room)
+        want = load_hec(hec)[1]["report"]["plaintexts"]["bytes_all"]
+        assert h["limits"]["plaintext_cache_bytes"] == want and "plaintext cache" in log.read_text()
         status, _, data = request(url, "GET", "/v1/client")
         assert status == 200 and load_client_file(cfile).program_digest == json.loads(data)["body"]["program_sha256"]
 
@@ -561,6 +565,7 @@ def test_serve_and_query_refuse_bad_flags_in_one_line(programs, tmp_path, capsys
                         (["serve", str(hec), "--log-interval", "0"], "--log-interval must be positive"),
                         (["serve", str(tmp_path / "nope.hec")], "no such file"),
                         (["serve", str(hec), "--worker-memory", "lots"], "--worker-memory"),
+                        (["serve", str(hec), "--plaintext-cache", "lots"], "--plaintext-cache 'lots'"),
                         (["query", str(cfile), "--url", "ftp://x", "--keys", str(tmp_path / "k"), "--input",
                           str(ROOT / "models/tiny_resnet_poly.input.npy")], "expected http://HOST:PORT"),
                         (["query", str(cfile), "--url", "http://127.0.0.1:9", "--keys", str(tmp_path / "k"),

@@ -47,6 +47,9 @@ class ServeConfig:
     queue: int = 16
     timeout: float = 300.0
     worker_memory: int | None = None  # bytes; None: from the compile report
+    #: encoded plaintexts each worker keeps across requests (bytes); None: what the memory budget
+    #: leaves (hecompiler.plaintexts.serving_cache_bytes)
+    plaintext_cache: int | None = None
     max_request_bytes: int | None = None  # None: from the program's ciphertext sizes
     max_key_bytes: int | None = None  # None: from the program's evaluation-key sizes
     session_ttl: float = 600.0
@@ -147,14 +150,19 @@ class Server:
         predicted = int(report.get("predicted_memory_bytes") or 0)
         self.predicted_memory = predicted
         # A worker serving one key set holds the interpreter, the program's encoded plaintexts (kept
-        # across requests, up to the cache budget) and the loaded keys (about 3x their file size at
-        # most, measured); each further key set it keeps loaded costs its keys only, since the
-        # worker's key sets share one plaintext cache (engine.Engine._share_plaintexts).
-        from ..plaintexts import default_cache_bytes
+        # across requests, up to the cache budget: what the memory budget leaves, so a repeated
+        # query encodes nothing) and the loaded keys (about 3x their file size at most, measured);
+        # each further key set it keeps loaded costs its keys only, since the worker's key sets
+        # share one plaintext cache (engine.Engine._share_plaintexts).
+        from ..plaintexts import serving_cache_bytes
 
-        pt_bytes = min(int((report.get("plaintexts") or {}).get("bytes_all") or 0), default_cache_bytes())
+        self.plaintext_cache = (cfg.plaintext_cache if cfg.plaintext_cache is not None
+                                else serving_cache_bytes(report, cfg.worker_memory))
+        pt_bytes = min(int((report.get("plaintexts") or {}).get("bytes_all") or 0), self.plaintext_cache)
+        cached = int((report.get("plaintexts") or {}).get("cache_bytes") or 0)
         self.per_key_set_bytes = max(3 * self.key_bytes, 1)
-        self.one_key_set_bytes = max(predicted, (128 << 20) + pt_bytes + self.per_key_set_bytes)
+        self.one_key_set_bytes = max(predicted - min(cached, predicted) + pt_bytes,
+                                     (128 << 20) + pt_bytes + self.per_key_set_bytes)
         if cfg.worker_memory is not None:
             if predicted and cfg.worker_memory < predicted:
                 log.warning("--worker-memory %s is below the %s the compile report predicts per inference: "
@@ -167,10 +175,11 @@ class Server:
         self.store = Store(cfg.store, self.sha)
         if cfg.scheduler:
             self.pool = DaskPool(cfg.scheduler, cfg.program, self.sha, cfg.timeout, self.key_cache,
-                                 capacity=cfg.workers if cfg.workers and cfg.workers > 0 else None)
+                                 capacity=cfg.workers if cfg.workers and cfg.workers > 0 else None,
+                                 plaintext_cache=self.plaintext_cache)
         else:
             self.pool = LocalPool(cfg.program, cfg.workers, cfg.timeout, self.memory_budget, self.key_cache,
-                                  cfg.verify_key, cfg.log_interval)
+                                  cfg.verify_key, cfg.log_interval, plaintext_cache=self.plaintext_cache)
         self.gate: Gate | None = None
         self.upload_slots = asyncio.Semaphore(2)
         self.locks: dict[str, asyncio.Lock] = {}
@@ -337,7 +346,8 @@ class Server:
             "limits": {"max_request_bytes": self.max_request, "max_key_bytes": self.max_keys,
                        "timeout_seconds": self.cfg.timeout, "worker_memory_bytes": self.memory_budget,
                        "session_ttl_seconds": self.cfg.session_ttl, "max_sessions": self.cfg.max_sessions,
-                       "max_key_sets": self.cfg.max_key_sets, "key_sets_per_worker": self.key_cache},
+                       "max_key_sets": self.cfg.max_key_sets, "key_sets_per_worker": self.key_cache,
+                       "plaintext_cache_bytes": self.plaintext_cache},
             "predicted_seconds": self.predicted_seconds,
             "uptime_seconds": time.time() - self.started, "counts": self.counts,
         })
@@ -625,6 +635,7 @@ async def serve(cfg: ServeConfig, ready=None) -> None:
     p = server.prog.params
     pool = (f"Dask scheduler {cfg.scheduler} ({server.pool.capacity} at once)" if cfg.scheduler else
             f"{cfg.workers} worker process(es), {_fmt_bytes(server.memory_budget)} memory budget each")
+    pool += f", plaintext cache {_fmt_bytes(server.plaintext_cache)} per worker"
     log.info("serving %s (program %s, %s, N=%d) on %s: %s, queue %d, timeout %g s, store %s, %d key set(s) on disk",
              cfg.program, server.sha[:16], server.backend_name, p.poly_degree, url, pool, cfg.queue, cfg.timeout,
              server.store.base, len(server.store.keyset_ids()))

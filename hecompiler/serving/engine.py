@@ -48,7 +48,8 @@ def proc_rss(pid: int | str = "self") -> tuple[int, int]:
 
 
 class Engine:
-    def __init__(self, hec_path: str, key_cache: int = 2, verify_key=None, log_interval: float = 10.0):
+    def __init__(self, hec_path: str, key_cache: int = 2, verify_key=None, log_interval: float = 10.0,
+                 plaintext_cache: int | None = None):
         from .. import backends
         from ..backends.protocol import pin_program_sha256
         from ..hecfile import load_hec
@@ -60,7 +61,13 @@ class Engine:
         self.key_cache = max(1, int(key_cache))
         self.servers: OrderedDict[str, Any] = OrderedDict()
         self.key_loads = 0  # key sets read and deserialized (once each while cached)
-        self.ptcache = None  # encoded plaintexts, shared by the key sets (see _share_plaintexts)
+        #: encoded plaintexts, shared by the key sets (see _share_plaintexts): a cache of
+        #: ``plaintext_cache`` bytes, or (None) the first executor's default one
+        self.ptcache = None
+        if plaintext_cache is not None:
+            from ..plaintexts import PlaintextCache
+
+            self.ptcache = PlaintextCache(plaintext_cache)
         self.log_interval = log_interval
         from ..executor import total_work, work_units
 
@@ -187,7 +194,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int, log_interval: float) -> None:
+def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int, log_interval: float,
+                plaintext_cache: int | None = None) -> None:
     """A local worker process: load the program, say ready, answer jobs until the pipe closes."""
     import signal
 
@@ -196,7 +204,7 @@ def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int
     if os.getppid() != parent_pid:
         return
     try:
-        eng = Engine(hec_path, key_cache, verify_key, log_interval)
+        eng = Engine(hec_path, key_cache, verify_key, log_interval, plaintext_cache)
     except HecError as e:
         conn.send({"ok": False, "status": 500, "error": str(e)})
         return
@@ -219,7 +227,8 @@ def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int
 _ENGINES: dict[str, Engine] = {}
 
 
-def dask_run(hec_bytes: bytes, hec_sha: str, key_files: dict | None, job: dict, key_cache: int = 2) -> dict:
+def dask_run(hec_bytes: bytes, hec_sha: str, key_files: dict | None, job: dict, key_cache: int = 2,
+             plaintext_cache: int | None = None) -> dict:
     """One job on a Dask worker.  ``hec_bytes`` and ``key_files`` are futures the server scattered
     once (broadcast): Dask hands each worker its copy, the Engine here loads them once."""
     eng = _ENGINES.get(hec_sha)
@@ -228,7 +237,7 @@ def dask_run(hec_bytes: bytes, hec_sha: str, key_files: dict | None, job: dict, 
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(hec_bytes)
-            eng = Engine(path, key_cache)
+            eng = Engine(path, key_cache, plaintext_cache=plaintext_cache)
         finally:
             os.unlink(path)
         if eng.sha != hec_sha:

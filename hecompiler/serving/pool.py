@@ -66,7 +66,7 @@ class _Worker:
 
         p = ctx.Process(target=worker_main, name=f"hecompile-serve-worker-{self.index}",
                         args=(child, self.pool.hec_path, self.pool.key_cache, self.pool.verify_key, os.getpid(),
-                              self.pool.log_interval), daemon=True)
+                              self.pool.log_interval, self.pool.plaintext_cache), daemon=True)
         p.start()
         child.close()
         self.proc, self.conn = p, parent
@@ -177,8 +177,10 @@ class LocalPool:
     kind = "local"
 
     def __init__(self, hec_path: str, workers: int, timeout: float, memory_budget: int, key_cache: int,
-                 verify_key=None, log_interval: float = 10.0, start_timeout: float = 300.0):
+                 verify_key=None, log_interval: float = 10.0, start_timeout: float = 300.0,
+                 plaintext_cache: int | None = None):
         self.hec_path = str(Path(hec_path).resolve())
+        self.plaintext_cache = plaintext_cache
         self.n = max(1, int(workers))
         self.timeout = timeout
         self.memory_budget = memory_budget
@@ -229,8 +231,9 @@ class DaskPool:
     kind = "dask"
 
     def __init__(self, address: str, hec_path: str, program_sha256: str, timeout: float, key_cache: int,
-                 capacity: int | None = None):
+                 capacity: int | None = None, plaintext_cache: int | None = None):
         self.address = address
+        self.plaintext_cache = plaintext_cache
         self.hec_path = hec_path
         self.sha = program_sha256
         self.timeout = timeout
@@ -294,7 +297,8 @@ class DaskPool:
 
         kf = await self._key_future(job["key_set"], job["keys_dir"])
         job = {k: v for k, v in job.items() if k != "keys_dir"}
-        fut = self.client.submit(dask_run, self._hec, self.sha, kf, job, self.key_cache, pure=False)
+        fut = self.client.submit(dask_run, self._hec, self.sha, kf, job, self.key_cache, self.plaintext_cache,
+                                 pure=False)
         try:
             out = await asyncio.wait_for(fut, max(0.001, deadline - time.monotonic()))
         except (asyncio.TimeoutError, TimeoutError):
