@@ -423,7 +423,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         layers.append({"node": st.node, "op": st.op, "layout_in": st.layout_in, "layout_out": st.layout_out,
                        "rotations": st.rotations, "diagonals": st.diagonals, "bsgs_bound": round(st.bound, 1),
                        "level_in": st.level_in, "level_out": st.level_out, "live_cts": live.get(st.node, 0)})
-    return {
+    r = {
         "model": fname,
         "compile_seconds": round(seconds, 3),
         "params": {"poly_degree": p.poly_degree, "slots": p.slots, "coeff_bits": list(p.coeff_bits),
@@ -490,10 +490,18 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
                        "cache_headroom_bytes": max(0, best.lowering_options.max_memory_bytes - c.memory_bytes)
                        if getattr(best, "lowering_options", None) and best.lowering_options.max_memory_bytes else None},
         "layers": layers,
-        "passes": [{"pass": r.spec, "exact": r.exact, "nodes": [r.nodes_before, r.nodes_after]}
-                   for r in pipeline.records],
+        "passes": [{"pass": rec.spec, "exact": rec.exact, "nodes": [rec.nodes_before, rec.nodes_after]}
+                   for rec in pipeline.records],
         "fidelity": fidelity,
     }
+    # a server ('hecompile serve') keeps the plaintexts its budget leaves room for: every inference
+    # after its first encodes only the rest
+    from .plaintexts import serving_cache_bytes
+
+    served = serving_cache_bytes(r, env=False)
+    r["plaintexts"]["served_cache_bytes"] = served
+    r["predicted_served_seconds"] = round(c.repeat_seconds(served), 3)
+    return r
 
 
 def _security_note(p, reserved_bits: int) -> str:
@@ -600,6 +608,12 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{r['peak_live_ciphertexts']} live ciphertexts at peak"
                  + (f", {r['client_round_trips']} round trips to the key holder ({r['predicted_network_seconds']:.2f} s "
                     f"of network in the total)" if r.get("client_round_trips") else ""))
+    pt = r.get("plaintexts") or {}
+    if r.get("predicted_served_seconds") is not None and pt.get("bytes_all"):
+        kept = min(1.0, pt.get("served_cache_bytes", 0) / pt["bytes_all"])
+        lines.append(f"served ('hecompile serve'): {r['predicted_served_seconds']:.2f} s per inference after the "
+                     f"first, {kept:.0%} of its plaintexts kept across requests "
+                     f"({_mb(pt.get('served_cache_bytes', 0))} of {_mb(pt['bytes_all'])}, what the memory budget leaves)")
     if r.get("batch", 1) > 1:
         lines.append(f"batch: {r['batch']} inputs per inference in the same ciphertexts: "
                      f"{r['predicted_seconds_per_input']:.3f} s per input (amortised)")

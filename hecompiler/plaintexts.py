@@ -151,7 +151,7 @@ def default_cache_bytes() -> int:
 SERVING_CACHE_SHARE = 0.8
 
 
-def serving_cache_bytes(report: dict, worker_memory: int | None = None) -> int:
+def serving_cache_bytes(report: dict, worker_memory: int | None = None, env: bool = True) -> int:
     """The plaintext cache of a serving worker (``hecompile serve``), which answers many queries
     with one program: ``$HECOMPILER_PLAINTEXT_CACHE`` when set, else every plaintext of an
     inference (the report's ``bytes_all``) if :data:`SERVING_CACHE_SHARE` of the memory left for
@@ -160,12 +160,13 @@ def serving_cache_bytes(report: dict, worker_memory: int | None = None) -> int:
     predicted cache plus the report's ``cache_headroom_bytes``.  A collected runtime (Lattigo's Go
     heap) holds garbage in proportion to what lives: the share is divided by the report's ratio of
     garbage to the rest of its peak.  A one-shot ``eval`` keeps :data:`DEFAULT_CACHE_BYTES` (its
-    plaintexts are used once)."""
+    plaintexts are used once).  ``env=False``: the size the budget gives (the compile report's
+    prediction of a served inference), whatever the environment says."""
     import os
 
-    env = os.environ.get("HECOMPILER_PLAINTEXT_CACHE")
-    if env:
-        return parse_bytes(env)
+    given = os.environ.get("HECOMPILER_PLAINTEXT_CACHE") if env else None
+    if given:
+        return parse_bytes(given)
     pt = report.get("plaintexts") or {}
     want = int(pt.get("bytes_all") or 0)
     cached = int(pt.get("cache_bytes") or 0)

@@ -46,6 +46,8 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
         "batch": r.get("batch", 1),
         "predicted_seconds_per_input": r.get("predicted_seconds_per_input", r.get("predicted_seconds")),
         "predicted_encode_seconds": r.get("predicted_encode_seconds"),
+        # an inference after the first on a server keeping what its budget leaves room for
+        "predicted_served_seconds": r.get("predicted_served_seconds"),
         "predicted_network_seconds": r.get("predicted_network_seconds"),
         "predicted_keygen_seconds": r.get("predicted_keygen_seconds"),
         "predicted_peak_bytes": r.get("predicted_memory_bytes"),

@@ -146,6 +146,14 @@ def test_compile_report_names_parameters_and_security(models, tmp_path, capsys):
     assert "128-bit (HE standard" in err and "N=8192" in err and "refreshes" in err
     assert "rotations" in err and "Galois keys" in err and "predicted per inference:" in err and "argmax agrees" in err
     assert "predicted once per key set: keygen" in err and "cost table: the bundled table" in err
+    # a server keeps all of the tiny CNN's plaintexts: after the first, an inference encodes nothing
+    from hecompiler.hecfile import load_hec
+
+    r = load_hec(tmp_path / "m.hec")[1]["report"]
+    pt = r["plaintexts"]
+    assert pt["served_cache_bytes"] == pt["bytes_all"] > 0
+    assert r["predicted_served_seconds"] == pytest.approx(r["predicted_seconds"] - pt["encode_seconds"], abs=2e-3)
+    assert "served ('hecompile serve'): " in err and "100% of its plaintexts kept across requests" in err
 
 
 def test_run_sim_and_seal_match_onnxruntime(tiny_poly, capsys):
