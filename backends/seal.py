@@ -210,6 +210,30 @@ class SealPrimitives:
         return ct
 
 
+class SealEncoder:
+    """Encoding only, with no keys: a server makes a program's plaintexts with it before any key set
+    arrives (:meth:`hecompiler.executor.Executor.warm`); they are valid under every key set of the
+    program's parameters (SEAL checks the parameter id)."""
+
+    name = "SEAL"
+
+    def __init__(self, prog: HEProgram):
+        self.ctx = make_context(prog)
+        self.top = prog.params.top_level
+
+    @_guarded
+    def encode(self, vec, scale, level):
+        return self.ctx.encode(vec, scale, self.top - level)
+
+    @_guarded
+    def encode_scalar(self, value, scale, level):
+        return self.ctx.encode_constant(value, scale, self.top - level)
+
+
+def plaintext_encoder(prog: HEProgram) -> SealEncoder:
+    return SealEncoder(prog)
+
+
 # =========================================================================== client
 
 class SealClient:

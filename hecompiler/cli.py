@@ -918,6 +918,9 @@ def cmd_serve(argv: Sequence[str]) -> int:
                    help="encoded plaintexts each worker keeps across requests, e.g. 2G; 0 keeps none (default: "
                         "$HECOMPILER_PLAINTEXT_CACHE, else all of an inference's if 80%% of what the memory budget "
                         "leaves holds them, else that 80%%: --worker-memory, or the compile's --max-memory)")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not encode the program's plaintexts into each worker's cache at start (by default a "
+                        "worker does, before it takes requests, so a first query is as fast as a later one)")
     p.add_argument("--max-request-bytes", default=None, metavar="SIZE",
                    help="largest ciphertext body (default: twice what the program's inputs or refreshes need)")
     p.add_argument("--max-key-bytes", default=None, metavar="SIZE",
@@ -967,7 +970,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     cfg = ServeConfig(program=args.program, host=args.host, port=args.port, store=store,
                       workers=args.workers or (0 if args.scheduler else 1), queue=args.queue, timeout=args.timeout,
                       worker_memory=size("--worker-memory", args.worker_memory),
-                      plaintext_cache=size("--plaintext-cache", args.plaintext_cache),
+                      plaintext_cache=size("--plaintext-cache", args.plaintext_cache), warm=not args.no_warm,
                       max_request_bytes=size("--max-request-bytes", args.max_request_bytes),
                       max_key_bytes=size("--max-key-bytes", args.max_key_bytes), session_ttl=args.session_ttl,
                       max_sessions=args.max_sessions, max_key_sets=args.max_key_sets,

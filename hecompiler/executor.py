@@ -426,6 +426,34 @@ class Executor:
                           self.prim.encode, self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool,
                           self.pf.share_key, plans)
 
+    def warm(self) -> ExecStats:
+        """Encode the plaintexts of the program's linear ops into the cache, in program order, until
+        it holds no more: what a server does before its first request (a plaintext depends on the
+        program and the parameters only, so ``prim`` needs no keys: its ``encode`` and
+        ``encode_scalar`` are all that is asked).  The cache then answers the first inference as
+        it would answer a second one."""
+        from .prefetch import plaintext_order
+
+        stats = ExecStats()
+        t = time.perf_counter()
+        nb = self.prog.params.poly_degree * 8
+        for ins in self.prog.instrs:
+            if ins.op in ("add_plain", "mul_plain"):
+                wanted = [(ins.plain, ins.level)]
+            elif ins.op == "linear":
+                wanted = plaintext_order(self.prog, ins, self.plans.plan(ins.plain.args[0]))
+            else:
+                continue
+            for ref, level in wanted:
+                if ref.kind == "scalar":
+                    continue  # encoded as it is used (no FFT)
+                if self.ptcache.bytes + nb * (level + 1) > self.ptcache.budget:
+                    stats.encode_seconds = time.perf_counter() - t
+                    return stats
+                self._plain(ref, level, stats)
+        stats.encode_seconds = time.perf_counter() - t
+        return stats
+
     def close(self) -> None:
         """Stop the encoding threads, if any."""
         pool, self._pool = self._pool, None

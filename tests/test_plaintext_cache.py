@@ -175,6 +175,30 @@ def test_repeated_runs_reuse_plaintexts_under_seal(tiny):
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5 * np.ptp(outs[0])
 
 
+def test_a_warmed_cache_serves_the_first_inference(tiny):
+    """A server encodes the program's plaintexts before any key set arrives (Executor.warm with
+    SEAL's key-less encoder): the first inference then encodes nothing, and its answer is right."""
+    from hecompiler.backends import seal as SB
+
+    prog = tiny.prog
+    client = SB.SealClient.create(prog)
+    server = SB.SealServer(prog, client.public_keys())
+    warm = Executor(prog, SB.plaintext_encoder(prog), None, plaintext_cache_bytes=0)
+    warm.ptcache = server.ex.ptcache
+    made = warm.warm()
+    assert made.plaintexts > 0 and server.ex.ptcache.bytes > 0
+    cts = client.encrypt_inputs({prog.inputs[0].name: tiny.xs[0]})
+    out_cts, st = server.run(cts, client.refresh)
+    assert st.plaintexts == 0 and st.plaintexts_reused >= made.plaintexts
+    y = next(iter(client.decrypt_outputs(out_cts).values())).reshape(-1)
+    ref = np.asarray(ort_run(tiny.model, tiny.xs[0])[0], np.float64).reshape(-1)
+    assert np.abs(y - ref).max() <= 1e-4 * np.ptp(ref)
+    # a cache too small for them all: warming stops when it is full, and never goes past it
+    small = Executor(prog, SB.plaintext_encoder(prog), None, plaintext_cache_bytes=server.ex.ptcache.bytes // 3)
+    part = small.warm()
+    assert 0 < part.plaintexts < made.plaintexts and small.ptcache.bytes <= small.ptcache.budget
+
+
 def test_cache_unit():
     from hecompiler.heprog import PlainRef
 

@@ -173,6 +173,8 @@ def test_concurrent_clients_on_the_tiny_resnet_with_bad_requests_beside(programs
         # every plaintext of an inference stays cached across requests (the budget leaves room)
         want = load_hec(hec)[1]["report"]["plaintexts"]["bytes_all"]
         assert h["limits"]["plaintext_cache_bytes"] == want and "plaintext cache" in log.read_text()
+        # ... encoded by each worker before it took requests
+        assert log.read_text().count("plaintexts encoded ahead in") == 2
         status, _, data = request(url, "GET", "/v1/client")
         assert status == 200 and load_client_file(cfile).program_digest == json.loads(data)["body"]["program_sha256"]
 

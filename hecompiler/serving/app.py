@@ -50,6 +50,8 @@ class ServeConfig:
     #: encoded plaintexts each worker keeps across requests (bytes); None: what the memory budget
     #: leaves (hecompiler.plaintexts.serving_cache_bytes)
     plaintext_cache: int | None = None
+    #: local workers encode the program's plaintexts into that cache before they take requests
+    warm: bool = True
     max_request_bytes: int | None = None  # None: from the program's ciphertext sizes
     max_key_bytes: int | None = None  # None: from the program's evaluation-key sizes
     session_ttl: float = 600.0
@@ -179,7 +181,8 @@ class Server:
                                  plaintext_cache=self.plaintext_cache)
         else:
             self.pool = LocalPool(cfg.program, cfg.workers, cfg.timeout, self.memory_budget, self.key_cache,
-                                  cfg.verify_key, cfg.log_interval, plaintext_cache=self.plaintext_cache)
+                                  cfg.verify_key, cfg.log_interval, plaintext_cache=self.plaintext_cache,
+                                  warm=cfg.warm)
         self.gate: Gate | None = None
         self.upload_slots = asyncio.Semaphore(2)
         self.locks: dict[str, asyncio.Lock] = {}

@@ -49,7 +49,7 @@ def proc_rss(pid: int | str = "self") -> tuple[int, int]:
 
 class Engine:
     def __init__(self, hec_path: str, key_cache: int = 2, verify_key=None, log_interval: float = 10.0,
-                 plaintext_cache: int | None = None):
+                 plaintext_cache: int | None = None, warm: bool = False):
         from .. import backends
         from ..backends.protocol import pin_program_sha256
         from ..hecfile import load_hec
@@ -68,6 +68,8 @@ class Engine:
             from ..plaintexts import PlaintextCache
 
             self.ptcache = PlaintextCache(plaintext_cache)
+        #: what warming the cache did (Executor.warm's statistics), when it was warmed
+        self.warm_stats = self._warm() if warm else None
         self.log_interval = log_interval
         from ..executor import total_work, work_units
 
@@ -75,6 +77,18 @@ class Engine:
         self._prefix = [0]
         for ins in self.prog.instrs:
             self._prefix.append(self._prefix[-1] + work_units(self.prog, ins))
+
+    def _warm(self):
+        """Fill the plaintext cache before any request, with the backend's key-less encoder
+        (``plaintext_encoder``): the first inference then encodes no more than a later one."""
+        make = getattr(self.backend, "plaintext_encoder", None)
+        if make is None or self.ptcache is None or not self.ptcache.budget:
+            return None
+        from ..executor import Executor
+
+        ex = Executor(self.prog, make(self.prog), None, plaintext_cache_bytes=0)
+        ex.ptcache = self.ptcache
+        return ex.warm()
 
     # ------------------------------------------------------------------ key sets
     def server(self, key_set: str, keys_dir: str | None = None, key_files: dict | None = None):
@@ -195,7 +209,7 @@ def _die_with_parent() -> None:
 
 
 def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int, log_interval: float,
-                plaintext_cache: int | None = None) -> None:
+                plaintext_cache: int | None = None, warm: bool = False) -> None:
     """A local worker process: load the program, say ready, answer jobs until the pipe closes."""
     import signal
 
@@ -204,10 +218,16 @@ def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int
     if os.getppid() != parent_pid:
         return
     try:
-        eng = Engine(hec_path, key_cache, verify_key, log_interval, plaintext_cache)
+        eng = Engine(hec_path, key_cache, verify_key, log_interval, plaintext_cache, warm)
     except HecError as e:
         conn.send({"ok": False, "status": 500, "error": str(e)})
         return
+    if eng.warm_stats is not None:
+        c = eng.ptcache
+        sys.stderr.write(f"hecompile serve: worker {os.getpid()}: {eng.warm_stats.plaintexts} plaintexts encoded "
+                         f"ahead in {eng.warm_stats.encode_seconds:.1f} s ({c.bytes / 2**20:.0f} MiB of the "
+                         f"{c.budget / 2**20:.0f} MiB cache)\n")
+        sys.stderr.flush()
     conn.send({"ok": True, "ready": os.getpid(), "rss": proc_rss()})
     while True:
         try:

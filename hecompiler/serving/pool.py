@@ -66,7 +66,7 @@ class _Worker:
 
         p = ctx.Process(target=worker_main, name=f"hecompile-serve-worker-{self.index}",
                         args=(child, self.pool.hec_path, self.pool.key_cache, self.pool.verify_key, os.getpid(),
-                              self.pool.log_interval, self.pool.plaintext_cache), daemon=True)
+                              self.pool.log_interval, self.pool.plaintext_cache, self.pool.warm), daemon=True)
         p.start()
         child.close()
         self.proc, self.conn = p, parent
@@ -178,9 +178,11 @@ class LocalPool:
 
     def __init__(self, hec_path: str, workers: int, timeout: float, memory_budget: int, key_cache: int,
                  verify_key=None, log_interval: float = 10.0, start_timeout: float = 300.0,
-                 plaintext_cache: int | None = None):
+                 plaintext_cache: int | None = None, warm: bool = False):
         self.hec_path = str(Path(hec_path).resolve())
         self.plaintext_cache = plaintext_cache
+        #: workers fill their plaintext cache before they say ready (engine.Engine._warm)
+        self.warm = warm
         self.n = max(1, int(workers))
         self.timeout = timeout
         self.memory_budget = memory_budget
