@@ -128,8 +128,10 @@ def test_a_server_keeps_what_the_memory_budget_leaves(monkeypatch):
     # Lattigo: a garbage of 25% of the rest of the peak costs every cached byte 1.25
     gc = {**tight, "predicted_memory_bytes": 1000 * M, "predicted_garbage_bytes": 200 * M}
     assert serving_cache_bytes(gc) == int(SERVING_CACHE_SHARE * 300 * M / 1.25)
-    # no budget in the report (an old program): the default, or all of them if fewer
+    # no budget or no memory prediction in the report (an old program): the default, or all of
+    # them if fewer, whatever the worker budget
     assert serving_cache_bytes({"plaintexts": {"bytes_all": 10 * M}}) == 10 * M
+    assert serving_cache_bytes({"plaintexts": {"bytes_all": 1 * G}}, worker_memory=8 * G) == 256 * M
     monkeypatch.setenv("HECOMPILER_PLAINTEXT_CACHE", "64M")
     assert serving_cache_bytes(seal) == 64 * M
 
