@@ -561,11 +561,22 @@ class ProgramCost:
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
-        previous ones (the cache fills in program order: that share of the encoding is saved)."""
-        if not self.plaintext_bytes_all:
-            return self.seconds
-        kept = min(1.0, max(0, cache_bytes) / self.plaintext_bytes_all)
-        return self.seconds - kept * max(0.0, self.encode_seconds - self.overlapped_seconds)
+        previous ones (:func:`repeat_seconds`)."""
+        return repeat_seconds(self.seconds, self.encode_seconds, self.overlapped_seconds, self.plaintext_bytes_all,
+                              cache_bytes)
+
+
+def repeat_seconds(seconds: float, encode_seconds: float, hidden_seconds: float, plaintext_bytes_all: int,
+                   cache_bytes: int) -> float:
+    """An inference of ``seconds`` (of which ``encode_seconds`` encoding, ``hidden_seconds`` of that
+    on other cores) when an executor keeps ``cache_bytes`` of its ``plaintext_bytes_all`` of
+    plaintexts from before: the cache fills in program order, and that share of the encoding the
+    evaluation waited for is saved.  The compile report's ``predicted_served_seconds``, and a
+    server's with the cache it was given."""
+    if not plaintext_bytes_all:
+        return seconds
+    kept = min(1.0, max(0, cache_bytes) / plaintext_bytes_all)
+    return seconds - kept * max(0.0, encode_seconds - hidden_seconds)
 
 
 #: resident memory of the Python process with numpy, onnx, SEAL loaded, when the cost table has

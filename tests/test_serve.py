@@ -171,8 +171,12 @@ def test_concurrent_clients_on_the_tiny_resnet_with_bad_requests_beside(programs
         assert h["status"] == "ok" and h["program_sha256"] == cp.program_digest and h["refresh"] == "client"
         assert h["capacity"] == 2 and h["key_sets"] == 0
         # every plaintext of an inference stays cached across requests (the budget leaves room)
-        want = load_hec(hec)[1]["report"]["plaintexts"]["bytes_all"]
+        report = load_hec(hec)[1]["report"]
+        want = report["plaintexts"]["bytes_all"]
         assert h["limits"]["plaintext_cache_bytes"] == want and "plaintext cache" in log.read_text()
+        # the time of a request with that cache, as the compile report predicts it for a server
+        assert h["predicted_served_seconds"] == pytest.approx(report["predicted_served_seconds"], abs=2e-3)
+        assert h["predicted_served_seconds"] < h["predicted_seconds"]
         # ... encoded by each worker before it took requests
         assert log.read_text().count("plaintexts encoded ahead in") == 2
         status, _, data = request(url, "GET", "/v1/client")

@@ -193,6 +193,13 @@ class Server:
         self.started = time.time()
         self.counts = {"requests": 0, "answers": 0, "errors": 0}
         self.predicted_seconds = float(report.get("predicted_seconds") or 1.0)
+        # with this server's plaintext cache (warmed at start, or filled by the first request)
+        from ..costmodel import repeat_seconds
+
+        self.predicted_served_seconds = repeat_seconds(
+            self.predicted_seconds, float(report.get("predicted_encode_seconds") or 0.0),
+            float(report.get("predicted_encode_hidden_seconds") or 0.0),
+            int((report.get("plaintexts") or {}).get("bytes_all") or 0), self.plaintext_cache)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -235,7 +242,7 @@ class Server:
 
     # ------------------------------------------------------------------ helpers
     def _retry_after(self) -> float:
-        return max(1.0, round(self.predicted_seconds * (1 + self.gate.waiting) / max(1, self.gate.capacity)))
+        return max(1.0, round(self.predicted_served_seconds * (1 + self.gate.waiting) / max(1, self.gate.capacity)))
 
     async def _read(self, request, limit: int, what: str) -> bytes:
         cl = request.content_length
@@ -352,6 +359,7 @@ class Server:
                        "max_key_sets": self.cfg.max_key_sets, "key_sets_per_worker": self.key_cache,
                        "plaintext_cache_bytes": self.plaintext_cache},
             "predicted_seconds": self.predicted_seconds,
+            "predicted_served_seconds": round(self.predicted_served_seconds, 3),
             "uptime_seconds": time.time() - self.started, "counts": self.counts,
         })
 
