@@ -121,7 +121,28 @@ def _guarded(fn):
     return call
 
 
-class SealPrimitives:
+class SealEncoder:
+    """Encoding only, with no keys: a server makes a program's plaintexts with it before any key set
+    arrives (:meth:`hecompiler.executor.Executor.warm`); they are valid under every key set of the
+    program's parameters (SEAL checks the parameter id).  :class:`SealPrimitives` encodes the same
+    way, with its key set's context."""
+
+    name = "SEAL"
+
+    def __init__(self, prog: HEProgram):
+        self.ctx = make_context(prog)
+        self.top = prog.params.top_level
+
+    @_guarded
+    def encode(self, vec, scale, level):
+        return self.ctx.encode(vec, scale, self.top - level)
+
+    @_guarded
+    def encode_scalar(self, value, scale, level):
+        return self.ctx.encode_constant(value, scale, self.top - level)
+
+
+class SealPrimitives(SealEncoder):
     """The executor's primitives on SEAL ciphertexts (evaluation keys only).  SEAL counts
     levels the other way (``seal_level = top_level - level``); refreshes go to the key holder."""
 
@@ -147,14 +168,6 @@ class SealPrimitives:
     def set_scale(self, ct, scale):
         self._s.set_scale(ct, scale)
         return ct
-
-    @_guarded
-    def encode(self, vec, scale, level):
-        return self._s.encode(vec, scale, self.top - level)
-
-    @_guarded
-    def encode_scalar(self, value, scale, level):
-        return self._s.encode_constant(value, scale, self.top - level)
 
     @_guarded
     def rotate(self, ct, step):
@@ -208,26 +221,6 @@ class SealPrimitives:
         enc.encrypt_zero(self.ctx.parms_id_at(self.top - level), ct)
         ct.scale = scale
         return ct
-
-
-class SealEncoder:
-    """Encoding only, with no keys: a server makes a program's plaintexts with it before any key set
-    arrives (:meth:`hecompiler.executor.Executor.warm`); they are valid under every key set of the
-    program's parameters (SEAL checks the parameter id)."""
-
-    name = "SEAL"
-
-    def __init__(self, prog: HEProgram):
-        self.ctx = make_context(prog)
-        self.top = prog.params.top_level
-
-    @_guarded
-    def encode(self, vec, scale, level):
-        return self.ctx.encode(vec, scale, self.top - level)
-
-    @_guarded
-    def encode_scalar(self, value, scale, level):
-        return self.ctx.encode_constant(value, scale, self.top - level)
 
 
 def plaintext_encoder(prog: HEProgram) -> SealEncoder:

@@ -416,15 +416,14 @@ class Executor:
         stop = len(instrs)
         if self.prim.refresh_kind == "client":
             stop = next((k for k in range(state.pc, len(instrs)) if instrs[k].op == "refresh"), stop)
-        N = self.prog.params.poly_degree
-
-        def nbytes(level: int) -> int:
-            return N * (level + 1) * 8
-
         plans: dict[int, Any] = {}
         return Prefetcher(stream_order(self.prog, state.pc, stop, self.plans.plan, plans), self.pf.vector,
-                          self.prim.encode, self.prim.encode_scalar, self.ptcache, _ZERO, nbytes, self._pool,
+                          self.prim.encode, self.prim.encode_scalar, self.ptcache, _ZERO, self._pt_bytes, self._pool,
                           self.pf.share_key, plans)
+
+    def _pt_bytes(self, level: int) -> int:
+        """Bytes of one encoded plaintext at ``level`` (what the cache and the prefetch window count)."""
+        return self.prog.params.poly_degree * (level + 1) * 8
 
     def warm(self) -> ExecStats:
         """Encode the plaintexts of the program's linear ops into the cache, in program order, until
@@ -436,7 +435,6 @@ class Executor:
 
         stats = ExecStats()
         t = time.perf_counter()
-        nb = self.prog.params.poly_degree * 8
         for ins in self.prog.instrs:
             if ins.op in ("add_plain", "mul_plain"):
                 wanted = [(ins.plain, ins.level)]
@@ -447,7 +445,7 @@ class Executor:
             for ref, level in wanted:
                 if ref.kind == "scalar":
                     continue  # encoded as it is used (no FFT)
-                if self.ptcache.bytes + nb * (level + 1) > self.ptcache.budget:
+                if self.ptcache.bytes + self._pt_bytes(level) > self.ptcache.budget:
                     stats.encode_seconds = time.perf_counter() - t
                     return stats
                 self._plain(ref, level, stats)
@@ -478,7 +476,7 @@ class Executor:
         if pt is not None:
             return pt
         vec = self.pf.vector(ref)
-        nbytes = self.prog.params.poly_degree * (level + 1) * 8
+        nbytes = self._pt_bytes(level)
         if not np.any(vec):
             cache.store(ref, level, None, _ZERO, 0)
             return _ZERO
