@@ -149,6 +149,9 @@ class SealPrimitives(SealEncoder):
     name = "SEAL"
     refresh_kind = "client"
     bootstraps = False
+    #: the executor may fork helper processes that share its large linear ops (hecompiler.parallel):
+    #: tenseal holds the interpreter lock while it works, and SEAL starts no threads of its own
+    forks = True
 
     def __init__(self, prog: HEProgram, keys: KeySet):
         self.ctx = keys.ctx
@@ -159,6 +162,15 @@ class SealPrimitives(SealEncoder):
     @_guarded
     def meta(self, ct):
         return self.top - self.ctx.level_of(ct), float(ct.scale)
+
+    @_guarded
+    def to_bytes(self, ct):
+        return self.ctx.to_bytes(ct)
+
+    @_guarded
+    def from_bytes(self, data):
+        """A ciphertext from :meth:`to_bytes`, checked (parameters, checksum, SEAL's validity)."""
+        return self.ctx.from_bytes("ciphertext", data)
 
     @_guarded
     def copy(self, ct):
@@ -295,7 +307,10 @@ class SealServer:
     """Evaluates the program with the public evaluation keys only, on the shared
     :class:`~hecompiler.executor.Executor` (client-aided refreshes suspend the evaluation)."""
 
-    def __init__(self, prog: HEProgram, keys: KeySet, cost: CostModel | None = None):
+    def __init__(self, prog: HEProgram, keys: KeySet, cost: CostModel | None = None,
+                 processes: int | None = None):
+        """``processes``: how many share the large linear ops (hecompiler.parallel; default
+        ``$HECOMPILER_PROCESSES`` or one per core)."""
         if keys.secret_key is not None:
             raise SealBackendError("SealServer: refusing a key set that contains the secret key; "
                                    "give the server SealClient.public_keys()")
@@ -313,7 +328,7 @@ class SealServer:
         self.keys = keys
         self.top = prog.params.top_level
         self.prim = SealPrimitives(prog, keys)
-        self.ex = Executor(prog, self.prim, cost)
+        self.ex = Executor(prog, self.prim, cost, processes=processes)
         n_keys = len(keys.rotation_steps())
         self._key_stats = {
             "galois_keys": n_keys,
@@ -325,6 +340,10 @@ class SealServer:
     @property
     def key_set(self) -> str:
         return self.keys.fingerprint()
+
+    def close(self) -> None:
+        """Stop the helper processes, if the evaluation forked any (they also stop with this process)."""
+        self.ex.close()
 
     def ct_to_bytes(self, ct: Any) -> bytes:
         return self.ctx.to_bytes(ct)
@@ -386,7 +405,10 @@ def run_encrypted(prog: HEProgram, inputs: Mapping[str, np.ndarray],
     t1 = time.perf_counter()
     cts = client.encrypt_inputs(inputs)
     t2 = time.perf_counter()
-    out_cts, stats = server.run(cts, client.refresh, progress)
+    try:
+        out_cts, stats = server.run(cts, client.refresh, progress)
+    finally:
+        server.close()
     del cts
     t3 = time.perf_counter()
     outs = client.decrypt_outputs(out_cts)

@@ -125,6 +125,8 @@ OPS = {
     "encode_constant": "CKKS encode of one scalar broadcast to all slots",
     "encrypt": "public-key encryption of a pre-encoded plaintext at the level",
     "decrypt": "decryption plus decoding to a float64 vector",
+    "ct_save": "a ciphertext serialized to bytes (SEAL's zstd format in the wrapper's envelope: what a helper process gets)",
+    "ct_load": "a ciphertext loaded from those bytes, with SEAL's validity check",
 }
 KEY_SWITCH_OPS = ("rotate", "relinearize", "mul_relin")
 SCALE = 2.0**25  # fits even the last (60-bit) level after one product
@@ -192,6 +194,7 @@ def make_cases(ctx: Any, client: Any, server: Any, vec: np.ndarray, level: int) 
     a3 = server.multiply(a, b)
     prod = server.multiply_plain(a, pt)  # scale 2^50: rescalable at levels with >= 2 primes
     acc = server.multiply_plain(b, pt)  # an accumulator at the product's scale
+    saved = ctx.to_bytes(a)
     last = level == ctx.max_level
     return {
         "rotate": lambda: server.rotate(a, 1),
@@ -210,6 +213,8 @@ def make_cases(ctx: Any, client: Any, server: Any, vec: np.ndarray, level: int) 
         "encode_constant": lambda: ctx.encode_constant(0.5, SCALE, level),
         "encrypt": lambda: client.encrypt_plain(pt),
         "decrypt": lambda: client.decrypt(a),
+        "ct_save": lambda: ctx.to_bytes(a),
+        "ct_load": lambda: ctx.from_bytes("ciphertext", saved),
         "_fixtures": {"a": a, "pt": pt},
     }
 

@@ -400,6 +400,28 @@ def _load_input(prog, meta, path: str, precheck: bool = True):
     return io, x
 
 
+def _add_processes(p) -> None:
+    p.add_argument("--processes", type=_processes_arg, default=None, metavar="N",
+                   help="processes that share the large linear ops under SEAL: this one and N-1 forked helpers "
+                        "(default: $HECOMPILER_PROCESSES, else one per core; 1: no helpers)")
+
+
+def _processes_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of processes") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1 process")
+    return n
+
+
+def _use_processes(args) -> None:
+    """--processes for the executor (hecompiler.parallel reads it from the environment)."""
+    if getattr(args, "processes", None) is not None:
+        os.environ["HECOMPILER_PROCESSES"] = str(args.processes)
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -423,8 +445,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (phase seconds, peak RSS, op counts, error vs --reference) on stdout")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_processes(p)
     _add_verify_key(p)
     args = p.parse_args(argv)
+    _use_processes(args)
     _check_outputs({"-o": args.output}, {"program": args.program, "--input": args.input,
                                          "--reference": args.reference})
     prog, meta = load_hec(args.program, verify_key=args.verify_key)
@@ -678,7 +702,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
     p.add_argument("--response", metavar="R.bundle", help="the client's refresh response (later calls)")
     p.add_argument("--request", metavar="Q.bundle", help="where to write a refresh request (default: STATE.request)")
     p.add_argument("-o", "--output", required=True, metavar="Y.bundle", help="encrypted outputs, when done")
+    _add_processes(p)
     args = p.parse_args(argv)
+    _use_processes(args)
     if args.input and args.response:
         raise HecError("give --input for the first call, or --response to resume after a refresh, not both")
     req_path = args.request or args.state + ".request"

@@ -472,6 +472,11 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         # encoding done ahead on other cores while the evaluation runs (inside the encode seconds, not the total)
         "predicted_encode_hidden_seconds": round(c.overlapped_seconds, 3),
         "encode_cores": cost.encode_cores,
+        # processes sharing the large linear ops (hecompiler.parallel): the work the helpers take off
+        # the evaluating process (less passing ciphertexts), and the encoding inside it
+        "processes": c.processes,
+        "predicted_shared_seconds": round(c.shared_seconds, 3),
+        "predicted_encode_shared_seconds": round(c.shared_encode_seconds, 3),
         "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
@@ -479,8 +484,9 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         # the executor runs one instruction at a time: CPU seconds = wall seconds of the server plus
         # the encoding done ahead on other cores (the key holder's refresh work is in the refresh
         # time); Lattigo's batched bootstraps may use more cores, which this does not count
-        "predicted_cpu_seconds": round(c.seconds + c.overlapped_seconds, 3),
-        "cost_per_1000_inferences": (round((c.seconds + c.overlapped_seconds) * 1000 / 3600 * price_per_core_hour, 4)
+        "predicted_cpu_seconds": round(c.seconds + c.overlapped_seconds + c.shared_seconds, 3),
+        "cost_per_1000_inferences": (round((c.seconds + c.overlapped_seconds + c.shared_seconds) * 1000 / 3600
+                                           * price_per_core_hour, 4)
                                      if price_per_core_hour else None),
         "price_per_core_hour": price_per_core_hour,
         "client_round_trips": c.round_trips,
@@ -500,7 +506,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
 
     served = serving_cache_bytes(r, env=False)
     r["plaintexts"]["served_cache_bytes"] = served
-    r["predicted_served_seconds"] = round(c.repeat_seconds(served), 3)
+    r["predicted_served_seconds"] = round(c.served_seconds(served), 3)
     return r
 
 
@@ -603,7 +609,11 @@ def format_report(r: dict[str, Any]) -> str:
     enc = (f"encoding plaintexts {r['predicted_encode_seconds']:.2f} s, {hidden:.2f} s of it hidden behind the "
            f"evaluation: encoded ahead on {r.get('encode_cores')} cores" if hidden else
            f"of which encoding plaintexts {r['predicted_encode_seconds']:.2f} s")
-    lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s {'' if hidden else 'on one core '}"
+    shared = r.get("predicted_shared_seconds") or 0.0
+    where = (f"on {r.get('processes')} processes (helpers take {shared:.2f} s of linear-op work, "
+             f"{r.get('predicted_encode_shared_seconds') or 0.0:.2f} s of it encoding) " if shared else
+             "" if hidden else "on one core ")
+    lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s {where}"
                  f"({enc}), peak memory {_mb(r['predicted_memory_bytes'])}, "
                  f"{r['peak_live_ciphertexts']} live ciphertexts at peak"
                  + (f", {r['client_round_trips']} round trips to the key holder ({r['predicted_network_seconds']:.2f} s "

@@ -209,6 +209,31 @@ class CostModel:
         cores = int((self.table.get("machine") or {}).get("cores") or 1)
         return cores if cores > 1 else 0
 
+    @property
+    def eval_processes(self) -> int:
+        """Processes that share a program's large linear ops (hecompiler.parallel): the SEAL
+        executor forks a helper per core beyond its own (``$HECOMPILER_PROCESSES`` sets the number);
+        priced at the measured machine's cores, or the variable when set.  1 for Lattigo and any
+        bootstrapping target (its executor does not fork; its encoder already runs on the other
+        cores: :attr:`encode_cores`)."""
+        if self.lattigo or self.refresh.bootstraps:
+            return 1
+        from .parallel import default_processes
+
+        if os.environ.get("HECOMPILER_PROCESSES", "").strip():
+            return default_processes()
+        return max(1, int((self.table.get("machine") or {}).get("cores") or 1))
+
+    def transfer_ct_seconds(self, n: int, primes: int) -> tuple[float, float]:
+        """(serialize, load) seconds of one ciphertext with ``primes`` primes, as a process hands it
+        to another (``ct_save``, ``ct_load``: measured by ``hecompile calibrate`` since the helpers
+        came; a table from before prices each as one encoding at that level, which measured 0.55 ms
+        against 1.0 and 0.8 ms at N=8192 with two primes)."""
+        out = []
+        for op in ("ct_save", "ct_load"):
+            out.append(self.op_seconds(op if self.measured(op, n) else "encode", n, primes))
+        return out[0], out[1]
+
     def noise(self, n: int) -> dict[str, float]:
         """Measured CKKS error per op at ring degree ``n``: standard deviation times the scale
         (``fresh``, ``rescale``, ``keyswitch``, ``encode``, and ``keyswitch_head``: key
@@ -558,18 +583,30 @@ class ProgramCost:
     garbage_bytes: int = 0
     #: of ``key_bytes``, the Galois keys (each at its level of use where the backend makes keys per level)
     galois_key_bytes: int = 0
+    #: seconds of linear-op work done by helper processes beside the evaluating one, less what passing
+    #: ciphertexts to them costs (not in ``seconds``: hecompiler.parallel, split_saving); of
+    #: ``encode_seconds`` the part they do; how many processes evaluate
+    shared_seconds: float = 0.0
+    shared_encode_seconds: float = 0.0
+    processes: int = 1
+
+    def served_seconds(self, cache_bytes: int) -> float:
+        """One inference after the first in a ``hecompile serve`` worker, which evaluates in one
+        process (no helpers: serving.engine.one_process) and keeps ``cache_bytes`` of plaintexts."""
+        return repeat_seconds(self.seconds + self.shared_seconds, self.encode_seconds, self.overlapped_seconds,
+                              self.plaintext_bytes_all, cache_bytes)
 
     def repeat_seconds(self, cache_bytes: int) -> float:
         """One inference when an executor keeps ``cache_bytes`` of encoded plaintexts from the
         previous ones (:func:`repeat_seconds`)."""
-        return repeat_seconds(self.seconds, self.encode_seconds, self.overlapped_seconds, self.plaintext_bytes_all,
-                              cache_bytes)
+        return repeat_seconds(self.seconds, self.encode_seconds, self.overlapped_seconds + self.shared_encode_seconds,
+                              self.plaintext_bytes_all, cache_bytes)
 
 
 def repeat_seconds(seconds: float, encode_seconds: float, hidden_seconds: float, plaintext_bytes_all: int,
                    cache_bytes: int) -> float:
     """An inference of ``seconds`` (of which ``encode_seconds`` encoding, ``hidden_seconds`` of that
-    on other cores) when an executor keeps ``cache_bytes`` of its ``plaintext_bytes_all`` of
+    on other cores: encoded ahead, or by helper processes) when an executor keeps ``cache_bytes`` of its ``plaintext_bytes_all`` of
     plaintexts from before: the cache fills in program order, and that share of the encoding the
     evaluation waited for is saved.  The compile report's ``predicted_served_seconds``, and a
     server's with the cache it was given."""
@@ -662,6 +699,39 @@ def linear_encodings(counts: dict) -> int:
     return min(uses, counts.get("plaintexts", uses))
 
 
+def split_saving(ins, prog, model, by: dict[str, float], enc: float) -> tuple[float, float]:
+    """Seconds a linear op saves when the executor shares it with helper processes
+    (hecompiler.parallel; 0 when it does not): its products, their accumulations and its
+    encodings spread over :attr:`CostModel.eval_processes`; its rotations, rescales and bias are
+    priced on the evaluating process (all of them: an op shared by group sums leaves it every giant
+    step; one shared by whole outputs gives the helpers theirs, which this does not count), which
+    also serializes the inputs the helpers read and loads what they return.  (The helpers' own
+    copies of the baby steps run on their cores, beside the evaluating process's.)  Returns (seconds saved, of the
+    op's encoding the part the helpers do)."""
+    if ins.op != "linear":
+        return 0.0, 0.0
+    P = getattr(model, "eval_processes", 1)  # a duck-typed model may not say
+    if P < 2:
+        return 0.0, 0.0
+    from .parallel import by_outputs, worth_splitting
+
+    lin = prog.linears[ins.plain.args[0]]
+    c = lin.counts
+    groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
+    n_in, n_out = prog.layouts[lin.in_layout].n_ct, prog.layouts[lin.out_layout].n_ct
+    if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, P):
+        return 0.0, 0.0
+    n = prog.params.poly_degree
+    pin = ins.level + 2
+    measured = getattr(model, "measured", None)
+    acc = c.get("acc_adds", 0) if measured is not None and measured("mul_plain_acc", n) else 0
+    shared = by.get("mul_plain", 0.0) + enc + (c.get("acc_adds", 0) - acc) * model.op_seconds("add", n, pin)
+    save, load = model.transfer_ct_seconds(n, pin)
+    back = n_out if by_outputs(n_out, P) else groups  # whole outputs come back, or group sums
+    travel = n_in * save + back * (P - 1) / P * load
+    return max(0.0, shared * (P - 1) / P - travel), enc * (P - 1) / P
+
+
 def encode_hidden(by: dict[str, float], enc: float, cores: int) -> float:
     """Seconds of a linear op's encoding hidden behind its evaluation when its plaintexts are
     encoded ahead on ``cores`` cores while one core evaluates (0: encoding waits in line): the
@@ -742,6 +812,9 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     cores = getattr(model, "encode_cores", 0)  # a duck-typed model may not say
     costs = [instr_cost(ins, prog, model) for ins in prog.instrs]
     hidden = sum(encode_pipeline(prog, model, costs))
+    splits = [split_saving(ins, prog, model, by, e) for ins, (by, e, _) in zip(prog.instrs, costs)]
+    shared = sum(saved for saved, _ in splits)
+    shared_enc = sum(e for _, e in splits)
     for ins, (by, e, cnt) in zip(prog.instrs, costs):
         for k, v in by.items():
             by_op[k] = by_op.get(k, 0.0) + v
@@ -850,7 +923,7 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     if batches and not model.refresh.bootstraps:
         by_op["refresh"] = by_op.get("refresh", 0.0) + batches * model.refresh.round_trip_s
         network = batches * model.refresh.round_trip_s + counts.get("refresh", 0) * model.transfer_seconds(n, top_primes)
-    seconds = sum(by_op.values()) + enc - hidden
+    seconds = sum(by_op.values()) + enc - hidden - shared
     # keys made at lower levels take less time and bytes: count them as that many keys at the top
     top_keys = gk_bytes / model.ksk_bytes(n, top_primes) if n_keys else 0
     kg, upload = model.keygen(n, top_primes, top_keys, prog.needs_relin, **sparse)
@@ -872,4 +945,5 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
                        peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
-                       n_pt, pt_all, cached, hidden, garbage, gk_bytes)
+                       n_pt, pt_all, cached, hidden, garbage, gk_bytes, shared, shared_enc,
+                       getattr(model, "eval_processes", 1))

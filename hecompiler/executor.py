@@ -30,13 +30,14 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel, encode_pipeline, instr_cost, linear_temporaries, peak_rss_bytes
+from .costmodel import CostModel, encode_pipeline, instr_cost, linear_temporaries, peak_rss_bytes, split_saving
 from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
+from .parallel import HelperError, Helpers, RemoteParts, by_outputs, default_processes, split_work, worth_splitting
 from .prefetch import Prefetcher, stream_order
-from .runtime import LinearPlans, run_linear
+from .runtime import LinearPlans, group_order, inputs_read, run_linear
 
 
 #: an all-zero plaintext, remembered as such (the product is an encryption of zero)
@@ -110,10 +111,22 @@ class ExecStats:
     #: in a simulator batch run, the two above for each row (arrays of the batch size; None otherwise)
     modulus_use_rows: Any = None
     bootstrap_use_rows: Any = None
+    #: linear ops shared with helper processes (hecompiler.parallel): how many, the ciphertexts that
+    #: travelled, the seconds this process spent serializing and loading them, the helpers' own
+    #: seconds (encoding included) and their largest resident memory
+    split_linears: int = 0
+    transfer_ciphertexts: int = 0
+    transfer_seconds: float = 0.0
+    helper_seconds: float = 0.0
+    helper_encode_seconds: float = 0.0
+    helper_peak_rss_bytes: int = 0
+
+    #: predicted seconds of linear-op work the helper processes take off this one (costmodel.split_saving)
+    predicted_shared_seconds: float = 0.0
 
     @property
     def predicted_seconds(self) -> float:
-        return sum(self.predicted_by_op.values()) + self.predicted_encode_seconds
+        return sum(self.predicted_by_op.values()) + self.predicted_encode_seconds - self.predicted_shared_seconds
 
     @property
     def wall_seconds(self) -> float:
@@ -148,6 +161,10 @@ class ExecStats:
         lines.append(f"eval {self.eval_seconds:.3f} s, {self.refreshes} refreshes in "
                      f"{self.refresh_round_trips} round trips{boot}, encode {self.encode_seconds:.3f} s "
                      f"({self.plaintexts} plaintexts" + (f", {self.plaintexts_reused} reused" if self.plaintexts_reused else "") + ")")
+        if self.split_linears:
+            lines.append(f"{self.split_linears} linear ops shared with helper processes: {self.helper_seconds:.3f} s "
+                         f"in the helpers ({self.helper_encode_seconds:.3f} s encoding), {self.transfer_ciphertexts} "
+                         f"ciphertexts passed ({self.transfer_seconds:.3f} s here)")
         lines.append(f"  {'op':<10} {'count':>6}  {'time':>10}")
         for op in sorted(self.op_counts):
             t = self.seconds_by_op.get(op)
@@ -157,8 +174,10 @@ class ExecStats:
         if "linear" in self.seconds_by_op:
             lines.append(f"  {'linear':<10} {'':>6}  {self.seconds_by_op['linear']:8.3f} s  (convolutions and "
                          f"other linear ops: their rotations, ct-pt mults, adds, rescales, encoding)")
+        helpers = f" (each helper process {self.helper_peak_rss_bytes / 2**20:.0f} MiB at most)" \
+            if self.helper_peak_rss_bytes else ""
         lines.append(f"peak live ciphertexts {self.peak_live_ciphertexts}, peak RSS "
-                     f"{self.peak_rss_bytes / 2**20:.0f} MiB, Galois keys {self.galois_keys} "
+                     f"{self.peak_rss_bytes / 2**20:.0f} MiB{helpers}, Galois keys {self.galois_keys} "
                      f"({self.galois_key_bytes / 2**20:.1f} MiB)")
         return "\n".join(lines)
 
@@ -285,6 +304,17 @@ class ProgressLog:
 
 # --------------------------------------------------------------------------- the executor
 
+class _Processes:
+    """A cost model priced at a given number of evaluating processes."""
+
+    def __init__(self, model: CostModel, processes: int):
+        self._model = model
+        self.eval_processes = processes
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 class _LinearAdapter:
     """The primitive interface :func:`run_linear` drives, on a backend, with plaintexts made
     and encoded here and rescaled scales snapped to the plan."""
@@ -341,7 +371,7 @@ class Executor:
     """Runs ``prog`` on backend primitives ``prim`` (see the module doc)."""
 
     def __init__(self, prog: HEProgram, prim: Primitives, cost: CostModel | None = None,
-                 plaintext_cache_bytes: int | None = None):
+                 plaintext_cache_bytes: int | None = None, processes: int | None = None):
         self.prog = prog
         self.prim = prim
         self.cost = cost
@@ -359,6 +389,15 @@ class Executor:
         self._pool = None
         #: predicted seconds of encoding hidden per instruction (costmodel.encode_pipeline), when predicting
         self._hidden: list[float] | None = None
+        #: processes sharing the large linear ops (hecompiler.parallel), where the backend forks safely
+        #: and serializes its ciphertexts: this one and ``processes - 1`` helpers, forked when first needed
+        can_fork = bool(getattr(prim, "forks", False))
+        if processes is None:
+            processes = default_processes() if can_fork else 1
+        if processes < 1:
+            raise ExecutionError(f"processes={processes}: at least 1")
+        self.processes = processes if can_fork else 1
+        self._helpers: Helpers | None = None
 
     # ------------------------------------------------------------------ helpers
     def _plain(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
@@ -453,10 +492,54 @@ class Executor:
         return stats
 
     def close(self) -> None:
-        """Stop the encoding threads, if any."""
+        """Stop the encoding threads and the helper processes, if any."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        helpers, self._helpers = self._helpers, None
+        if helpers is not None:
+            helpers.close()
+
+    def _split(self, ins: Instr, lin, plan) -> list[tuple[list, list]] | None:
+        """The parts of ``lin`` (output ciphertexts, group sums) this process and each helper make,
+        or None when the op runs here alone (hecompiler.parallel.worth_splitting)."""
+        if self.processes < 2:
+            return None
+        c = lin.counts
+        n_in, n_out = self.prog.layouts[lin.in_layout].n_ct, self.prog.layouts[lin.out_layout].n_ct
+        groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
+        if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, self.processes):
+            return None
+        order = list(lin.order or range(n_out))
+        parts = split_work(plan, order, group_order(self.prog, ins, plan) if not by_outputs(n_out, self.processes)
+                           else [], self.processes)
+        return parts if len(parts) > 1 else None
+
+    def _run_split(self, k: int, ins: Instr, args: list, plan, parts: list[tuple[list, list]], stats: ExecStats,
+                   adapter: "_LinearAdapter") -> list[Any]:
+        """Linear op ``k`` with the parts after the first made by the helpers while this process
+        makes the first (see hecompiler.parallel)."""
+        if self._helpers is None:
+            self._helpers = Helpers(self, self.processes - 1, self.prim.to_bytes, self.prim.from_bytes)
+        helpers = self._helpers
+        try:
+            t = time.perf_counter()
+            for h, (outs, groups) in enumerate(parts[1:]):
+                reads = list(groups) + [(j, g) for j in outs for g in plan.giant.get(j, ())]
+                given = {i: self.prim.to_bytes(args[i]) for i in sorted(inputs_read(plan, reads))}
+                helpers.submit(h, k, given, outs, groups)
+                stats.transfer_ciphertexts += len(given)
+            stats.transfer_seconds += time.perf_counter() - t
+            remote = RemoteParts(helpers, parts[1:], self.prim.from_bytes, stats)
+            outs = run_linear(self.prog, ins, args, plan, adapter, given=remote.groups, given_outputs=remote.outputs)
+            remote.finish()
+            stats.split_linears += 1
+            return outs
+        except BaseException:
+            # a helper still busy (or dead) cannot serve the next op: start over without them
+            self._helpers = None
+            helpers.close()
+            raise
 
     def _held(self, ref: PlainRef, level: int, key: tuple | None, stats: ExecStats) -> Any:
         """The cached plaintext of content ``key`` (None: no key, or not held), remembered for
@@ -532,9 +615,14 @@ class Executor:
             stats.predicted_by_op[op] = stats.predicted_by_op.get(op, 0.0) + t
         if self._hidden is None:  # encoded ahead on other cores: what the evaluation waits for
             self._hidden = encode_pipeline(self.prog, self.cost)
+        saved = 0.0
+        if self.processes > 1:  # priced at the processes this executor has, not the table's machine's
+            saved = split_saving(ins, self.prog, _Processes(self.cost, self.processes), by, enc)[0]
         enc -= self._hidden[k]
         stats.predicted_encode_seconds += enc
-        stats.predicted_per_node[ins.note] = stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc
+        stats.predicted_shared_seconds += saved
+        stats.predicted_per_node[ins.note] = (stats.predicted_per_node.get(ins.note, 0.0) + sum(by.values()) + enc
+                                              - saved)
 
     # ------------------------------------------------------------------ one instruction
     def _exec(self, k: int, ins: Instr, live: dict[int, Any], stats: ExecStats,
@@ -560,7 +648,14 @@ class Executor:
             plan = pre.plan(k, lambda: self.plans.plan(lid)) if pre is not None else self.plans.plan(lid)
             self.ptcache.begin_op(lin.counts.get("plaintexts", 0) < lin.counts.get("mul_plain", 0))
             try:
-                return run_linear(self.prog, ins, args, plan, _LinearAdapter(self, stats, pre))
+                adapter = _LinearAdapter(self, stats, pre)
+                runs = self._split(ins, lin, plan) if pre is None else None
+                if runs is not None:
+                    try:
+                        return self._run_split(k, ins, args, plan, runs, stats, adapter)
+                    except HelperError as e:
+                        raise ExecutionError(f"{where(k, ins)}: {e}") from None
+                return run_linear(self.prog, ins, args, plan, adapter)
             finally:
                 self.ptcache.end_op()
         if op == "rotate":

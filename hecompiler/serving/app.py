@@ -192,7 +192,10 @@ class Server:
         self.open_sessions: dict[str, float] = {}
         self.started = time.time()
         self.counts = {"requests": 0, "answers": 0, "errors": 0}
-        self.predicted_seconds = float(report.get("predicted_seconds") or 1.0)
+        # a worker evaluates in one process (engine.one_process): without the helper processes the
+        # compile report may have priced in (hecompiler.parallel)
+        self.predicted_seconds = float(report.get("predicted_seconds") or 1.0) \
+            + float(report.get("predicted_shared_seconds") or 0.0)
         # with this server's plaintext cache (warmed at start, or filled by the first request)
         from ..costmodel import repeat_seconds
 

@@ -32,6 +32,14 @@ from typing import Any
 from ..errors import HecError
 
 
+def one_process() -> None:
+    """A serving worker evaluates in its own process only: no helper processes share its linear ops
+    (hecompiler.parallel), since the pool holds each worker to its memory budget by that process's
+    resident memory, and ``--workers`` is how a server uses its cores.  ``$HECOMPILER_PROCESSES``
+    set for the server still decides."""
+    os.environ.setdefault("HECOMPILER_PROCESSES", "1")
+
+
 def proc_rss(pid: int | str = "self") -> tuple[int, int]:
     """(current, peak) resident set size of process ``pid``, bytes (Linux /proc; 0 elsewhere)."""
     cur = peak = 0
@@ -214,6 +222,7 @@ def worker_main(conn, hec_path: str, key_cache: int, verify_key, parent_pid: int
     import signal
 
     _die_with_parent()
+    one_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops its workers itself
     if os.getppid() != parent_pid:
         return
@@ -253,6 +262,7 @@ def dask_run(hec_bytes: bytes, hec_sha: str, key_files: dict | None, job: dict, 
     once (broadcast): Dask hands each worker its copy, the Engine here loads them once."""
     eng = _ENGINES.get(hec_sha)
     if eng is None:
+        one_process()
         fd, path = tempfile.mkstemp(prefix="hec-prog-", suffix=".hec")
         try:
             with os.fdopen(fd, "wb") as f:
