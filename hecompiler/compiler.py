@@ -477,6 +477,7 @@ def build_report(fname: str, graph: Graph, best: Candidate, cands: list[Candidat
         "processes": c.processes,
         "predicted_shared_seconds": round(c.shared_seconds, 3),
         "predicted_encode_shared_seconds": round(c.shared_encode_seconds, 3),
+        "predicted_helper_bytes": c.helper_bytes,  # inside predicted_memory_bytes
         "predicted_network_seconds": round(c.network_seconds, 3),
         "predicted_keygen_seconds": round(c.keygen_seconds, 3),
         "predicted_memory_bytes": c.memory_bytes,
@@ -611,7 +612,8 @@ def format_report(r: dict[str, Any]) -> str:
            f"of which encoding plaintexts {r['predicted_encode_seconds']:.2f} s")
     shared = r.get("predicted_shared_seconds") or 0.0
     where = (f"on {r.get('processes')} processes (helpers take {shared:.2f} s of linear-op work, "
-             f"{r.get('predicted_encode_shared_seconds') or 0.0:.2f} s of it encoding) " if shared else
+             f"{r.get('predicted_encode_shared_seconds') or 0.0:.2f} s of it encoding, and hold "
+             f"{_mb(r.get('predicted_helper_bytes') or 0)} of the peak) " if shared else
              "" if hidden else "on one core ")
     lines.append(f"predicted per inference: {r['predicted_seconds']:.2f} s {where}"
                  f"({enc}), peak memory {_mb(r['predicted_memory_bytes'])}, "

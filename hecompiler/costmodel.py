@@ -589,6 +589,8 @@ class ProgramCost:
     shared_seconds: float = 0.0
     shared_encode_seconds: float = 0.0
     processes: int = 1
+    #: the helper processes' own memory (inside memory_bytes)
+    helper_bytes: int = 0
 
     def served_seconds(self, cache_bytes: int) -> float:
         """One inference after the first in a ``hecompile serve`` worker, which evaluates in one
@@ -699,6 +701,22 @@ def linear_encodings(counts: dict) -> int:
     return min(uses, counts.get("plaintexts", uses))
 
 
+def split_shape(ins, prog, processes: int) -> tuple[int, int] | None:
+    """(input ciphertexts, ciphertexts coming back: whole outputs or group sums) of a linear op the
+    executor shares between ``processes`` processes (hecompiler.parallel), or None when it does not."""
+    if ins.op != "linear" or processes < 2:
+        return None
+    from .parallel import by_outputs, worth_splitting
+
+    lin = prog.linears[ins.plain.args[0]]
+    c = lin.counts
+    groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
+    n_in, n_out = prog.layouts[lin.in_layout].n_ct, prog.layouts[lin.out_layout].n_ct
+    if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, processes):
+        return None
+    return n_in, (n_out if by_outputs(n_out, processes) else groups)
+
+
 def split_saving(ins, prog, model, by: dict[str, float], enc: float) -> tuple[float, float]:
     """Seconds a linear op saves when the executor shares it with helper processes
     (hecompiler.parallel; 0 when it does not): its products, their accumulations and its
@@ -708,26 +726,19 @@ def split_saving(ins, prog, model, by: dict[str, float], enc: float) -> tuple[fl
     also serializes the inputs the helpers read and loads what they return.  (The helpers' own
     copies of the baby steps run on their cores, beside the evaluating process's.)  Returns (seconds saved, of the
     op's encoding the part the helpers do)."""
-    if ins.op != "linear":
-        return 0.0, 0.0
     P = getattr(model, "eval_processes", 1)  # a duck-typed model may not say
-    if P < 2:
+    shape = split_shape(ins, prog, P)
+    if shape is None:
         return 0.0, 0.0
-    from .parallel import by_outputs, worth_splitting
-
+    n_in, back = shape
     lin = prog.linears[ins.plain.args[0]]
     c = lin.counts
-    groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
-    n_in, n_out = prog.layouts[lin.in_layout].n_ct, prog.layouts[lin.out_layout].n_ct
-    if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, P):
-        return 0.0, 0.0
     n = prog.params.poly_degree
     pin = ins.level + 2
     measured = getattr(model, "measured", None)
     acc = c.get("acc_adds", 0) if measured is not None and measured("mul_plain_acc", n) else 0
     shared = by.get("mul_plain", 0.0) + enc + (c.get("acc_adds", 0) - acc) * model.op_seconds("add", n, pin)
     save, load = model.transfer_ct_seconds(n, pin)
-    back = n_out if by_outputs(n_out, P) else groups  # whole outputs come back, or group sums
     travel = n_in * save + back * (P - 1) / P * load
     return max(0.0, shared * (P - 1) / P - travel), enc * (P - 1) / P
 
@@ -889,6 +900,18 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
     from .linear import DIAG_TEMP_BYTES
 
     pt = diag_max * p.slots * 8 + pt_bytes(n, top_primes) + (DIAG_TEMP_BYTES if diag_max else 0) + ahead
+    # each helper process (hecompiler.parallel) holds, beside what it shares with the evaluating one
+    # (a fork: program and keys), the inputs of the largest op it shares, the baby-step rotations of
+    # them, its part of what comes back, its accumulators, the plaintext working set and its own
+    # plaintext caches, which fill as the evaluating process's do (added below, once ``cached`` is known)
+    P = getattr(model, "eval_processes", 1)
+    helper = 0
+    for ins in prog.instrs:
+        shape = split_shape(ins, prog, P)
+        if shape is not None:
+            n_in, back = shape
+            held = n_in + linear_temporaries(prog.linears[ins.plain.args[0]]) + -(-back // P)
+            helper = max(helper, held * ct_bytes(n, ins.level + 2))
     n_keys = len(prog.galois_steps)
     sparse = {"slots": p.slots} if p.log_slots is not None else {}  # a sparse packing's own bootstrap
     gk_bytes = model.galois_key_bytes(prog)
@@ -937,13 +960,14 @@ def program_cost(prog, model: CostModel | None = None) -> ProgramCost:
         from .plaintexts import default_op_cache_bytes
 
         cached += int(min(default_op_cache_bytes(), op_tier))
+    helper_bytes = (helper + pt + cached) * (P - 1) if helper else 0
     # a Go heap (Lattigo) holds the keys, the bootstrapper, the ciphertexts and the encoded plaintexts, and
     # its collector lets garbage grow to gc_percent of that before it runs, and past it while it marks
     # (gc_overshoot: fitted to ResNet-8's and ResNet-20's servers)
     garbage = int((kb + boot_mem + peak_b + cached) * getattr(model, "gc_percent", 0) / 100
                   * getattr(model, "gc_overshoot", 1.0))
     return ProgramCost(seconds, dict(sorted(by_op.items())), enc, dict(sorted(counts.items())), n_keys, kb,
-                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes,
+                       peak_n, peak_b, pt, kb + boot_mem + peak_b + pt + cached + garbage + model.baseline_bytes
+                       + helper_bytes,
                        counts.get("refresh", 0), network, kg, upload, batches if not model.refresh.bootstraps else 0,
-                       n_pt, pt_all, cached, hidden, garbage, gk_bytes, shared, shared_enc,
-                       getattr(model, "eval_processes", 1))
+                       n_pt, pt_all, cached, hidden, garbage, gk_bytes, shared, shared_enc, P, helper_bytes)

@@ -398,6 +398,7 @@ class Executor:
             raise ExecutionError(f"processes={processes}: at least 1")
         self.processes = processes if can_fork else 1
         self._helpers: Helpers | None = None
+        self._shares: bool | None = None  # whether any linear op is shared (known at the first run)
 
     # ------------------------------------------------------------------ helpers
     def _plain(self, ref: PlainRef, level: int, stats: ExecStats) -> Any:
@@ -500,9 +501,22 @@ class Executor:
         if helpers is not None:
             helpers.close()
 
-    def _split(self, ins: Instr, lin, plan) -> list[tuple[list, list]] | None:
+    def _fork_helpers(self) -> None:
+        """Fork the helper processes before the evaluation, when any linear op will be shared: a
+        fork holds on to the memory of its parent at that moment, so the earlier the leaner (the
+        program, the keys and the inputs, not the ciphertexts and plaintexts of a run under way)."""
+        if self._helpers is not None or self.processes < 2:
+            return
+        if self._shares is None:
+            self._shares = any(self._split(ins, self.prog.linears[ins.plain.args[0]], None, counts_only=True)
+                               for ins in self.prog.instrs if ins.op == "linear")
+        if self._shares:
+            self._helpers = Helpers(self, self.processes - 1, self.prim.to_bytes, self.prim.from_bytes)
+
+    def _split(self, ins: Instr, lin, plan, counts_only: bool = False) -> list[tuple[list, list]] | None:
         """The parts of ``lin`` (output ciphertexts, group sums) this process and each helper make,
-        or None when the op runs here alone (hecompiler.parallel.worth_splitting)."""
+        or None when the op runs here alone (hecompiler.parallel.worth_splitting; ``counts_only``:
+        whether it is shared, from the op's counts, without a plan)."""
         if self.processes < 2:
             return None
         c = lin.counts
@@ -510,6 +524,8 @@ class Executor:
         groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
         if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, self.processes):
             return None
+        if counts_only:
+            return [([], [])]
         order = list(lin.order or range(n_out))
         parts = split_work(plan, order, group_order(self.prog, ins, plan) if not by_outputs(n_out, self.processes)
                            else [], self.processes)
@@ -723,6 +739,7 @@ class Executor:
                 self._apply_response(state, response, request_id, progress)
             elif response is not None:
                 raise ExecutionError("got a refresh response but the evaluation is not waiting for one")
+            self._fork_helpers()
             pre = self._stream(state)
             try:
                 self._loop(state, pre, progress)

@@ -172,13 +172,15 @@ def serving_cache_bytes(report: dict, worker_memory: int | None = None, env: boo
     cached = int(pt.get("cache_bytes") or 0)
     if not report.get("predicted_memory_bytes"):  # a program without a memory prediction
         return min(want, DEFAULT_CACHE_BYTES) if want else DEFAULT_CACHE_BYTES
+    # a serving worker has no helper processes (serving.engine.one_process): their memory is room
+    helpers = int(report.get("predicted_helper_bytes") or 0)
     if worker_memory is not None:
-        room = int(worker_memory) - (int(report.get("predicted_memory_bytes") or 0) - cached)
+        room = int(worker_memory) - (int(report.get("predicted_memory_bytes") or 0) - helpers - cached)
     elif pt.get("cache_headroom_bytes") is not None:
-        room = cached + int(pt["cache_headroom_bytes"])
+        room = cached + helpers + int(pt["cache_headroom_bytes"])
     else:
         return min(want, DEFAULT_CACHE_BYTES) if want else DEFAULT_CACHE_BYTES
-    peak = int(report["predicted_memory_bytes"])
+    peak = int(report["predicted_memory_bytes"]) - helpers
     garbage = int(report.get("predicted_garbage_bytes") or 0)
     per_byte = 1.0 + (garbage / (peak - garbage) if peak > garbage > 0 else 0.0)
     return max(0, min(want, int(SERVING_CACHE_SHARE * room / per_byte)))
