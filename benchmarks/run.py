@@ -5,11 +5,14 @@ depth, predicted and measured SEAL latency, memory, and error against onnxruntim
     python benchmarks/run.py --big           # also the 224x224 ResNet-50-shaped model (compile only)
     python benchmarks/run.py --models resnet20_poly --no-seal
     python benchmarks/run.py --models resnet18_poly_224 --no-seal --layout polyphase polyphase:8   # a row per strategy
+    python benchmarks/run.py --models resnet20_poly --processes 1 2       # a row per process count (hecompiler.parallel)
+    python benchmarks/run.py --models resnet18_poly_224 --layout polyphase:8 --processes 1 2 --seal-all
     python benchmarks/run.py --digits        # trained digits models: plaintext / simulator / SEAL accuracy
     python benchmarks/run.py --relu224       # torchvision-style ResNet-18 (ReLU, MaxPool, BN): compile + simulator
 
 Each compile and each encrypted run happens in a child process, so the peak
-memory printed is that step's own (VmHWM).  Models are built by
+memory printed is that step's own (VmHWM); with helper processes (``--processes``)
+the largest helper's is printed beside it.  Models are built by
 models/build_models.py (deterministic) into benchmarks/.cache/.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -68,6 +72,7 @@ def step_compile(name: str, check: bool, layout: str | None = None) -> dict:
     return {"model": name, "compile_s": secs, "compile_peak": _vmhwm(), "params": res.chosen.label,
             "ops": r["ops"], "encoded": r["plaintexts"]["encoded"], "keys": r["galois_keys"], "key_bytes": r["key_bytes"], "depth": r["levels_used"],
             "refreshes": r["refreshes"], "pred_s": r["predicted_seconds"], "pred_mem": c.memory_bytes,
+            "processes_priced": r.get("processes", 1),
             "fidelity": r["fidelity"], "worst_rot_ratio": worst, "layers": r["layers"]}
 
 
@@ -88,7 +93,8 @@ def step_seal(name: str) -> dict:
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     err = float(np.abs(y - ref).max())
     return {"model": name, "seal_s": stats.phases.get("total", stats.eval_seconds), "phases": stats.phases,
-            "seal_peak": _vmhwm(), "err_rel": err / (float(np.ptp(ref)) or 1.0),
+            "seal_peak": _vmhwm(), "helper_peak": stats.helper_peak_rss_bytes, "split_linears": stats.split_linears,
+            "err_rel": err / (float(np.ptp(ref)) or 1.0),
             "argmax": bool(np.argmax(y) == np.argmax(ref))}
 
 
@@ -262,8 +268,8 @@ def print_approx_rows(rows: list[dict]) -> None:
                   f"{v['top1_agreement']:.0%}")
 
 
-def _child(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def _child(args: list[str], env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -283,6 +289,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", action="store_true", help="also print per-layer rotations vs the BSGS bound")
     ap.add_argument("--layout", nargs="+", default=[None], metavar="STRATEGY",
                     help="compile with these layout strategies (a row each; default: the planner's choice)")
+    ap.add_argument("--processes", nargs="+", type=int, default=[None], metavar="P",
+                    help="SEAL evaluations on P processes (HECOMPILER_PROCESSES for the compile's prediction and the "
+                         "run; a row each; default: one per core)")
+    ap.add_argument("--seal-all", action="store_true",
+                    help=f"run every model under SEAL (default: only {' '.join(sorted(SEAL_OK))})")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results")
     ap.add_argument("--digits", action="store_true",
                     help="accuracy rows of the trained digits models: plaintext, simulator, SEAL subset")
@@ -320,15 +331,19 @@ def main(argv=None) -> int:
     rows = []
     for name in models:
         for lay in args.layout:
-            print(f"[{name}] compiling{'' if lay is None else ' with --layout ' + lay}...", file=sys.stderr, flush=True)
-            row = _child(["--_step", "compile", name] + ([] if lay is None else ["--layout", lay]))
-            if "error" not in row and not args.no_seal and name in SEAL_OK:
-                print(f"[{name}] running under SEAL...", file=sys.stderr, flush=True)
-                row.update(_child(["--_step", "seal", name]))
-            row.setdefault("model", name)
-            rows.append(row)
+            for procs in args.processes:
+                env = None if procs is None else {**os.environ, "HECOMPILER_PROCESSES": str(procs)}
+                print(f"[{name}] compiling{'' if lay is None else ' with --layout ' + lay}"
+                      f"{'' if procs is None else f' for {procs} processes'}...", file=sys.stderr, flush=True)
+                row = _child(["--_step", "compile", name] + ([] if lay is None else ["--layout", lay]), env)
+                if "error" not in row and not args.no_seal and (name in SEAL_OK or args.seal_all):
+                    print(f"[{name}] running under SEAL...", file=sys.stderr, flush=True)
+                    row.update(_child(["--_step", "seal", name], env))
+                row.setdefault("model", name)
+                row["processes"] = procs
+                rows.append(row)
     hdr = (f"{'model':<18} {'compile':>8} {'c.mem':>6} {'params':<24} {'rot':>6} {'ct-pt':>7} {'enc':>7} {'ct-ct':>5} "
-           f"{'resc':>5} {'refr':>5} {'keys':>10} {'depth':>5} {'pred':>8} {'SEAL':>8} {'s.mem':>6} "
+           f"{'resc':>5} {'refr':>5} {'keys':>10} {'depth':>5} {'proc':>4} {'pred':>8} {'SEAL':>8} {'s.mem':>6} {'h.mem':>6} "
            f"{'err/range':>9} {'argmax':>6} {'rot/bnd':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -344,12 +359,14 @@ def main(argv=None) -> int:
         print(f"{r['model']:<18} {r['compile_s']:>7.1f}s {_mb(r['compile_peak']):>6} {r['params']:<24} "
               f"{o.get('rotate', 0):>6} {o.get('mul_plain', 0):>7} {r.get('encoded', 0):>7} {o.get('mul', 0):>5} {o.get('rescale', 0):>5} "
               f"{r['refreshes']:>5} {str(r['keys']) + '/' + _mb(r['key_bytes']):>10} {r['depth']:>5} "
-              f"{r['pred_s']:>7.1f}s {seal:>8} {_mb(r.get('seal_peak')):>6} "
+              f"{r.get('processes_priced', '-'):>4} {r['pred_s']:>7.1f}s {seal:>8} {_mb(r.get('seal_peak')):>6} "
+              f"{_mb(r.get('helper_peak') or None):>6} "
               f"{'-' if err is None else f'{err:.1e}':>9} {'-' if arg is None else ('yes' if arg else 'NO'):>6} "
               f"{r['worst_rot_ratio']:>7.2f}")
         if "error" in r:
             print(f"{'':<18} SEAL run failed: {r['error']}")
-    print("\ncompile/SEAL: wall time; c.mem/s.mem: peak resident memory of that step; pred: SEAL latency "
+    print("\ncompile/SEAL: wall time; c.mem/s.mem: peak resident memory of that step (h.mem: of its largest helper "
+          "process); proc: processes the prediction prices; pred: SEAL latency "
           "predicted from the measured cost table; enc: plaintexts encoded per inference;\nerr/range: max abs logit error over the logit range vs "
           "onnxruntime (SEAL run if done, else the simulator); rot/bnd: worst conv rotations / 2*sqrt(#diagonals)")
     if args.layers:
