@@ -511,7 +511,14 @@ class Executor:
             self._shares = any(self._split(ins, self.prog.linears[ins.plain.args[0]], None, counts_only=True)
                                for ins in self.prog.instrs if ins.op == "linear")
         if self._shares:
-            self._helpers = Helpers(self, self.processes - 1, self.prim.to_bytes, self.prim.from_bytes)
+            try:
+                self._helpers = Helpers(self, self.processes - 1, self.prim.to_bytes, self.prim.from_bytes)
+            except OSError as e:  # no room for another process: evaluate alone, and say so
+                import sys
+
+                print(f"hecompiler: could not fork helper processes ({e}); evaluating in one process",
+                      file=sys.stderr)
+                self.processes = 1
 
     def _split(self, ins: Instr, lin, plan, counts_only: bool = False) -> list[tuple[list, list]] | None:
         """The parts of ``lin`` (output ciphertexts, group sums) this process and each helper make,

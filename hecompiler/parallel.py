@@ -249,6 +249,9 @@ class Helpers:
                 b.close()
                 self.conns.append(a)
                 self.procs.append(p)
+        except BaseException:
+            _stop(self.conns, self.procs)  # the ones already started
+            raise
         finally:
             _handoff = None
         self._finalizer = weakref.finalize(self, _stop, list(self.conns), list(self.procs))
