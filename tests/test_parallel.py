@@ -208,3 +208,14 @@ def test_ops_with_many_outputs_are_shared_by_whole_outputs(monkeypatch):
     ptp = np.ptp(ref)
     assert np.abs(one[name] - two[name]).max() <= 1e-5 * ptp
     assert np.abs(two[name].reshape(ref.shape) - ref).max() <= 1e-3 * ptp
+
+
+def test_cli_refuses_a_bad_process_count(tmp_path, capsys):
+    from hecompiler.cli import main
+
+    for bad, msg in (("0", "0: at least 1 process"), ("two", "'two' is not a whole number of processes")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(tmp_path / "m.hec"), "--input", str(tmp_path / "x.npy"), "--processes", bad])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
