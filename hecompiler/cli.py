@@ -403,7 +403,7 @@ def _load_input(prog, meta, path: str, precheck: bool = True):
 def _add_processes(p) -> None:
     p.add_argument("--processes", type=_processes_arg, default=None, metavar="N",
                    help="processes that share the large linear ops under SEAL: this one and N-1 forked helpers "
-                        "(default: $HECOMPILER_PROCESSES, else one per core; 1: no helpers)")
+                        "(default: $HECOMPILER_PROCESSES, else one per core up to 4; 1: no helpers)")
 
 
 def _processes_arg(text: str) -> int:

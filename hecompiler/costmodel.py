@@ -212,17 +212,16 @@ class CostModel:
     @property
     def eval_processes(self) -> int:
         """Processes that share a program's large linear ops (hecompiler.parallel): the SEAL
-        executor forks a helper per core beyond its own (``$HECOMPILER_PROCESSES`` sets the number);
-        priced at the measured machine's cores, or the variable when set.  1 for Lattigo and any
+        executor forks a helper per core beyond its own, up to parallel.DEFAULT_MAX_PROCESSES in all
+        (``$HECOMPILER_PROCESSES`` sets the number); priced at the measured machine's cores, or the
+        variable when set.  1 for Lattigo and any
         bootstrapping target (its executor does not fork; its encoder already runs on the other
         cores: :attr:`encode_cores`)."""
         if self.lattigo or self.refresh.bootstraps:
             return 1
         from .parallel import default_processes
 
-        if os.environ.get("HECOMPILER_PROCESSES", "").strip():
-            return default_processes()
-        return max(1, int((self.table.get("machine") or {}).get("cores") or 1))
+        return default_processes(int((self.table.get("machine") or {}).get("cores") or 1))
 
     def transfer_ct_seconds(self, n: int, primes: int) -> tuple[float, float]:
         """(serialize, load) seconds of one ciphertext with ``primes`` primes, as a process hands it

@@ -53,9 +53,16 @@ class HelperError(HecError):
     """A helper process failed or died while making its part of a linear op."""
 
 
-def default_processes() -> int:
+#: the default's ceiling: every helper holds its own plaintext caches and working set (about 1 GiB
+#: for ResNet-18 at 224, as much as the evaluating process's evaluation), and only two processes
+#: have been measured (a 2-core machine); ``$HECOMPILER_PROCESSES`` or ``--processes`` go past it
+DEFAULT_MAX_PROCESSES = 4
+
+
+def default_processes(cores: int | None = None) -> int:
     """Processes that evaluate a program (the evaluating one and its helpers):
-    ``$HECOMPILER_PROCESSES`` when set, else one per core."""
+    ``$HECOMPILER_PROCESSES`` when set, else one per core (``cores``, default this machine's) up
+    to :data:`DEFAULT_MAX_PROCESSES`."""
     env = os.environ.get("HECOMPILER_PROCESSES")
     if env is not None and env.strip():
         try:
@@ -65,7 +72,7 @@ def default_processes() -> int:
         if n < 1:
             raise HecError(f"HECOMPILER_PROCESSES={env!r}: at least 1 process")
         return n
-    return os.cpu_count() or 1
+    return max(1, min(cores if cores is not None else (os.cpu_count() or 1), DEFAULT_MAX_PROCESSES))
 
 
 #: a linear op with at least this many output ciphertexts per process is shared by whole output

@@ -81,8 +81,13 @@ def test_worth_splitting_weighs_products_against_ciphertexts_passed():
 
 
 def test_processes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("HECOMPILER_PROCESSES", raising=False)
+    assert parallel.default_processes(2) == 2
+    assert parallel.default_processes(64) == parallel.DEFAULT_MAX_PROCESSES  # each helper holds its own caches
     monkeypatch.setenv("HECOMPILER_PROCESSES", "3")
     assert parallel.default_processes() == 3
+    monkeypatch.setenv("HECOMPILER_PROCESSES", "16")
+    assert parallel.default_processes(64) == 16  # asked for: no ceiling
     monkeypatch.setenv("HECOMPILER_PROCESSES", "0")
     with pytest.raises(hc.HecError, match="HECOMPILER_PROCESSES='0'"):
         parallel.default_processes()
