@@ -69,7 +69,10 @@ def table(rows: list[dict]) -> str:
         # hecompile run is one local process: the prediction without its network part (transfers and
         # round trips to a remote key holder) is what it should take
         es, ms = p["predicted_seconds"] - (p.get("predicted_network_seconds") or 0.0), g["seconds"]["eval"]
-        pm, mm = p["predicted_peak_bytes"], g["peak_rss_bytes"]
+        # with helper processes: the evaluating process's peak plus each helper's (pages they share
+        # from the fork counted in each: an upper bound)
+        helpers = (p.get("processes") or 1) - 1 if g.get("split_linears") else 0
+        pm, mm = p["predicted_peak_bytes"], g["peak_rss_bytes"] + helpers * (g.get("helper_peak_rss_bytes") or 0)
         pk, mk = p["predicted_keygen_seconds"], g["seconds"]["keygen"]
         lines.append(f"{r['model']:<18} {params:<22} {es:12.2f} {ms:7.2f} {ratio(ms, es)}  {pm / 2**20:13.0f} "
                      f"{mm / 2**20:7.0f} {ratio(mm, pm)}  {pk:13.2f} {mk:6.2f} {ratio(mk, pk)}  {p['galois_keys']:>4} "
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
         rows.append(measure(name, args.extra_flags))
     print(table(rows))
     print("* eval s pred: the compile report's prediction without its network part (client-aided refresh transfers "
-          "and round trips), since hecompile run is one local process; m/p: measured / predicted")
+          "and round trips), since hecompile run is one local process; m/p: measured / predicted; peak meas: the "
+          "evaluating process's plus its helpers' (pages shared from the fork counted in each)")
     print(f"cost table: {rows[0]['pred'].get('cost_table')}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -75,6 +75,12 @@ def default_processes(cores: int | None = None) -> int:
     return max(1, min(cores if cores is not None else (os.cpu_count() or 1), DEFAULT_MAX_PROCESSES))
 
 
+#: and only when it has at least this many products: a shared op also pays a round trip through the
+#: pipes and the helper's own copy of its plan, which the cost model does not price.  The tiny CNN
+#: (324 products in 5 ops) measured no faster shared: 0.51-0.67 s of evaluation on two processes
+#: against 0.53-0.79 s on one (three runs each, hecompile run --processes 2 and 1, 2026-12-07)
+MIN_PRODUCTS = 128
+
 #: a linear op with at least this many output ciphertexts per process is shared by whole output
 #: ciphertexts; one with fewer, by giant-step group sums
 OUTPUTS_PER_PROCESS = 2
@@ -90,7 +96,7 @@ def worth_splitting(products: int, groups: int, n_in: int, n_out: int, processes
     ``n_in`` to ``n_out`` ciphertexts, is shared between ``processes`` processes: the ciphertexts
     that would travel are the inputs (to each helper) and what the helpers return (their output
     ciphertexts, or their group sums)."""
-    if processes < 2 or groups < 2:
+    if processes < 2 or groups < 2 or products < MIN_PRODUCTS:
         return False
     back = n_out if by_outputs(n_out, processes) else groups
     return products >= MIN_PRODUCTS_PER_CIPHERTEXT * (n_in + back * (processes - 1) / processes)

@@ -51,6 +51,10 @@ def inspect_json(prog: HEProgram, metadata: Mapping[str, Any]) -> dict[str, Any]
         "predicted_network_seconds": r.get("predicted_network_seconds"),
         "predicted_keygen_seconds": r.get("predicted_keygen_seconds"),
         "predicted_peak_bytes": r.get("predicted_memory_bytes"),
+        # SEAL's helper processes (hecompiler.parallel): how many evaluate, their share, their memory
+        "processes": r.get("processes", 1),
+        "predicted_shared_seconds": r.get("predicted_shared_seconds", 0.0),
+        "predicted_helper_bytes": r.get("predicted_helper_bytes", 0),
         "predicted_cpu_seconds": r.get("predicted_cpu_seconds"),
         "cost_per_1000_inferences": r.get("cost_per_1000_inferences"),
         "client_round_trips": 0 if boots else r.get("client_round_trips", 0),
@@ -75,6 +79,9 @@ def run_json(backend: str, stats, outputs: Mapping[str, Any], reference_error: M
         "backend": backend,
         "seconds": {k: ph.get(k) for k in ("keygen", "encrypt", "eval", "decrypt", "total")},
         "peak_rss_bytes": stats.peak_rss_bytes,
+        # helper processes (hecompiler.parallel): the largest one's peak, and the linear ops they shared
+        "helper_peak_rss_bytes": getattr(stats, "helper_peak_rss_bytes", 0),
+        "split_linears": getattr(stats, "split_linears", 0),
         "ops": dict(stats.op_counts),
         "refreshes": stats.refreshes,
         "refresh_round_trips": stats.refresh_round_trips,

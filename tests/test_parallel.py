@@ -76,8 +76,9 @@ def test_worth_splitting_weighs_products_against_ciphertexts_passed():
     assert parallel.worth_splitting(k * (4 + 50), 100, 4, 1, 2)
     assert not parallel.worth_splitting(k * (4 + 50) - 1, 100, 4, 1, 2)
     # eight outputs: half of them come back whole
-    assert parallel.worth_splitting(k * (4 + 4), 100, 4, 8, 2)
-    assert not parallel.worth_splitting(k * (4 + 4) - 1, 100, 4, 8, 2)
+    assert parallel.worth_splitting(max(k * (4 + 4), parallel.MIN_PRODUCTS), 100, 4, 8, 2)
+    assert not parallel.worth_splitting(parallel.MIN_PRODUCTS - 1, 100, 4, 8, 2)  # too small an op
+    assert parallel.MIN_PRODUCTS > k * (4 + 4)
 
 
 def test_processes_from_the_environment(monkeypatch):
@@ -98,6 +99,7 @@ def test_processes_from_the_environment(monkeypatch):
 
 def test_shared_ops_compute_what_one_process_does(tiny, monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PRODUCTS_PER_CIPHERTEXT", 0)
+    monkeypatch.setattr(parallel, "MIN_PRODUCTS", 0)
     one, st1, keys = _run(tiny.prog, tiny.feeds, processes=1)
     two, st2, _ = _run(tiny.prog, tiny.feeds, processes=2, keys=keys)
     n_lin = sum(1 for ins in tiny.prog.instrs if ins.op == "linear")
@@ -120,6 +122,7 @@ def test_shared_ops_compute_what_one_process_does(tiny, monkeypatch):
 
 def test_a_dead_helper_is_an_execution_error(tiny, monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PRODUCTS_PER_CIPHERTEXT", 0)
+    monkeypatch.setattr(parallel, "MIN_PRODUCTS", 0)
     real = parallel.Helpers.submit
 
     def submit(self, h, k, given, outputs, groups):
@@ -134,6 +137,7 @@ def test_a_dead_helper_is_an_execution_error(tiny, monkeypatch):
 
 def test_the_cost_model_prices_the_helpers(tiny, monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PRODUCTS_PER_CIPHERTEXT", 0)
+    monkeypatch.setattr(parallel, "MIN_PRODUCTS", 0)
     monkeypatch.setenv("HECOMPILER_PROCESSES", "1")
     one = program_cost(tiny.prog, CostModel())
     monkeypatch.setenv("HECOMPILER_PROCESSES", "2")
