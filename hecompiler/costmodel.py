@@ -716,7 +716,8 @@ def split_shape(ins, prog, processes: int) -> tuple[int, int] | None:
     return n_in, (n_out if by_outputs(n_out, processes) else groups)
 
 
-def split_saving(ins, prog, model, by: dict[str, float], enc: float) -> tuple[float, float]:
+def split_saving(ins, prog, model, by: dict[str, float], enc: float,
+                 processes: int | None = None) -> tuple[float, float]:
     """Seconds a linear op saves when the executor shares it with helper processes
     (hecompiler.parallel; 0 when it does not): its products, their accumulations and its
     encodings spread over :attr:`CostModel.eval_processes`; its rotations, rescales and bias are
@@ -724,8 +725,9 @@ def split_saving(ins, prog, model, by: dict[str, float], enc: float) -> tuple[fl
     step; one shared by whole outputs gives the helpers theirs, which this does not count), which
     also serializes the inputs the helpers read and loads what they return.  (The helpers' own
     copies of the baby steps run on their cores, beside the evaluating process's.)  Returns (seconds saved, of the
-    op's encoding the part the helpers do)."""
-    P = getattr(model, "eval_processes", 1)  # a duck-typed model may not say
+    op's encoding the part the helpers do).  ``processes``: priced at that many (default the
+    model's :attr:`CostModel.eval_processes`)."""
+    P = processes if processes is not None else getattr(model, "eval_processes", 1)  # a duck-typed model may not say
     shape = split_shape(ins, prog, P)
     if shape is None:
         return 0.0, 0.0

@@ -30,14 +30,15 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .costmodel import CostModel, encode_pipeline, instr_cost, linear_temporaries, peak_rss_bytes, split_saving
+from .costmodel import (CostModel, encode_pipeline, instr_cost, linear_temporaries, peak_rss_bytes, split_saving,
+                        split_shape)
 from .errors import HecError
 from .heprog import LINEAR_PRIMITIVES, HEProgram, Instr, PlainRef
 from .opsem import SCALE_SNAP, OpSemanticsError, instr_meta
 from .plaintexts import PlaintextCache, PlaintextFactory
-from .parallel import HelperError, Helpers, RemoteParts, by_outputs, default_processes, split_work, worth_splitting
+from .parallel import HelperError, Helpers, RemoteParts, by_outputs, default_processes, split_work
 from .prefetch import Prefetcher, stream_order
-from .runtime import LinearPlans, group_order, inputs_read, run_linear
+from .runtime import LinearPlans, group_order, part_inputs, run_linear
 
 
 #: an all-zero plaintext, remembered as such (the product is an encryption of zero)
@@ -304,17 +305,6 @@ class ProgressLog:
 
 # --------------------------------------------------------------------------- the executor
 
-class _Processes:
-    """A cost model priced at a given number of evaluating processes."""
-
-    def __init__(self, model: CostModel, processes: int):
-        self._model = model
-        self.eval_processes = processes
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 class _LinearAdapter:
     """The primitive interface :func:`run_linear` drives, on a backend, with plaintexts made
     and encoded here and rescaled scales snapped to the plan."""
@@ -524,18 +514,14 @@ class Executor:
         """The parts of ``lin`` (output ciphertexts, group sums) this process and each helper make,
         or None when the op runs here alone (hecompiler.parallel.worth_splitting; ``counts_only``:
         whether it is shared, from the op's counts, without a plan)."""
-        if self.processes < 2:
-            return None
-        c = lin.counts
-        n_in, n_out = self.prog.layouts[lin.in_layout].n_ct, self.prog.layouts[lin.out_layout].n_ct
-        groups = c.get("mul_plain", 0) - c.get("acc_adds", 0)
-        if not worth_splitting(c.get("mul_plain", 0), groups, n_in, n_out, self.processes):
+        if split_shape(ins, self.prog, self.processes) is None:  # the cost model's rule, not a copy of it
             return None
         if counts_only:
             return [([], [])]
-        order = list(lin.order or range(n_out))
-        parts = split_work(plan, order, group_order(self.prog, ins, plan) if not by_outputs(n_out, self.processes)
-                           else [], self.processes)
+        n_out = self.prog.layouts[lin.out_layout].n_ct
+        parts = split_work(plan, list(lin.order or range(n_out)),
+                           group_order(self.prog, ins, plan) if not by_outputs(n_out, self.processes) else [],
+                           self.processes)
         return parts if len(parts) > 1 else None
 
     def _run_split(self, k: int, ins: Instr, args: list, plan, parts: list[tuple[list, list]], stats: ExecStats,
@@ -548,8 +534,7 @@ class Executor:
         try:
             t = time.perf_counter()
             for h, (outs, groups) in enumerate(parts[1:]):
-                reads = list(groups) + [(j, g) for j in outs for g in plan.giant.get(j, ())]
-                given = {i: self.prim.to_bytes(args[i]) for i in sorted(inputs_read(plan, reads))}
+                given = {i: self.prim.to_bytes(args[i]) for i in sorted(part_inputs(plan, outs, groups))}
                 helpers.submit(h, k, given, outs, groups)
                 stats.transfer_ciphertexts += len(given)
             stats.transfer_seconds += time.perf_counter() - t
@@ -640,7 +625,7 @@ class Executor:
             self._hidden = encode_pipeline(self.prog, self.cost)
         saved = 0.0
         if self.processes > 1:  # priced at the processes this executor has, not the table's machine's
-            saved = split_saving(ins, self.prog, _Processes(self.cost, self.processes), by, enc)[0]
+            saved = split_saving(ins, self.prog, self.cost, by, enc, self.processes)[0]
         enc -= self._hidden[k]
         stats.predicted_encode_seconds += enc
         stats.predicted_shared_seconds += saved

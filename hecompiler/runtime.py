@@ -141,6 +141,11 @@ def inputs_read(plan: BsgsPlan, groups: Collection[Group]) -> set[int]:
     return {i for (j, g) in groups for (i, _, _) in plan.giant[j][g]}
 
 
+def part_inputs(plan: BsgsPlan, outputs: Collection[int], groups: Collection[Group]) -> set[int]:
+    """The input ciphertexts a part of a linear op reads: whole ``outputs`` and group sums ``groups``."""
+    return inputs_read(plan, list(groups) + [(j, g) for j in outputs for g in plan.giant.get(j, ())])
+
+
 def _babies(prog: HEProgram, plan: BsgsPlan, sched: LinearSchedule | None, xs: Sequence[Any], prim: Primitives,
             inputs: Collection[int] | None) -> dict:
     """The baby-step rotations of the inputs (those in ``inputs``, or all): (input, step) -> ct.
@@ -248,8 +253,7 @@ def run_part(prog: HEProgram, ins: Instr, xs: Sequence[Any], plan: BsgsPlan, pri
     in ``xs`` may be None).  What a process sharing the op makes (:mod:`hecompiler.parallel`)."""
     lin = prog.linears[ins.plain.args[0]]
     sched = _schedule(prog, lin, plan)
-    reads = list(groups) + [(j, g) for j in outputs for g in plan.giant.get(j, ())]
-    baby = _babies(prog, plan, sched, xs, prim, inputs_read(plan, reads))
+    baby = _babies(prog, plan, sched, xs, prim, part_inputs(plan, outputs, groups))
     acc_of = _group_reader(prog, ins, plan, baby, prim)
     outs = {j: _finish(prog, ins, plan, sched, j, acc_of, prim) for j in outputs}
     return outs, {gr: acc_of(*gr) for gr in groups}

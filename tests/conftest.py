@@ -32,6 +32,27 @@ def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
 
 
+def seal_tiny(seed: int, n: int = 8192, bits=(60, 40, 40, 60)):
+    """The tiny ResNet lowered for a small insecure SEAL ring (several client-aided refreshes),
+    a uniform input of ``seed`` and the graph's own output for it."""
+    from types import SimpleNamespace
+
+    import build_models as bm
+    import tenseal.sealapi as sealapi
+
+    import hecompiler as hc
+    from hecompiler.heprog import Params
+    from hecompiler.lower import lower
+
+    g = hc.load_onnx(bm.MODELS["tiny_resnet_poly"]())
+    hc.run_pipeline(g)
+    primes = tuple(q.value() for q in sealapi.CoeffModulus.Create(n, list(bits)))[:-1]
+    prog, _ = lower(g, Params(n, bits, 40), primes)
+    x = np.random.default_rng(seed).uniform(-1, 1, prog.inputs[0].shape).astype(np.float32)
+    ref = np.asarray(hc.run_graph(g, x)[0], np.float64)
+    return SimpleNamespace(g=g, prog=prog, primes=primes, x=x, ref=ref, feeds={prog.inputs[0].name: x})
+
+
 @pytest.fixture(scope="session")
 def models():
     import build_models

@@ -16,28 +16,21 @@ import pytest
 
 sealapi = pytest.importorskip("tenseal.sealapi")
 
-import build_models as bm  # noqa: E402  (tests/conftest.py puts models/ on sys.path)
 import hecompiler as hc  # noqa: E402
 from hecompiler import parallel  # noqa: E402
 from hecompiler.backends import seal as SB  # noqa: E402
 from hecompiler.costmodel import CostModel, program_cost, split_saving, instr_cost  # noqa: E402
 from hecompiler.executor import ExecutionError  # noqa: E402
-from hecompiler.heprog import Params  # noqa: E402
-from hecompiler.lower import lower  # noqa: E402
 from hecompiler.runtime import group_order, group_products  # noqa: E402
+
+from conftest import seal_tiny  # noqa: E402
 
 N, BITS = 8192, (60, 40, 40, 60)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    g = hc.load_onnx(bm.MODELS["tiny_resnet_poly"]())
-    hc.run_pipeline(g)
-    primes = tuple(q.value() for q in sealapi.CoeffModulus.Create(N, list(BITS)))[:-1]
-    prog, _ = lower(g, Params(N, BITS, 40), primes)
-    x = np.random.default_rng(11).uniform(-1, 1, prog.inputs[0].shape).astype(np.float32)
-    ref = np.asarray(hc.run_graph(g, x)[0], np.float64)
-    return SimpleNamespace(prog=prog, x=x, ref=ref, feeds={prog.inputs[0].name: x})
+    return seal_tiny(11, N, BITS)
 
 
 def _run(prog, feeds, processes, keys=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -16,25 +15,19 @@ import pytest
 
 sealapi = pytest.importorskip("tenseal.sealapi")
 
-import build_models as bm  # noqa: E402  (tests/conftest.py puts models/ on sys.path)
-import hecompiler as hc  # noqa: E402
 from hecompiler.backends import seal as SB  # noqa: E402
 from hecompiler.backends.sim import Simulator  # noqa: E402
 from hecompiler.heprog import Params  # noqa: E402
 from hecompiler.lower import LoweringOptions, lower  # noqa: E402
+
+from conftest import seal_tiny  # noqa: E402
 
 N, BITS = 8192, (60, 40, 40, 60)  # small ring: fast; forces refreshes (the network needs ~11 levels)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    g = hc.load_onnx(bm.MODELS["tiny_resnet_poly"]())
-    hc.run_pipeline(g)
-    primes = tuple(q.value() for q in sealapi.CoeffModulus.Create(N, list(BITS)))[:-1]
-    prog, _ = lower(g, Params(N, BITS, 40), primes)
-    x = np.random.default_rng(7).uniform(-1, 1, prog.inputs[0].shape).astype(np.float32)
-    ref = np.asarray(hc.run_graph(g, x)[0], np.float64)
-    return SimpleNamespace(g=g, prog=prog, primes=primes, x=x, ref=ref, feeds={prog.inputs[0].name: x})
+    return seal_tiny(7, N, BITS)
 
 
 @pytest.fixture(scope="module")
